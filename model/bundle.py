@@ -1,0 +1,97 @@
+"""One weights file = state dict + model config + metadata; loading it rebuilds the exact network.
+
+Metadata travels with the weights, as in torchvision's ``WeightsEnum``: model version, input size, the
+verification thresholds calibrated per false-accept rate, the training recipe and the scores measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.errors import WeightsError
+from model.mobilenet import FaceEmbeddingNet, ModelConfig, build_model
+
+FORMAT = "visage-bundle/1"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "visage-mobilenet_v1-a0.5-r112.pt"
+DEFAULT_FAR = "1e-3"
+FALLBACK_THRESHOLD = 0.5  # only for bundles that were never calibrated (a fresh, untrained network)
+
+
+@dataclass
+class Bundle:
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_version(self) -> str:
+        """Embeddings are comparable only within one version: it names the exact weights."""
+        return str(self.metadata.get("model_version") or f"{self.config.backbone}-{self.weights_digest()[:12]}")
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Cosine-similarity thresholds keyed by false-accept rate, e.g. ``{"1e-3": 0.42, "1e-4": 0.51}``."""
+        return {str(k): float(v) for k, v in (self.metadata.get("thresholds") or {}).items()}
+
+    def threshold(self, far: str = DEFAULT_FAR) -> float:
+        return self.thresholds.get(far, FALLBACK_THRESHOLD)
+
+    def weights_digest(self) -> str:
+        h = hashlib.sha256()
+        for key in sorted(self.state_dict):
+            h.update(key.encode())
+            h.update(self.state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def build(self) -> FaceEmbeddingNet:
+        """The network in eval mode with these weights loaded (strictly: every tensor must match)."""
+        net = build_model(self.config)
+        try:
+            net.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"weights do not fit the config {self.config}: {exc}") from exc
+        return net.eval()
+
+
+def bundle_from_model(model: FaceEmbeddingNet, config: ModelConfig, metadata: dict[str, Any] | None = None) -> Bundle:
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return Bundle(config, state, dict(metadata or {}))
+
+
+def save_bundle(bundle: Bundle, path: str | Path) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves half a weights file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": asdict(bundle.config),
+        "metadata": bundle.metadata,
+        "state_dict": bundle.state_dict,
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Load a bundle (the shipped default when ``path`` is None) without unpickling arbitrary objects."""
+    path = Path(path) if path else DEFAULT_WEIGHTS
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the caller
+        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a Visage weights bundle (expected format {FORMAT})")
+    config = ModelConfig(**payload["config"])
+    config.validate()
+    return Bundle(config, payload["state_dict"], payload.get("metadata") or {})

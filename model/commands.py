@@ -1,0 +1,120 @@
+"""``visage cost``, ``visage embed``, ``visage compare``: the model package's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from model.console import add_json_flag, print_json, print_table
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "cost",
+        help="per-layer mult-adds and parameters of MobileNet v1",
+        description="Mult-adds and parameters per layer, computed from the paper's layer table. With "
+        "--head imagenet at 224 px this reproduces the MobileNet paper (569M mult-adds, 4.2M params at alpha 1).",
+    )
+    p.add_argument("--alpha", type=float, default=1.0, help="width multiplier in (0, 1] (default 1.0)")
+    p.add_argument("--resolution", type=int, default=224, help="input size in pixels (default 224)")
+    p.add_argument("--head", choices=["imagenet", "embedding", "none"], default="imagenet",
+                   help="imagenet: 1000-class FC as in the paper; embedding: the 128-d face head")
+    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--standard-conv", action="store_true",
+                   help="price the full-convolution baseline (each separable block as one 3x3 conv)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_cost)
+
+    p = sub.add_parser("embed", help="detect, align and embed every face in images",
+                       description="Detect every face, align it to the 112x112 template and print its embedding.")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--weights", help="weights bundle (default: the shipped model/weights bundle)")
+    p.add_argument("--no-flip", action="store_true", help="skip mirror averaging (faster, slightly less accurate)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("compare", help="are two photos the same person?",
+                       description="Cosine similarity of the largest face in each image against the weights' "
+                       "calibrated threshold (FAR 1e-3 unless --far or --threshold is given).")
+    p.add_argument("image1", type=Path)
+    p.add_argument("image2", type=Path)
+    p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")
+    p.add_argument("--far", default="1e-3", help="operating point: false accept rate whose threshold to use")
+    p.add_argument("--threshold", type=float, help="explicit cosine threshold (overrides --far)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_cost(args: argparse.Namespace) -> int:
+    from model.cost import mobilenet_v1_cost
+
+    report = mobilenet_v1_cost(args.alpha, args.resolution, args.head, args.standard_conv,
+                               embedding_dim=args.embedding_dim)
+    if args.json:
+        print_json(report.to_dict())
+        return 0
+    rows = [(lc.name, lc.kind, f"{lc.input_size}x{lc.input_size}x{lc.in_channels}",
+             f"{lc.kernel}x{lc.kernel}/s{lc.stride}", f"{lc.output_size}x{lc.output_size}x{lc.out_channels}",
+             lc.mult_adds, lc.params) for lc in report.layers]
+    rows.append(("total", "", "", "", "", report.mult_adds, report.params))
+    kind = "full convolution" if args.standard_conv else "depthwise separable"
+    print_table(f"MobileNet v1 ({kind}), alpha {args.alpha}, {args.resolution} px, {args.head} head",
+                ["layer", "type", "input", "kernel", "output", "mult-adds", "params"], rows,
+                caption=f"{report.mult_adds / 1e6:.1f}M mult-adds, {report.params / 1e6:.2f}M params "
+                f"(+{report.bn_params:,} batch-norm)")
+    return 0
+
+
+def _read(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path.read_bytes()
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from model.errors import VisageError
+    from model.faces import load_pipeline
+
+    pipe = load_pipeline(args.weights, flip=not args.no_flip)
+    results, rows, failed = [], [], 0
+    for path in args.images:
+        try:
+            faces = pipe.faces(_read(path))
+            results.append({"image": str(path), "faces": [
+                {**f.summary(), "embedding": np.round(f.embedding, 6).tolist()} for f in faces]})
+            for i, f in enumerate(faces):
+                rows.append((str(path), i, f"{f.size:.0f}px", f"{f.quality:.2f}",
+                             " ".join(f"{v:+.3f}" for v in f.embedding[:4]) + " ..."))
+            if not faces:
+                rows.append((str(path), "-", "no face found", "", ""))
+        except (VisageError, FileNotFoundError) as exc:
+            failed += 1
+            detail = getattr(exc, "detail", str(exc))
+            results.append({"image": str(path), "error": getattr(exc, "code", "file_not_found"), "detail": detail})
+            rows.append((str(path), "-", f"error: {detail}", "", ""))
+    if args.json:
+        print_json({"model_version": pipe.embedder.model_version, "dim": pipe.embedder.dim, "images": results})
+    else:
+        print_table(f"embeddings ({pipe.embedder.model_version})", ["image", "face", "size", "quality", "vector"], rows)
+    return 1 if failed == len(args.images) else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from model.detect import choose_face
+    from model.faces import cosine, load_pipeline
+
+    pipe = load_pipeline(args.weights)
+    a = choose_face(pipe.faces(_read(args.image1)), "largest")
+    b = choose_face(pipe.faces(_read(args.image2)), "largest")
+    threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)
+    sim = cosine(a.embedding, b.embedding)
+    out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "match": sim >= threshold,
+           "model_version": pipe.embedder.model_version, "face1": a.summary(), "face2": b.summary()}
+    if args.json:
+        print_json(out)
+    else:
+        verdict = "SAME person" if out["match"] else "DIFFERENT people"
+        print(f"{verdict}: similarity {sim:.3f} vs threshold {threshold:.3f} ({pipe.embedder.model_version})")
+    return 0

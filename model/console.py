@@ -1,0 +1,77 @@
+"""The ``visage`` command: a thin dispatcher. Each package registers its own subcommands.
+
+Subcommands come from the ``visage.commands`` entry points (see pyproject.toml): ``model.commands``,
+``training.commands`` and ``app.commands`` each add parsers to the one argparse tree, so this module imports
+nothing of ours and the package arrows (app -> model <- training) hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from model.errors import VisageError
+
+EXIT_USER_ERROR = 2
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption or None)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*[f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in row])
+    Console(width=max(100, Console().width)).print(table)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=float))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visage",
+        description="Visage: MobileNet face embeddings, training and a face recognition service.",
+        epilog="Run 'visage COMMAND --help' for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    registrars: list[Callable[[Any], None]] = [ep.load() for ep in entry_points(group="visage.commands")]
+    for register in registrars:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except VisageError as exc:
+        _fail(args, exc.code, exc.detail)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(args, type(exc).__name__, str(exc))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return EXIT_USER_ERROR
+
+
+def _fail(args: argparse.Namespace, code: str, detail: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": code, "detail": detail}))
+    print(f"visage {args.command}: error: {detail}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

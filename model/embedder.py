@@ -1,0 +1,50 @@
+"""``Embedder``: batches of aligned crops -> L2-normalised vectors. The only place inference runs the network."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from model.bundle import Bundle
+from model.preprocess import crops_to_tensor
+
+
+class Embedder:
+    """Runs one bundle's network on CPU (or a given device). ``flip`` averages a face with its mirror image,
+    which costs a second pass and buys a little accuracy (measured in docs/TRAINING.md)."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", flip: bool = True, batch_size: int = 64) -> None:
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.flip = flip
+        self.batch_size = batch_size
+        self.net = bundle.build().to(self.device)
+        self._lock = threading.Lock()  # one forward at a time: intra-op threads already use every core
+
+    @property
+    def dim(self) -> int:
+        return self.bundle.config.embedding_dim
+
+    @property
+    def model_version(self) -> str:
+        return self.bundle.model_version
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors."""
+        crops = np.asarray(crops)
+        if crops.ndim == 3:
+            crops = crops[None]
+        if len(crops) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(crops), self.batch_size):
+                x = crops_to_tensor(crops[start : start + self.batch_size], self.bundle.config.resolution)
+                x = x.to(self.device)
+                emb = self.net(x)
+                if self.flip:
+                    emb = torch.nn.functional.normalize(emb + self.net(torch.flip(x, dims=[3])), dim=1)
+                out.append(emb.float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32, copy=False)

@@ -1,0 +1,65 @@
+"""Typed errors for everything that can go wrong between bytes and a face.
+
+The CLI and the API map each one to a message and a status code through ``code`` and ``status``, so a bad
+upload is always a clear 4xx and never a crash.
+"""
+
+from __future__ import annotations
+
+
+class VisageError(Exception):
+    """Base class: ``code`` is a stable machine-readable name, ``status`` the HTTP status it maps to."""
+
+    code = "visage_error"
+    status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class EmptyImage(VisageError):
+    code = "empty_image"
+
+
+class UnreadableImage(VisageError):
+    """Corrupt, truncated, or not an image at all."""
+
+    code = "unreadable_image"
+
+
+class UnsupportedImageType(VisageError):
+    code = "unsupported_image_type"
+    status = 415
+
+
+class ImageTooLarge(VisageError):
+    """Too many bytes or too many pixels (decompression bombs land here before any allocation)."""
+
+    code = "image_too_large"
+    status = 413
+
+
+class NoFaceFound(VisageError):
+    code = "no_face_found"
+    status = 422
+
+
+class MultipleFaces(VisageError):
+    """Several faces where one was required and the caller did not say which."""
+
+    code = "multiple_faces"
+    status = 422
+
+
+class InvalidConfig(VisageError):
+    """A model configuration the network cannot be built from (alpha, input size, unknown backbone)."""
+
+    code = "invalid_config"
+
+
+class WeightsError(VisageError):
+    """A weights bundle that is missing, corrupt or of an unknown format."""
+
+    code = "weights_error"
+    status = 500

@@ -1,0 +1,173 @@
+"""``visage prepare``, ``teacher-embed``, ``train``, ``eval``: the training package's subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.console import add_json_flag, print_json, print_table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("prepare", help="align a folder-per-identity photo set into 112x112 crops + manifest",
+                       description="SRC/<identity>/<image> -> DST/crops/... aligned with MTCNN's 5 landmarks, and "
+                       "DST/manifest.csv with identity, source, detection score and failure reason. Resumable: "
+                       "re-running skips finished images.")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--pad", type=float, default=0.28,
+                   help="grey border added on each side, as a fraction of the image, so tight crops give the "
+                   "detector context (0.28 turns a 160 px LFW crop back into its 250 px frame)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("teacher-embed", help="compute and cache dlib teacher descriptors for a photo folder",
+                       description="dlib ResNet descriptors (plain and mirrored) of every image under FOLDER, "
+                       "cached by image hash. Starts from the shipped reference descriptors, so only new images "
+                       "cost dlib time (about 100 ms each). Needs the 'teacher' extra.")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--cache", type=Path, default=None, help="cache file (default: <work dir>/teacher_cache.npz)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_teacher_embed)
+
+    p = sub.add_parser("train", help="train a face embedder (triplets + distillation)",
+                       description="FaceNet-style training: P x K batches, online triplet mining and distillation "
+                       "from dlib's descriptors. Settings come from --config (TOML) and KEY=VALUE overrides; see "
+                       "training/configs/default.toml for every key. Use torchrun for several GPUs.")
+    p.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=5 alpha=0.25 miner=semi_hard")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, plots, bundle.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
+                       description="n-fold verification accuracy (threshold chosen on the other folds), TAR at "
+                       "FAR 1e-3 and 1e-2, ROC AUC and a ROC curve PNG, on any pairs file in LFW format.")
+    p.add_argument("--pairs", type=Path, required=True, help="pairs file in LFW format (header: folds, n)")
+    p.add_argument("--images", type=Path, required=True, help="folder with <Name>/<Name>_NNNN.jpg")
+    p.add_argument("--weights", help="student weights bundle (default: the shipped bundle)")
+    p.add_argument("--teacher", choices=["dlib"], help="evaluate the dlib teacher instead of the student")
+    p.add_argument("--folds", help="comma-separated 1-based folds to use (default: all)")
+    p.add_argument("--no-flip", action="store_true", help="no mirror averaging")
+    p.add_argument("--prepared", type=Path, help="aligned crops from `visage prepare` (default: made and cached)")
+    p.add_argument("--roc", type=Path, default=Path("roc.png"), help="where to write the ROC curve (default roc.png)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from training.prepare import prepare
+
+    s = prepare(args.src, args.dst, workers=args.workers, pad=args.pad, progress=not args.json)
+    if args.json:
+        print_json(dataclasses.asdict(s))
+    else:
+        print_table(f"prepared {args.src} -> {args.dst}", ["images", "already done", "detected", "fallback", "failed"],
+                    [(s.total, s.done_before, s.detected, s.fallback, s.failed)], caption=f"manifest: {s.manifest}")
+    return 0
+
+
+def cmd_teacher_embed(args: argparse.Namespace) -> int:
+    from training.paths import work_dir
+    from training.prepare import IMAGE_SUFFIXES
+    from training.teacher import teacher_embed
+
+    if not args.folder.is_dir():
+        raise FileNotFoundError(f"no such folder: {args.folder}")
+    images = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    cache_path = args.cache or work_dir() / "teacher_cache.npz"
+    cache, computed = teacher_embed(images, cache_path, progress=not args.json)
+    out = {"images": len(images), "computed": computed, "cached": len(images) - computed,
+           "cache": str(cache_path), "cache_rows": len(cache.keys)}
+    if args.json:
+        print_json(out)
+    else:
+        print_table("dlib teacher descriptors", list(out), [list(out.values())])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.config import load_config
+    from training.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps)
+    print(f"weights bundle: {out}")
+    return 0
+
+
+def _pair_images(pairs) -> list[str]:
+    return sorted({p for pair in pairs for p in (pair.left, pair.right)})
+
+
+def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, str]:
+    from model.bundle import load_bundle
+    from model.embedder import Embedder
+    from training.data import load_prepared
+    from training.paths import work_dir
+    from training.prepare import prepare
+
+    prepared = args.prepared
+    if prepared is None:
+        key = hashlib.sha256(str(args.images.resolve()).encode()).hexdigest()[:12]
+        prepared = work_dir() / "eval-cache" / key
+        prepare(args.images, prepared, progress=not args.json)
+    faces = load_prepared(prepared)
+    where = {s: i for i, s in enumerate(faces.sources)}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} pair images are missing from {prepared} (e.g. {missing[0]})")
+    idx = np.array([where[n] for n in names])
+    bundle = load_bundle(args.weights)
+    emb = Embedder(bundle, flip=not args.no_flip).embed(faces.crops[idx])
+    return dict(zip(names, emb, strict=True)), int(faces.fallback[idx].sum()), bundle.model_version
+
+
+def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, str]:
+    from training.paths import work_dir
+    from training.teacher import teacher_embed
+
+    paths = [args.images / n for n in names]
+    cache, _ = teacher_embed(paths, work_dir() / "teacher_cache.npz", progress=not args.json)
+    index = cache.index()
+    rows = np.array([index[hashlib.sha256(p.read_bytes()).hexdigest()] for p in paths])
+    desc = cache.desc[rows] if args.no_flip else 0.5 * (cache.desc[rows] + cache.desc_flip[rows])
+    return dict(zip(names, desc, strict=True)), 0, "dlib_resnet_v1"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from training.evaluate import plot_roc, verify
+    from training.pairs import read_pairs
+
+    _, pairs = read_pairs(args.pairs)
+    if args.folds:
+        wanted = {int(f) - 1 for f in args.folds.split(",")}
+        pairs = [p for p in pairs if p.fold in wanted]
+    names = _pair_images(pairs)
+    vectors, fallbacks, version = (_teacher_scores if args.teacher else _student_scores)(args, names)
+    a = np.stack([vectors[p.left] for p in pairs])
+    b = np.stack([vectors[p.right] for p in pairs])
+    # dlib's descriptors are compared by Euclidean distance (its own rule); ours are unit vectors: cosine.
+    scores = -np.linalg.norm(a - b, axis=1) if args.teacher else np.sum(a * b, axis=1)
+    result = verify(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
+    roc = plot_roc({f"{version} (AUC {result.auc:.4f})": (result.fpr, result.tpr)}, args.roc,
+                   f"{args.pairs.name}: {len(pairs)} pairs")
+    out = {**result.to_dict(), "model": version, "images": len(names), "detection_fallbacks": fallbacks,
+           "metric": "negative euclidean distance" if args.teacher else "cosine similarity", "roc_png": str(roc)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print_table(f"verification on {args.pairs} ({version})", ["metric", "value"],
+                    [("accuracy", f"{100 * out['accuracy']:.2f}% +- {100 * out['accuracy_std']:.2f}"),
+                     ("TAR @ FAR 1e-3", f"{100 * out['tar_at_far_1e-3']:.2f}%"),
+                     ("TAR @ FAR 1e-2", f"{100 * out['tar_at_far_1e-2']:.2f}%"),
+                     ("ROC AUC", f"{out['auc']:.4f}"), ("threshold", f"{out['threshold']:.4f}"),
+                     ("pairs", out["pairs"]), ("detection fallbacks", fallbacks), ("ROC curve", str(roc))])
+    return 0

@@ -1,0 +1,93 @@
+"""Training configuration: one dataclass, loaded from a TOML file and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.mobilenet import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    # data: prepared folders (``visage prepare`` outputs) by namespace, relative to the work dir
+    prepared: dict[str, str] = field(default_factory=lambda: {"lfw": "prepared/lfw", "celeba": "prepared/celeba"})
+    pairs: str = "lfw/pairs_dev.txt"  # relative to the shared data folder
+    pairs_namespace: str = "lfw"  # which prepared set the pairs refer to
+    val_folds: list[int] = field(default_factory=lambda: [7, 8])  # 1-based; their people are held out of training
+    teacher_cache: str = "teacher_cache.npz"  # relative to the work dir
+    # model
+    backbone: str = "mobilenet_v1"
+    alpha: float = 0.5
+    resolution: int = 112
+    embedding_dim: int = 128
+    # objective
+    miner: str = "batch_hard"  # batch_all / batch_hard / semi_hard
+    margin: float = 0.2
+    w_triplet: float = 1.0
+    w_distill: float = 1.0
+    # optimisation
+    epochs: int = 30
+    p: int = 32
+    k: int = 4
+    optimizer: str = "adamw"  # adamw / sgd
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+    amp: bool = True  # bfloat16 autocast on GPU only
+    channels_last: bool = True
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(self.backbone, self.alpha, self.resolution, self.embedding_dim)
+
+    def validate(self) -> None:
+        from training.miners import MINERS
+
+        self.model.validate()
+        if self.miner not in MINERS:
+            raise ValueError(f"miner must be one of {sorted(MINERS)}, got {self.miner!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.w_triplet < 0 or self.w_distill < 0 or self.w_triplet + self.w_distill == 0:
+            raise ValueError("loss weights must be >= 0 and not both 0")
+        if self.w_triplet > 0 and self.k < 2:
+            raise ValueError("the triplet term needs K >= 2 images per identity")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, raw: str) -> Any:
+    kind = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
+    if kind is None:
+        raise ValueError(f"unknown setting {name!r}; known: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # bare strings: miner=semi_hard
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if path:
+        data = tomllib.loads(Path(path).read_text())
+        for v in data.values() if all(isinstance(v, dict) for v in data.values()) else [data]:
+            values.update(v)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        values[key.strip()] = _coerce(key.strip(), raw.strip())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)}")
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,254 @@
+"""``visage train``: one loop for every recipe (distillation, triplets, both), on CPU or GPUs via torchrun.
+
+Checkpoints every epoch (``--resume`` continues from the last), metrics as JSONL, a progress bar, validation
+on held-out LFW folds every epoch, PNG plots, and at the end a weights bundle with calibrated thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.bundle import Bundle, bundle_from_model, save_bundle
+from model.cost import mobilenet_v1_cost
+from model.embedder import Embedder
+from model.mobilenet import build_model
+from training.config import TrainConfig
+from training.data import Augment, FaceSet, concat, load_prepared
+from training.evaluate import threshold_at_far, verify
+from training.losses import distillation_loss, triplet_margin_loss
+from training.miners import MINERS
+from training.pairs import people_in_folds, read_pairs
+from training.paths import shared_data, work_dir
+from training.sampler import PKSampler
+from training.teacher import TeacherCache, reference_cache
+
+FARS = ("1e-3", "1e-4")
+
+
+@dataclass
+class Split:
+    train: FaceSet
+    val: FaceSet
+    val_left: np.ndarray  # indices into val
+    val_right: np.ndarray
+    val_same: np.ndarray
+    val_folds: np.ndarray
+
+
+def load_teacher(cfg: TrainConfig) -> TeacherCache:
+    path = work_dir() / cfg.teacher_cache
+    if path.exists():
+        return TeacherCache.load(path)
+    cache = reference_cache()
+    cache.save(path)
+    return cache
+
+
+def load_split(cfg: TrainConfig, need_teacher: bool) -> Split:
+    """Training faces minus every person in the validation folds; validation pairs over those people."""
+    sets = [load_prepared(work_dir() / folder, ns) for ns, folder in cfg.prepared.items()]
+    faces = concat(sets)
+    if need_teacher:
+        faces = faces.with_teacher(load_teacher(cfg))
+    _, pairs = read_pairs(shared_data() / cfg.pairs)
+    folds = {f - 1 for f in cfg.val_folds}
+    held = {f"{cfg.pairs_namespace}/{p}" for p in people_in_folds(pairs, folds)}
+    in_val = np.array([i in held for i in faces.identities])
+    val = faces.subset(in_val)
+    where = {(i.split("/")[0], s): n for n, (i, s) in enumerate(zip(val.identities, val.sources, strict=True))}
+    chosen = [p for p in pairs if p.fold in folds]
+    missing = [p for p in chosen for s in (p.left, p.right) if (cfg.pairs_namespace, s) not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} validation pair images are not in the prepared set (e.g. {missing[0]})")
+    return Split(
+        train=faces.subset(~in_val),
+        val=val,
+        val_left=np.array([where[(cfg.pairs_namespace, p.left)] for p in chosen]),
+        val_right=np.array([where[(cfg.pairs_namespace, p.right)] for p in chosen]),
+        val_same=np.array([p.same for p in chosen]),
+        val_folds=np.array([p.fold for p in chosen]),
+    )
+
+
+def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:
+    emb = Embedder(bundle, flip=True).embed(split.val.crops)
+    scores = np.sum(emb[split.val_left] * emb[split.val_right], axis=1)
+    result = verify(scores, split.val_same, split.val_folds)
+    return result.to_dict(), emb
+
+
+def calibrate(emb: np.ndarray, identities: list[str]) -> dict[str, float]:
+    """Thresholds at FAR 1e-3 and 1e-4 from every impostor pair among held-out faces (about a million)."""
+    labels = np.unique(identities, return_inverse=True)[1]
+    sims = emb @ emb.T
+    iu = np.triu_indices(len(emb), 1)
+    impostor = sims[iu][labels[iu[0]] != labels[iu[1]]]
+    return {far: round(threshold_at_far(impostor, float(far)), 4) for far in FARS}
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for key in ("loss", "distill", "triplet"):
+        if any(key in h for h in history):
+            a.plot(ep, [h.get(key, np.nan) for h in history], label=key)
+    a.set_xlabel("epoch"), a.set_title("training loss"), a.legend(), a.grid(alpha=0.3)
+    b.plot(ep, [100 * h["val_accuracy"] for h in history], marker="o")
+    b.set_xlabel("epoch"), b.set_ylabel("%"), b.set_title("held-out LFW accuracy"), b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> Path:
+    """Train, validating every epoch; returns the path of the final weights bundle."""
+    from tqdm import tqdm
+
+    rank, world = _dist()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = load_split(cfg, need_teacher=cfg.w_distill > 0)
+    sampler = PKSampler(split.train.labels, cfg.p, cfg.k, seed=cfg.seed)
+    model = build_model(cfg.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    opt = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.optimizer == "adamw"
+           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True))
+    steps_per_epoch = len(sampler) // world
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total, int(cfg.warmup_epochs * steps_per_epoch)))
+    start_epoch, history = 0, []
+    ckpt_path = run_dir / "last.pt"
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    miner, augment = MINERS[cfg.miner], Augment()
+    gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
+    crops = split.train.crops
+    labels_all = torch.as_tensor(split.train.labels)
+    teacher = None if split.train.teacher is None else torch.as_tensor(split.train.teacher)
+    teacher_flip = None if split.train.teacher_flip is None else torch.as_tensor(split.train.teacher_flip)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    t_start = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        net.train()
+        sums: dict[str, float] = {}
+        batches = [b for i, b in enumerate(sampler) if i % world == rank][:steps_per_epoch]
+        if max_steps:
+            batches = batches[:max_steps]
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress or rank > 0)
+        for idx in bar:
+            x, flipped = augment(crops[idx], cfg.resolution, gen)
+            x = x.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+            labels = labels_all[idx].to(device)
+            with autocast:
+                emb = net(x).float()
+            loss = emb.sum() * 0.0
+            stats = {}
+            if cfg.w_distill > 0:
+                target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
+                d = distillation_loss(emb, target)
+                loss = loss + cfg.w_distill * d
+                stats["distill"] = float(d)
+            if cfg.w_triplet > 0:
+                t, active = triplet_margin_loss(emb, miner(emb, labels, cfg.margin), cfg.margin)
+                loss = loss + cfg.w_triplet * t
+                stats["triplet"], stats["active"] = float(t), active
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            stats["loss"] = float(loss)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()})
+        record = {k: v / max(1, len(batches)) for k, v in sums.items()}
+        if rank == 0:
+            bundle = bundle_from_model(model, cfg.model)
+            val, _ = validate(bundle, split)
+            record.update(epoch=epoch + 1, lr=sched.get_last_lr()[0], seconds=round(time.time() - t_start, 1),
+                          val_accuracy=val["accuracy"], val_std=val["accuracy_std"], val_auc=val["auc"])
+            history.append(record)
+            with (run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "epoch": epoch, "history": history, "config": cfg.to_dict()}, run_dir / "last.pt.tmp")
+            (run_dir / "last.pt.tmp").replace(ckpt_path)
+            plot_history(history, run_dir / "training.png")
+            if progress:
+                print(json.dumps(record), flush=True)
+    if world > 1:
+        torch.distributed.barrier()
+    out = run_dir / "bundle.pt"
+    if rank == 0:
+        bundle = bundle_from_model(model.to(memory_format=torch.contiguous_format), cfg.model)
+        val, emb = validate(bundle, split)
+        bundle.metadata = finished_metadata(cfg, bundle, val, calibrate(emb, split.val.identities), history,
+                                            time.time() - t_start, device)
+        save_bundle(bundle, out)
+    return out
+
+
+def finished_metadata(cfg: TrainConfig, bundle: Bundle, val: dict, thresholds: dict, history: list[dict],
+                      seconds: float, device: torch.device) -> dict:
+    cost = mobilenet_v1_cost(cfg.alpha, cfg.resolution, head="embedding", embedding_dim=cfg.embedding_dim) \
+        if cfg.backbone == "mobilenet_v1" else None
+    name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
+    return {
+        "model_version": f"{name}-{bundle.weights_digest()[:10]}",
+        "name": name,
+        "input_size": cfg.resolution,
+        "thresholds": thresholds,
+        "validation": {"pairs": cfg.pairs, "folds": cfg.val_folds, **val},
+        "recipe": cfg.to_dict(),
+        "epochs_run": len(history),
+        "train_seconds": round(seconds, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {device.type}, {torch.get_num_threads()} threads",
+        "mult_adds": cost.mult_adds if cost else None,
+        "params": sum(v.numel() for k, v in bundle.state_dict.items() if "running" not in k and "num_batches" not in k),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

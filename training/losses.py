@@ -1,0 +1,32 @@
+"""Losses on L2-normalised embeddings: the triplet margin loss over mined triplets, and distillation."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from training.miners import Triplets, pairwise_distances
+
+
+def triplet_margin_loss(emb: torch.Tensor, triplets: Triplets, margin: float = 0.2) -> tuple[torch.Tensor, float]:
+    """Mean hinge ``max(0, d(a,p) - d(a,n) + margin)`` over the triplets, and the fraction still active.
+
+    Averaging over all triplets given (active or not) keeps batch-hard's scale; batch-all callers already pass
+    only active triplets, which is the usual "average over non-zero" variant.
+    """
+    a, p, n = triplets
+    if len(a) == 0:
+        return emb.sum() * 0.0, 0.0
+    d = pairwise_distances(emb)
+    hinge = F.relu(d[a, p] - d[a, n] + margin)
+    return hinge.mean(), float((hinge > 0).float().mean())
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error between the student's unit vector and the teacher's, normalised to unit length.
+
+    For unit vectors ``|s - t|^2 = 2 - 2 cos(s, t)``: regression that matches the teacher by angle, which
+    is what verification compares, and ignores its descriptor norms (1.18-1.71 for dlib).
+    """
+    t = F.normalize(teacher, dim=1)
+    return (student - t).pow(2).sum(1).mean()

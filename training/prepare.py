@@ -1,0 +1,173 @@
+"""``visage prepare``: a folder-per-identity photo set -> aligned 112x112 crops + a manifest.
+
+Every source image ends up in the manifest exactly once, as ``detected``, ``fallback`` (no face found: the
+centred face region is used, as the LFW protocol allows) or ``failed`` (unreadable), never silently dropped.
+Re-running skips what is done, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".tif", ".tiff"}
+MANIFEST = "manifest.csv"
+CANVAS_GREY = (128, 128, 128)
+# Median MTCNN landmarks on 300 LFW/CelebA crops, as fractions of the crop (measured with this detector):
+# where a centred face's eyes, nose and mouth corners lie when the detector finds nothing.
+CENTRED_LANDMARKS = np.array(
+    [[0.3717, 0.4282], [0.6374, 0.4211], [0.5056, 0.5815], [0.393, 0.7112], [0.6283, 0.704]]
+)
+CHUNK = 32
+
+
+@dataclass
+class ManifestRow:
+    crop: str  # relative to DST
+    identity: str
+    source: str  # relative to SRC
+    sha256: str
+    status: str  # detected / fallback / failed
+    score: float
+    reason: str
+
+
+def list_images(src: Path) -> list[tuple[str, str]]:
+    """(identity, relative path) of every image under ``src/<identity>/``, sorted."""
+    items = []
+    for ident in sorted(p for p in src.iterdir() if p.is_dir()):
+        for f in sorted(ident.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((ident.name, str(f.relative_to(src))))
+    return items
+
+
+def read_manifest(dst: Path) -> list[ManifestRow]:
+    path = dst / MANIFEST
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return [ManifestRow(**{**r, "score": float(r["score"])}) for r in csv.DictReader(fh)]
+
+
+def _pad(image: Image.Image, pad: float) -> tuple[Image.Image, int, int]:
+    """Paste on a grey canvas ``pad`` x size larger on each side: tight crops give MTCNN no context."""
+    w, h = image.size
+    ox, oy = round(w * pad), round(h * pad)
+    if ox == 0 and oy == 0:
+        return image, 0, 0
+    canvas = Image.new("RGB", (w + 2 * ox, h + 2 * oy), CANVAS_GREY)
+    canvas.paste(image, (ox, oy))
+    return canvas, ox, oy
+
+
+_detector = None
+
+
+def _init_worker() -> None:
+    global _detector
+    import torch
+
+    from model.detect import FaceDetector
+
+    torch.set_num_threads(1)
+    _detector = FaceDetector()
+
+
+def align_or_centre(images: list[Image.Image], detector, pad: float) -> list[tuple[np.ndarray, str, float]]:
+    """Aligned crop, status and score for each image: the detected face nearest the centre, or the centred
+    face region when there is none (the LFW protocol's fallback; counted by every caller)."""
+    from model.align import CROP_SIZE, align_face
+
+    padded = [_pad(img, pad) for img in images]
+    detections = detector.detect_batch([c for c, _, _ in padded])
+    out = []
+    for img, (canvas, ox, oy), faces in zip(images, padded, detections, strict=True):
+        w, h = img.size
+        centre = np.array([ox + w / 2, oy + h / 2])
+        if faces:
+            face = min(faces, key=lambda f: float(np.sum((np.array(f.box).reshape(2, 2).mean(0) - centre) ** 2)))
+            landmarks, status, score = face.landmarks, "detected", face.score
+        else:
+            landmarks = CENTRED_LANDMARKS * np.array([w, h]) + np.array([ox, oy])
+            status, score = "fallback", 0.0
+        out.append((align_face(canvas, landmarks, CROP_SIZE), status, round(float(score), 4)))
+    return out
+
+
+def _process_chunk(args: tuple[str, str, list[tuple[str, str]], float]) -> list[dict]:
+    from model.decode import decode_image
+    from model.errors import VisageError
+
+    src, dst, items, pad = args
+    rows, images, metas = [], [], []
+    for ident, rel in items:
+        path = Path(src) / rel
+        data = path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            images.append(decode_image(data))
+            metas.append((ident, rel, sha))
+        except VisageError as exc:
+            rows.append(asdict(ManifestRow("", ident, rel, sha, "failed", 0.0, exc.detail)))
+    for (crop, status, score), (ident, rel, sha) in zip(align_or_centre(images, _detector, pad), metas, strict=True):
+        crop_rel = str(Path(rel).with_suffix(".png"))
+        out = Path(dst) / "crops" / crop_rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop).save(out)
+        reason = "no face detected: centred face region used" if status == "fallback" else ""
+        rows.append(asdict(ManifestRow(f"crops/{crop_rel}", ident, rel, sha, status, score, reason)))
+    return rows
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+@dataclass
+class PrepareSummary:
+    total: int
+    done_before: int
+    detected: int
+    fallback: int
+    failed: int
+    manifest: str
+
+
+def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: float = 0.28,
+            progress: bool = True) -> PrepareSummary:
+    """Align every image under ``src`` into ``dst``; resumable and idempotent."""
+    from tqdm import tqdm
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder not found: {src}")
+    dst.mkdir(parents=True, exist_ok=True)
+    existing = read_manifest(dst)
+    done = {r.source for r in existing if r.status == "failed" or (dst / r.crop).exists()}
+    todo = [it for it in list_images(src) if it[1] not in done]
+    manifest = dst / MANIFEST
+    new_file = not manifest.exists() or manifest.stat().st_size == 0
+    workers = workers or max(1, min(os.cpu_count() or 1, 8))
+    with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
+        if new_file:
+            writer.writeheader()
+        jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
+        with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
+            for rows in pool.map(_process_chunk, jobs):
+                writer.writerows(rows)
+                fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
+                bar.update(len(rows))
+    rows = {r.source: r for r in read_manifest(dst)}.values()
+    counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
+    return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], str(manifest))
