@@ -1,1 +1,2 @@
-"""The face service: durable gallery (SQLite) with a FAISS cache, REST API, batch enrollment. Imports ``model``."""
+"""The face service: durable gallery (SQLite) with a FAISS cache, REST API, batch enrollment. Imports
+``model``."""

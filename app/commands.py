@@ -2,6 +2,222 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.console import add_json_flag, print_json, print_table
+
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser(
+        "serve",
+        help="run the face recognition service (REST API)",
+        description="Start uvicorn with app.main:create_app. Settings come from VISAGE_* "
+        "environment variables (docs/SERVICE.md); the options here override them. With no API key "
+        "configured, one is generated, kept in the data folder and printed.",
+    )
+    p.add_argument("--host", help="bind address (default: VISAGE_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: VISAGE_PORT or 8000)")
+    p.add_argument("--workers", type=int, help="worker processes, each with its own model (default: 1)")
+    _add_common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "enroll",
+        help="enroll a folder of photos: DIR/<subject>/*.jpg",
+        description="Enroll every image in DIR/<subject>/ as a face of <subject>, into the local "
+        "store (safe while the service runs: it sees the new faces without a restart) or, with "
+        "--url, through a running service. Idempotent and resumable: images already enrolled are "
+        "skipped before the model runs.",
+    )
+    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument(
+        "--face",
+        default="single",
+        help="photos with several faces: 'single' refuses them (default), 'largest' takes the biggest",
+    )
+    p.add_argument("--url", help="enroll through the service at this URL instead of the local store")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("VISAGE_API_KEY"),
+        help="API key for --url (default: $VISAGE_API_KEY)",
+    )
+    p.add_argument(
+        "--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_enroll)
+
+    p = sub.add_parser(
+        "reindex",
+        help="re-embed faces stored with an older model version",
+        description="Re-embed, from the stored original images, every face whose embedding was made "
+        "by another model version than the loaded weights, and report the faces that cannot be "
+        "redone (original not stored, or no face found at the stored box any more).",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_reindex)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
+    p.add_argument("--weights", type=Path, help="weights bundle (default: VISAGE_WEIGHTS or the shipped one)")
+
+
+def _settings(args: argparse.Namespace, **extra: Any):
+    from app.settings import Settings
+
+    overrides = {"data_dir": args.data_dir, "weights": args.weights, **extra}
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.settings import resolve_api_keys
+    from model.bundle import DEFAULT_WEIGHTS
+    from model.errors import WeightsError
+
+    settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    weights = settings.weights or DEFAULT_WEIGHTS
+    if not Path(weights).is_file():  # fail here, not in every worker's background loader
+        raise WeightsError(f"weights file not found: {weights}")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    keys, generated = resolve_api_keys(settings)
+    if settings.api_keys:
+        print(f"API keys: {len(keys)} from VISAGE_API_KEYS", flush=True)
+    else:
+        state = "generated and stored" if generated else "stored"
+        print(f"API key ({state} in {settings.key_path.resolve()}): {keys[0]}", flush=True)
+    # The workers build their own Settings from the environment: pass the command-line overrides on.
+    for name in ("data_dir", "weights", "host", "port", "workers"):
+        value = getattr(settings, name)
+        if value is not None:
+            os.environ[f"VISAGE_{name.upper()}"] = str(Path(value).resolve() if name == "data_dir" else value)
+    print(
+        f"Visage on http://{settings.host}:{settings.port} (docs at /docs), data in "
+        f"{settings.data_dir.resolve()}",
+        flush=True,
+    )
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _progress(items: list, disable: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", disable=disable, file=sys.stderr)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from app.enroll import remote_enroller, run_batch, scan, write_failures
+
+    settings = _settings(args)
+    items = scan(args.dir)
+    failures_path = args.failures or settings.failures_path
+    if args.url:
+        import httpx
+
+        if not args.api_key:
+            raise ValueError("--url needs --api-key (or $VISAGE_API_KEY)")
+        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
+            report = run_batch(
+                items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll")
+            )
+        target = args.url
+    else:
+        from app.enroll import local_enroller
+        from app.runtime import open_service
+
+        service = open_service(settings, with_index=False)
+        try:
+            report = run_batch(
+                items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll")
+            )
+        finally:
+            service.gallery.close()
+        target = str(settings.db_path)
+    write_failures(failures_path, report.failures)
+    if args.json:
+        print_json({**report.to_dict(), "target": target, "failures_csv": str(failures_path)})
+    else:
+        rows = [
+            ("images", report.files),
+            ("enrolled", report.created),
+            ("already enrolled", report.existing),
+            ("failed", report.failed),
+            ("subjects", len(report.subjects)),
+        ]
+        caption = (
+            f"{report.seconds:.1f} s; failures in {failures_path}"
+            if report.failures
+            else f"{report.seconds:.1f} s"
+        )
+        print_table(f"enroll {args.dir} -> {target}", ["", "count"], rows, caption=caption)
+        if report.aborted:
+            print(f"stopped early: {report.aborted}. Run the same command again to resume.", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from app.runtime import open_service
+
+    settings = _settings(args)
+    service = open_service(settings, with_index=False)
+    bar = None
+    try:
+        stale = service.gallery.store.counts(service.model_version)["stale_faces"]
+        bar = _progress([], args.no_progress or not stale, "reindex")
+        bar.total = stale
+
+        def progress(done: int, total: int) -> None:
+            bar.update(1)
+
+        report = service.reindex(progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        service.gallery.close()
+    out = {
+        "model_version": service.model_version,
+        "redone": report.redone,
+        "skipped": report.skipped,
+        "failed": report.failed,
+    }
+    if args.json:
+        print_json(out)
+    else:
+        print_table(
+            f"reindex to {service.model_version}",
+            ["", "faces"],
+            [
+                ("re-embedded", report.redone),
+                ("changed meanwhile", report.skipped),
+                ("cannot redo", len(report.failed)),
+            ],
+        )
+        if report.failed:
+            print_table(
+                "faces that cannot be re-embedded",
+                ["face", "subject", "version", "error", "detail"],
+                [
+                    (f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"])
+                    for f in report.failed
+                ],
+            )
+    return 1 if report.failed else 0

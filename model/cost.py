@@ -91,8 +91,10 @@ def mobilenet_v1_cost(
             layers.append(_conv(f"conv{i}_pw", "pw", size, cin, cout, 1, 1))
         size, cin = layers[-1].output_size, cout
     if head == "imagenet":
-        layers.append(LayerCost("fc", "fc", 1, cin, num_classes, 1, 1, 1, cin * num_classes, cin * num_classes + num_classes, 0))
+        weights = cin * num_classes
+        layers.append(LayerCost("fc", "fc", 1, cin, num_classes, 1, 1, 1, weights, weights + num_classes, 0))
     elif head == "embedding":
         # linear without bias, then BatchNorm1d (its affine parameters counted as BN)
-        layers.append(LayerCost("embedding", "fc", 1, cin, embedding_dim, 1, 1, 1, cin * embedding_dim, cin * embedding_dim, 2 * embedding_dim))
+        weights = cin * embedding_dim
+        layers.append(LayerCost("embedding", "fc", 1, cin, embedding_dim, 1, 1, 1, weights, weights, 2 * embedding_dim))
     return CostReport(float(alpha), resolution, head, standard_conv, tuple(layers))

@@ -125,9 +125,9 @@ def face_at(faces: list[DetectedFace], box: tuple[float, float, float, float]) -
         raise NoFaceFound("no face was found in the image")
 
     def iou(f: DetectedFace) -> float:
-        l, t = max(f.box[0], box[0]), max(f.box[1], box[1])
-        r, b = min(f.box[2], box[2]), min(f.box[3], box[3])
-        inter = max(0.0, r - l) * max(0.0, b - t)
+        left, top = max(f.box[0], box[0]), max(f.box[1], box[1])
+        right, bottom = min(f.box[2], box[2]), min(f.box[3], box[3])
+        inter = max(0.0, right - left) * max(0.0, bottom - top)
         union = f.area + (box[2] - box[0]) * (box[3] - box[1]) - inter
         return inter / union if union > 0 else 0.0
 

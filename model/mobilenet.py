@@ -173,7 +173,9 @@ class FaceEmbeddingNet(nn.Module):
     def __init__(self, body: nn.Module, embedding_dim: int) -> None:
         super().__init__()
         self.body = body
-        self.head = nn.Sequential(nn.Linear(body.out_channels, embedding_dim, bias=False), nn.BatchNorm1d(embedding_dim))
+        self.head = nn.Sequential(
+            nn.Linear(body.out_channels, embedding_dim, bias=False), nn.BatchNorm1d(embedding_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.head(self.body(x)), dim=1)

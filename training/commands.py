@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, plots, bundle.pt")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--export", action="store_true",
+                   help="do not train: turn RUN_DIR/last.pt into a calibrated bundle (RUN_DIR/bundle-epochN.pt)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
@@ -95,8 +97,11 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_config
-    from training.loop import train
+    from training.loop import export_checkpoint, train
 
+    if args.export:
+        print(f"weights bundle: {export_checkpoint(args.run_dir)}")
+        return 0
     cfg = load_config(args.config, args.overrides)
     out = train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps)
     print(f"weights bundle: {out}")

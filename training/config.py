@@ -19,6 +19,7 @@ class TrainConfig:
     pairs_namespace: str = "lfw"  # which prepared set the pairs refer to
     val_folds: list[int] = field(default_factory=lambda: [7, 8])  # 1-based; their people are held out of training
     teacher_cache: str = "teacher_cache.npz"  # relative to the work dir
+    teacher_center: bool = True  # subtract the mean descriptor before matching by angle (see losses.py)
     # model
     backbone: str = "mobilenet_v1"
     alpha: float = 0.5
@@ -66,7 +67,8 @@ class TrainConfig:
 def _coerce(name: str, raw: str) -> Any:
     kind = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
     if kind is None:
-        raise ValueError(f"unknown setting {name!r}; known: {', '.join(f.name for f in dataclasses.fields(TrainConfig))}")
+        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+        raise ValueError(f"unknown setting {name!r}; known: {known}")
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -120,9 +120,9 @@ class Augment:
         ang = u() * math.radians(self.max_rotate_deg)
         scale = 1.0 + u() * self.max_scale
         cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
-        theta = torch.stack(
-            [torch.stack([cos, -sin, u() * self.max_shift * 2], 1), torch.stack([sin, cos, u() * self.max_shift * 2], 1)], 1
-        )
+        row0 = torch.stack([cos, -sin, u() * self.max_shift * 2], 1)
+        row1 = torch.stack([sin, cos, u() * self.max_shift * 2], 1)
+        theta = torch.stack([row0, row1], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -170,8 +170,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     crops = split.train.crops
     labels_all = torch.as_tensor(split.train.labels)
-    teacher = None if split.train.teacher is None else torch.as_tensor(split.train.teacher)
-    teacher_flip = None if split.train.teacher_flip is None else torch.as_tensor(split.train.teacher_flip)
+    teacher = teacher_flip = None
+    if split.train.teacher is not None:
+        teacher, teacher_flip = torch.as_tensor(split.train.teacher), torch.as_tensor(split.train.teacher_flip)
+        if cfg.teacher_center:
+            # dlib's descriptors share a large common component (raw pair cosines average 0.89): matched by
+            # angle as they are, every face looks alike. Their Euclidean geometry ignores that offset, so remove it.
+            mean = torch.cat([teacher, teacher_flip]).mean(0)
+            teacher, teacher_flip = teacher - mean, teacher_flip - mean
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t_start = time.time()
     for epoch in range(start_epoch, cfg.epochs):
@@ -193,16 +199,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
                 d = distillation_loss(emb, target)
                 loss = loss + cfg.w_distill * d
-                stats["distill"] = float(d)
+                stats["distill"] = float(d.detach())
             if cfg.w_triplet > 0:
                 t, active = triplet_margin_loss(emb, miner(emb, labels, cfg.margin), cfg.margin)
                 loss = loss + cfg.w_triplet * t
-                stats["triplet"], stats["active"] = float(t), active
+                stats["triplet"], stats["active"] = float(t.detach()), active
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            stats["loss"] = float(loss)
+            stats["loss"] = float(loss.detach())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix({k: f"{v:.4f}" for k, v in stats.items()})
@@ -225,12 +231,35 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         torch.distributed.barrier()
     out = run_dir / "bundle.pt"
     if rank == 0:
-        bundle = bundle_from_model(model.to(memory_format=torch.contiguous_format), cfg.model)
-        val, emb = validate(bundle, split)
-        bundle.metadata = finished_metadata(cfg, bundle, val, calibrate(emb, split.val.identities), history,
-                                            time.time() - t_start, device)
-        save_bundle(bundle, out)
+        finish(model, cfg, split, history, time.time() - t_start + _previous_seconds(history, start_epoch), out)
     return out
+
+
+def _previous_seconds(history: list[dict], start_epoch: int) -> float:
+    """Training time already spent before a ``--resume`` (the per-epoch clock restarts with the process)."""
+    return float(history[start_epoch - 1]["seconds"]) if start_epoch and history else 0.0
+
+
+def finish(model: nn.Module, cfg: TrainConfig, split: Split, history: list[dict], seconds: float, out: Path) -> Path:
+    """Validate, calibrate thresholds on held-out impostor pairs and write the weights bundle."""
+    bundle = bundle_from_model(model.to(memory_format=torch.contiguous_format), cfg.model)
+    val, emb = validate(bundle, split)
+    bundle.metadata = finished_metadata(cfg, bundle, val, calibrate(emb, split.val.identities), history, seconds,
+                                        next(model.parameters()).device)
+    return save_bundle(bundle, out)
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Turn a run's latest checkpoint into a calibrated bundle, e.g. to try a model while training goes on."""
+    run_dir = Path(run_dir)
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**ckpt["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["model"])
+    split = load_split(cfg, need_teacher=False)
+    history = ckpt["history"]
+    return finish(model, cfg, split, history, float(history[-1]["seconds"]) if history else 0.0,
+                  Path(out) if out else run_dir / f"bundle-epoch{ckpt['epoch'] + 1}.pt")
 
 
 def finished_metadata(cfg: TrainConfig, bundle: Bundle, val: dict, thresholds: dict, history: list[dict],

@@ -59,7 +59,8 @@ class DlibTeacher:
         c = a.shape[1] / 2.0
         if dets:
             r = min(dets, key=lambda r: (r.center().x - c) ** 2 + (r.center().y - c) ** 2)
-            r = dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), a.shape[1]), min(r.bottom(), a.shape[0]))
+            h, w = a.shape[:2]
+            r = dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), w), min(r.bottom(), h))
         else:
             r = dlib.rectangle(*FALLBACK_BOX)
         desc = np.array(self.rec.compute_face_descriptor(a, self.shape(a, r), 0), dtype=np.float32)

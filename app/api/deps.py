@@ -1,0 +1,81 @@
+"""FastAPI dependencies: the runtime, settings, service and gallery, the API key check, and CPU offloading."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from functools import partial
+from typing import Annotated, TypeVar
+
+import anyio
+from fastapi import Depends, Request, Security, UploadFile
+from fastapi.security import APIKeyHeader
+
+from app.errors import NotReady, Unauthorized
+from app.gallery import Gallery
+from app.runtime import Runtime
+from app.service import FaceService
+from app.settings import Settings
+from model.errors import EmptyImage, ImageTooLarge
+
+T = TypeVar("T")
+API_KEY_HEADER = "X-API-Key"
+_api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="one of VISAGE_API_KEYS")
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_settings(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Settings:
+    return runtime.settings
+
+
+def get_service(runtime: Annotated[Runtime, Depends(get_runtime)]) -> FaceService:
+    if runtime.service is None:
+        raise NotReady(runtime.error or "the model and the index are still loading; see /readyz")
+    return runtime.service
+
+
+def get_gallery(service: Annotated[FaceService, Depends(get_service)]) -> Gallery:
+    return service.gallery
+
+
+def require_api_key(
+    runtime: Annotated[Runtime, Depends(get_runtime)], key: Annotated[str | None, Security(_api_key)] = None
+) -> None:
+    """Constant-time comparison against every configured key."""
+    if not key:
+        raise Unauthorized(f"send an API key in the {API_KEY_HEADER} header")
+    if not any(secrets.compare_digest(key.encode(), k.encode()) for k in runtime.api_keys):
+        raise Unauthorized("the API key is not valid")
+
+
+async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run blocking model or database work in a worker thread, at most ``inference_threads`` at a time."""
+    limiter: anyio.CapacityLimiter = request.app.state.cpu_limiter
+    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs), limiter=limiter)
+
+
+async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run a short blocking store call in a worker thread (the default pool: it never waits behind the
+    model)."""
+    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
+
+
+async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
+    """The uploaded file's bytes, refusing more than ``max_upload_bytes`` without reading further."""
+    data = await upload.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ImageTooLarge(
+            f"{upload.filename or 'the file'} is larger than the limit of {settings.max_upload_bytes} bytes"
+        )
+    if not data:
+        raise EmptyImage(f"{upload.filename or 'the file'} is empty")
+    return data
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ServiceDep = Annotated[FaceService, Depends(get_service)]
+GalleryDep = Annotated[Gallery, Depends(get_gallery)]

@@ -1,0 +1,95 @@
+"""Subject endpoints: list (paged), get, rename / update metadata, delete with its faces, delete one face."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Query
+
+from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db
+from app.api.schemas import (
+    DeletedFace,
+    DeletedSubject,
+    ErrorResponse,
+    StoredFace,
+    SubjectDetail,
+    SubjectPage,
+    SubjectSummary,
+    SubjectUpdate,
+)
+from app.gallery import Gallery
+from app.service import clean_name
+
+router = APIRouter(
+    prefix="/subjects",
+    tags=["subjects"],
+    dependencies=[Depends(require_api_key)],
+    responses={
+        401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
+        404: {"model": ErrorResponse, "description": "unknown subject or face"},
+        422: {"model": ErrorResponse, "description": "bad parameter"},
+        503: {"model": ErrorResponse, "description": "still loading"},
+    },
+)
+SubjectId = Annotated[int, Path(ge=1, description="subject id")]
+
+
+def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
+    subject = gallery.store.subject(subject_id)
+    faces = gallery.store.subject_faces(subject_id)
+    return SubjectDetail(
+        **SubjectSummary.of(subject).model_dump(),
+        faces=[StoredFace.of(f, gallery.model_version) for f in faces],
+    )
+
+
+@router.get("", response_model=SubjectPage, summary="List subjects, by id")
+async def list_subjects(
+    gallery: GalleryDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    name: Annotated[str | None, Query(max_length=200, description="name prefix")] = None,
+) -> SubjectPage:
+    total, rows = await run_db(gallery.store.list_subjects, offset, limit, name)
+    return SubjectPage(total=total, offset=offset, limit=limit, items=[SubjectSummary.of(r) for r in rows])
+
+
+@router.get("/{subject_id}", response_model=SubjectDetail, summary="One subject with its faces")
+async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDetail:
+    return await run_db(_detail, gallery, subject_id)
+
+
+@router.patch(
+    "/{subject_id}",
+    response_model=SubjectDetail,
+    responses={409: {"model": ErrorResponse, "description": "the new name is taken"}},
+    summary="Rename a subject and/or replace its metadata",
+)
+async def update_subject(gallery: GalleryDep, subject_id: SubjectId, update: SubjectUpdate) -> SubjectDetail:
+    name = clean_name(update.name) if update.name is not None else None
+    await run_db(gallery.store.update_subject, subject_id, name, update.metadata)
+    return await run_db(_detail, gallery, subject_id)
+
+
+@router.delete(
+    "/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images"
+)
+async def delete_subject(service: ServiceDep, subject_id: SubjectId) -> DeletedSubject:
+    def work() -> int:
+        count = service.gallery.store.delete_subject(subject_id)
+        service.gallery.sync()
+        return count
+
+    return DeletedSubject(subject_id=subject_id, deleted_faces=await run_db(work))
+
+
+@router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
+async def delete_face(
+    service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1)]
+) -> DeletedFace:
+    def work() -> None:
+        service.gallery.store.delete_face(face_id, subject_id)
+        service.gallery.sync()
+
+    await run_db(work)
+    return DeletedFace(face_id=face_id, subject_id=subject_id)

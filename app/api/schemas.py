@@ -1,0 +1,268 @@
+"""Request and response models for every endpoint: they are the API contract and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_validator
+
+from app.gallery import SubjectHit
+from app.service import MAX_NAME_LENGTH, Threshold
+from app.store import FaceRow, SubjectRow
+from model.faces import Face
+
+MAX_METADATA_BYTES = 16 * 1024
+FACE_HELP = "which face: 'single' (refuse several), 'largest', or a box 'left,top,right,bottom' in pixels"
+
+
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+# -- shared pieces -------------------------------------------------------------------------------------------
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its cause."""
+
+    error: str = Field(
+        description="stable machine-readable code, e.g. no_face_found", examples=["no_face_found"]
+    )
+    detail: str = Field(description="human-readable explanation")
+
+
+class DetectedFaceOut(BaseModel):
+    box: list[float] = Field(description="left, top, right, bottom in original-image pixels")
+    score: float = Field(description="detector confidence")
+    size: float = Field(description="shorter side of the box in pixels")
+    quality: float = Field(description="0..1: confidence scaled down for small faces")
+    landmarks: list[list[float]] = Field(description="eyes, nose, mouth corners (x, y)")
+
+    @classmethod
+    def of(cls, face: Face) -> DetectedFaceOut:
+        return cls(**face.summary())
+
+
+class SubjectOut(BaseModel):
+    id: int
+    name: str
+
+    @classmethod
+    def of(cls, row: SubjectRow) -> SubjectOut:
+        return cls(id=row.id, name=row.name)
+
+
+class ThresholdParams(BaseModel):
+    threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="explicit cosine threshold; overrides far"
+    )
+    far: str | None = Field(
+        None,
+        max_length=16,
+        description="false-accept rate whose calibrated threshold to "
+        "use, e.g. 1e-3 or 1e-4 (default: VISAGE_DEFAULT_FAR)",
+    )
+
+
+class SubjectParams(BaseModel):
+    subject: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="subject name")
+    subject_id: int | None = Field(None, ge=1, description="subject id (instead of the name)")
+
+
+# -- faces: enroll, verify, identify, compare, embed ---------------------------------------------------------
+
+
+class EnrollForm(SubjectParams):
+    face: str = Field("single", max_length=100, description=FACE_HELP)
+    metadata: Json[dict[str, Any]] | None = Field(None, description="JSON object stored on a new subject")
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+
+class EnrollResponse(BaseModel):
+    face_id: int
+    created: bool = Field(description="false when these image bytes were already enrolled for this subject")
+    subject: SubjectOut
+    box: list[float]
+    quality: float
+    model_version: str
+    image_sha256: str
+
+
+class VerifyForm(SubjectParams, ThresholdParams):
+    face: str = Field("largest", max_length=100, description=FACE_HELP)
+
+
+class VerifyResponse(BaseModel):
+    match: bool
+    similarity: float = Field(description="cosine similarity to the subject's most similar face")
+    threshold: float
+    far: str | None = Field(description="operating point of the threshold; null for an explicit one")
+    subject: SubjectOut
+    face: DetectedFaceOut = Field(description="the face used from the uploaded image")
+    matched_face_id: int = Field(description="the subject's stored face that was most similar")
+    model_version: str
+
+
+class IdentifyForm(ThresholdParams):
+    k: int = Field(5, ge=1, le=50, description="subjects to return per face")
+
+
+class Candidate(BaseModel):
+    subject_id: int
+    name: str
+    similarity: float
+    face_id: int = Field(description="the subject's most similar stored face")
+
+    @classmethod
+    def of(cls, hit: SubjectHit) -> Candidate:
+        return cls(
+            subject_id=hit.subject_id, name=hit.name, similarity=round(hit.similarity, 4), face_id=hit.face_id
+        )
+
+
+class IdentifiedFace(BaseModel):
+    face: DetectedFaceOut
+    match: bool = Field(description="whether the best candidate reaches the threshold")
+    best: Candidate | None = Field(description="the best candidate if it reaches the threshold")
+    candidates: list[Candidate] = Field(description="top-k subjects, most similar first")
+
+
+class IdentifyResponse(BaseModel):
+    faces: list[IdentifiedFace] = Field(description="every face in the image, largest first")
+    threshold: float
+    far: str | None
+    model_version: str
+
+
+class CompareForm(ThresholdParams):
+    face1: str = Field("largest", max_length=100, description=FACE_HELP)
+    face2: str = Field("largest", max_length=100, description=FACE_HELP)
+
+
+class CompareResponse(BaseModel):
+    match: bool
+    similarity: float
+    threshold: float
+    far: str | None
+    face1: DetectedFaceOut
+    face2: DetectedFaceOut
+    model_version: str
+
+
+class EmbeddedFace(DetectedFaceOut):
+    embedding: list[float] = Field(description="unit vector; compare two with a dot product")
+
+
+class EmbedResponse(BaseModel):
+    model_version: str
+    dim: int
+    faces: list[EmbeddedFace]
+
+
+def threshold_fields(threshold: Threshold) -> dict[str, Any]:
+    return {"threshold": round(threshold.value, 4), "far": threshold.far}
+
+
+# -- subjects ------------------------------------------------------------------------------------------------
+
+
+class SubjectSummary(SubjectOut):
+    metadata: dict[str, Any]
+    face_count: int
+    created_at: str
+
+    @classmethod
+    def of(cls, row: SubjectRow) -> SubjectSummary:
+        return cls(
+            id=row.id,
+            name=row.name,
+            metadata=row.metadata,
+            face_count=row.face_count,
+            created_at=row.created_at,
+        )
+
+
+class StoredFace(BaseModel):
+    id: int
+    subject_id: int
+    box: list[float]
+    quality: float
+    model_version: str
+    current: bool = Field(description="embedded by the loaded model (searchable); false: run visage reindex")
+    image_sha256: str
+    image_stored: bool
+    created_at: str
+
+    @classmethod
+    def of(cls, row: FaceRow, model_version: str) -> StoredFace:
+        return cls(
+            id=row.id,
+            subject_id=row.subject_id,
+            box=list(row.box),
+            quality=row.quality,
+            model_version=row.model_version,
+            current=row.model_version == model_version,
+            image_sha256=row.image_sha256,
+            image_stored=row.has_image,
+            created_at=row.created_at,
+        )
+
+
+class SubjectDetail(SubjectSummary):
+    faces: list[StoredFace]
+
+
+class SubjectPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    items: list[SubjectSummary]
+
+
+class SubjectUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH)
+    metadata: dict[str, Any] | None = Field(None, description="replaces the stored metadata")
+
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @model_validator(mode="after")
+    def _something(self) -> SubjectUpdate:
+        if self.name is None and self.metadata is None:
+            raise ValueError("give a new name, new metadata, or both")
+        return self
+
+
+class DeletedSubject(BaseModel):
+    subject_id: int
+    deleted_faces: int
+
+
+class DeletedFace(BaseModel):
+    face_id: int
+    subject_id: int
+
+
+# -- health --------------------------------------------------------------------------------------------------
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    model_version: str
+    thresholds: dict[str, float] = Field(description="calibrated cosine thresholds by false-accept rate")
+    index_kind: str
+    index_state: str = Field(description="how the index was opened: loaded, or rebuilt and why")
+    subjects: int
+    faces: int
+    current_faces: int
+    stale_faces: int = Field(description="faces of other model versions, not searchable until reindexed")
+    indexed_faces: int

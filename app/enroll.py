@@ -1,0 +1,178 @@
+"""Batch enrollment of ``DIR/<subject>/<image>``: into the local store (the same ``FaceService.enroll`` as
+``POST /enroll``) or through a running service's API.
+
+Idempotent and therefore resumable: an image already enrolled for its subject is recognised by its sha256
+before the model runs, so re-running after an interruption only does what is missing. Safe while the service
+runs: the service sees the new faces through the store's change log, without a restart.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.service import FaceSelector, FaceService, clean_name
+from app.store import SubjectRef
+from model.errors import VisageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+FAILURE_COLUMNS = ("file", "subject", "error", "detail")
+CONNECTION_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path
+    subject: str
+
+
+@dataclass
+class BatchReport:
+    files: int = 0
+    created: int = 0
+    existing: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+    subjects: set[str] = field(default_factory=set)
+    aborted: str | None = None  # why the run stopped early (service unreachable, bad key)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "files": self.files,
+            "created": self.created,
+            "existing": self.existing,
+            "failed": self.failed,
+            "subjects": len(self.subjects),
+            "aborted": self.aborted,
+            "seconds": round(self.seconds, 2),
+            "failures": self.failures,
+        }
+
+
+class Abort(Exception):
+    """Stop the whole batch (the service is unreachable or refuses the key): per-file errors do not."""
+
+
+def scan(root: Path) -> list[Item]:
+    """Every image under ``root/<subject>/``, sorted; the folder name is the subject name."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}")
+    items = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
+                items.append(Item(path, folder.name))
+    return items
+
+
+# An enroller takes (image bytes, subject name, file name) and returns created: bool, or raises
+# VisageError/Abort.
+Enroller = Callable[[bytes, str, str], bool]
+
+
+def local_enroller(service: FaceService, face: str) -> Enroller:
+    selector = FaceSelector.parse(face)
+
+    def enroll(data: bytes, subject: str, filename: str) -> bool:
+        return service.enroll(data, SubjectRef(name=clean_name(subject)), selector).created
+
+    return enroll
+
+
+class RemoteError(VisageError):
+    """An error answered by the service, carrying its code."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+
+
+def remote_enroller(client: Any, face: str) -> Enroller:
+    """POST /enroll through an ``httpx.Client`` (base URL and key set); retries connection errors briefly."""
+    import httpx
+
+    FaceSelector.parse(face)  # refuse a bad --face before the first request
+
+    def enroll(data: bytes, subject: str, filename: str) -> bool:
+        for attempt in range(1, CONNECTION_ATTEMPTS + 1):
+            try:
+                response = client.post(
+                    "/enroll", files={"image": (filename, data)}, data={"subject": subject, "face": face}
+                )
+                break
+            except httpx.TransportError as exc:
+                if attempt == CONNECTION_ATTEMPTS:
+                    raise Abort(f"the service at {client.base_url} is unreachable ({exc})") from exc
+                time.sleep(0.5 * 2**attempt)
+        if response.status_code in (200, 201):
+            return bool(response.json()["created"])
+        try:
+            body = response.json()
+            code, detail = str(body["error"]), str(body["detail"])
+        except (ValueError, KeyError, TypeError):
+            code, detail = f"http_{response.status_code}", response.text[:200]
+        if response.status_code in (401, 403):
+            raise Abort(f"the service refused the API key: {detail}")
+        raise RemoteError(code, detail)
+
+    return enroll
+
+
+def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | None = None) -> BatchReport:
+    """Enroll every item, collecting failures instead of stopping (except on ``Abort``)."""
+    report = BatchReport(files=len(items))
+    start = time.perf_counter()
+    for item in progress if progress is not None else iter(items):
+        try:
+            data = item.path.read_bytes()
+            if enroll(data, item.subject, item.path.name):
+                report.created += 1
+            else:
+                report.existing += 1
+            report.subjects.add(item.subject)
+        except Abort as exc:
+            report.aborted = str(exc)
+            report.failures.append(
+                {"file": str(item.path), "subject": item.subject, "error": "aborted", "detail": str(exc)}
+            )
+            break
+        except VisageError as exc:
+            report.failures.append(
+                {"file": str(item.path), "subject": item.subject, "error": exc.code, "detail": exc.detail}
+            )
+        except OSError as exc:
+            report.failures.append(
+                {
+                    "file": str(item.path),
+                    "subject": item.subject,
+                    "error": "unreadable_file",
+                    "detail": str(exc),
+                }
+            )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def write_failures(path: Path, failures: list[dict[str, str]]) -> None:
+    """Write the failures CSV atomically (header only when nothing failed, so an old list never lingers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FAILURE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(failures)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

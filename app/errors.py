@@ -1,0 +1,139 @@
+"""The one place typed errors become HTTP responses: ``{"error": code, "detail": text}`` with the right
+status.
+
+The service's own errors extend ``model.errors.VisageError`` (``code`` + ``status``), so the image errors
+raised deep inside ``model`` and the gallery errors raised here travel the same way. FastAPI's validation
+errors and Starlette's 404/405 are reshaped too, so a client only ever parses one error format, and anything
+unexpected is a 500 ``internal_error`` without a traceback in the body.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.errors import VisageError
+
+log = logging.getLogger("visage.errors")
+
+
+class BadParameter(VisageError):
+    """A request parameter that is missing, malformed or out of range."""
+
+    code = "bad_parameter"
+    status = 422
+
+
+class SubjectNotFound(VisageError):
+    code = "subject_not_found"
+    status = 404
+
+
+class FaceNotFound(VisageError):
+    code = "face_not_found"
+    status = 404
+
+
+class NameTaken(VisageError):
+    """Subject names are unique: a rename onto an existing name is refused, not merged."""
+
+    code = "name_taken"
+    status = 409
+
+
+class NoCurrentFaces(VisageError):
+    """The subject's faces were all embedded by another model version (run ``visage reindex``)."""
+
+    code = "no_current_faces"
+    status = 409
+
+
+class Unauthorized(VisageError):
+    code = "unauthorized"
+    status = 401
+
+
+class NotReady(VisageError):
+    """The model or the index is still loading (or failed to load: see ``/readyz``)."""
+
+    code = "not_ready"
+    status = 503
+
+
+class RequestTooLarge(VisageError):
+    code = "request_too_large"
+    status = 413
+
+
+# Codes for Starlette's own HTTP errors (unknown route, wrong method, ...).
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_body(code: str, detail: str) -> dict[str, str]:
+    return {"error": code, "detail": detail}
+
+
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, detail), status_code=status, headers=headers)
+
+
+def describe_validation(exc: RequestValidationError) -> str:
+    """FastAPI's list of pydantic errors -> one readable sentence naming each bad field."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
+        field = ".".join(loc) or "request"
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return "; ".join(parts) or "invalid request"
+
+
+async def _visage_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, VisageError)
+    headers = {"WWW-Authenticate": "APIKey"} if exc.status == 401 else None
+    if exc.status >= 500 and not isinstance(exc, NotReady):
+        log.error("%s %s: %s", request.method, request.url.path, exc.detail)
+    return error_response(exc.status, exc.code, exc.detail, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(422, BadParameter.code, describe_validation(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal_error", "an unexpected error occurred; see the service log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(VisageError, _visage_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

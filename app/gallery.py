@@ -1,0 +1,224 @@
+"""The gallery: the SQLite store (truth) and the FAISS index (cache) kept in agreement, and subject search.
+
+The index only ever holds faces embedded by the current model version. It is brought up to date from the
+store's change log before every search (``sync``), so faces enrolled or deleted by another process (``visage
+enroll``, another uvicorn worker) are seen without a restart, and at start-up it is loaded only if it agrees
+with the store (same generation after replaying the log, same ids), otherwise rebuilt from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import NoCurrentFaces
+from app.index import FaceIndex, IndexConfig, IndexFileError, ids_checksum
+from app.store import Store, SubjectRef
+
+log = logging.getLogger("visage.gallery")
+_AGREEMENT_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class SubjectHit:
+    """One subject's best face for a probe: subjects are ranked by their most similar face."""
+
+    subject_id: int
+    name: str
+    similarity: float
+    face_id: int
+
+
+class Gallery:
+    """Store + index for one model version. Thread-safe; any number of processes may share the files."""
+
+    def __init__(
+        self,
+        store: Store,
+        index_path: Path | None,
+        model_version: str,
+        dim: int,
+        config: IndexConfig | None = None,
+    ) -> None:
+        self.store, self.index_path = store, index_path
+        self.model_version, self.dim = model_version, dim
+        self.config = config or IndexConfig()
+        self.index: FaceIndex | None = None
+        self.opened_by = "not opened"
+        self._lock = threading.RLock()
+
+    # -- opening, rebuilding, saving -------------------------------------------------------------------------
+
+    def open(self) -> str:
+        """Load the saved index if it agrees with the store, else rebuild it; returns what happened."""
+        with self._lock:
+            try:
+                index = self._load()
+                self.index = index
+                before = index.generation
+                self._catch_up()
+                self._check_agreement()
+                if self.index.needs_rebuild:
+                    raise IndexFileError("the index is due for a rebuild (tombstones or IVF training)")
+                replayed = self.index.generation - before
+                self.opened_by = "loaded" + (
+                    f", replayed changes {before + 1}..{self.index.generation}" if replayed else ""
+                )
+                if replayed:
+                    self.save()
+            except IndexFileError as exc:
+                self.rebuild(str(exc))
+                self.save()
+            log.info(
+                "index %s: %s (%d faces, %s)",
+                self.config.kind,
+                self.opened_by,
+                len(self.index),
+                self.model_version,
+            )
+            return self.opened_by
+
+    def _load(self) -> FaceIndex:
+        if self.index_path is None:
+            raise IndexFileError("no index file configured")
+        index = FaceIndex.load(self.index_path, self.config)
+        if index.model_version != self.model_version or index.dim != self.dim:
+            raise IndexFileError(
+                f"index file holds {index.model_version} ({index.dim}-d) embeddings, not {self.model_version}"
+            )
+        if index.generation > self.store.generation():
+            raise IndexFileError("index file is ahead of the store (was the database replaced?)")
+        return index
+
+    def _check_agreement(self) -> None:
+        """Same ids in index and store at the same generation, else ``IndexFileError``."""
+        assert self.index is not None
+        for _ in range(_AGREEMENT_RETRIES):
+            generation, ids = self.store.current_ids(self.model_version)
+            if generation != self.index.generation:  # another process wrote meanwhile: catch up, look again
+                self._catch_up()
+                continue
+            if len(ids) != len(self.index) or ids_checksum(ids) != self.index.checksum():
+                raise IndexFileError(
+                    f"index disagrees with the store ({len(self.index)} faces indexed, "
+                    f"{len(ids)} in the store at generation {generation})"
+                )
+            return
+        raise IndexFileError("the store kept changing while the index was checked")
+
+    def rebuild(self, reason: str) -> None:
+        """A fresh index from every current-version face in the store."""
+        with self._lock:
+            snap = self.store.snapshot(self.model_version, self.dim)
+            self.index = FaceIndex.build(
+                self.dim, self.config, self.model_version, snap.ids, snap.vectors, snap.generation
+            )
+            self.opened_by = f"rebuilt ({reason})"
+            log.info("index rebuilt from the store: %s; %d faces", reason, len(snap.ids))
+
+    def save(self) -> None:
+        with self._lock:
+            if self.index is not None and self.index_path is not None:
+                self.index.save(self.index_path)
+
+    def close(self) -> None:
+        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store."""
+        try:
+            self.save()
+        finally:
+            self.store.close()
+
+    # -- keeping up with the store ---------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Apply every store change since the index's generation (from this process or any other)."""
+        if self.index is None:
+            return  # a writer-only gallery (batch enrollment, reindex): the service's index catches up itself
+        with self._lock:
+            self._catch_up()
+            if self.index.needs_rebuild:
+                self.rebuild("tombstones or IVF training")
+
+    def _catch_up(self) -> None:
+        assert self.index is not None
+        generation = self.store.generation()
+        if generation == self.index.generation:
+            return
+        if generation < self.index.generation:
+            self.rebuild("the store's change log went backwards")
+            return
+        changes = self.store.changes_since(self.index.generation, self.model_version, self.dim)
+        self.index.remove(changes.removed)
+        if not self.index.upsert(changes.ids, changes.vectors):
+            self.rebuild("a changed face cannot be replaced in place")
+            return
+        self.index.generation = changes.generation
+
+    # -- searching -------------------------------------------------------------------------------------------
+
+    def identify(self, vectors: np.ndarray, k: int) -> list[list[SubjectHit]]:
+        """For each probe vector, the ``k`` most similar subjects (max similarity over each subject's
+        faces)."""
+        self.sync()
+        return [self._rank_subjects(np.asarray(v, dtype=np.float32), k) for v in np.atleast_2d(vectors)]
+
+    def _rank_subjects(self, vector: np.ndarray, k: int) -> list[SubjectHit]:
+        assert self.index is not None
+        want = max(4 * k, 32)
+        while True:
+            with self._lock:
+                total = len(self.index)
+                sims, ids = self.index.search(vector, min(want, total))
+            owners = self.store.face_subjects([int(i) for i in ids[0] if i >= 0])
+            best: dict[int, SubjectHit] = {}
+            for sim, face_id in zip(sims[0], ids[0], strict=True):
+                owner = owners.get(int(face_id))  # None: deleted since the search
+                if owner is not None and owner[0] not in best:
+                    best[owner[0]] = SubjectHit(owner[0], owner[1], float(sim), int(face_id))
+            if len(best) >= k or want >= total:
+                return list(best.values())[:k]
+            want *= 4  # one subject's many faces crowded the others out: look further
+
+    def best_match(self, subject_id: int, vector: np.ndarray) -> tuple[float, int]:
+        """(similarity, face id) of the subject's face most similar to ``vector``; exact, from the store."""
+        ids, matrix = self.store.subject_embeddings(subject_id, self.model_version, self.dim)
+        if not len(ids):
+            subject = self.store.subject(SubjectRef(id=subject_id))
+            why = (
+                f"its {subject.face_count} face(s) were embedded by another model version; "
+                "run `visage reindex`"
+                if subject.face_count
+                else "it has no faces"
+            )
+            raise NoCurrentFaces(f"subject {subject_id} cannot be verified: {why}")
+        sims = matrix @ np.asarray(vector, dtype=np.float32)
+        best = int(np.argmax(sims))
+        return float(sims[best]), int(ids[best])
+
+    # -- reporting -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int | str]:
+        counts = self.store.counts(self.model_version)
+        with self._lock:
+            indexed = len(self.index) if self.index is not None else 0
+        return {**counts, "indexed_faces": indexed, "index_kind": self.config.kind}
+
+    def agreement(self) -> dict[str, object]:
+        """Whether index and store hold the same current-version faces (after a sync): for checks and
+        tests."""
+        self.sync()
+        with self._lock:
+            assert self.index is not None
+            generation, ids = self.store.current_ids(self.model_version)
+            indexed = self.index.ids()
+            return {
+                "agree": bool(np.array_equal(ids, indexed)),
+                "store_faces": len(ids),
+                "indexed_faces": len(indexed),
+                "generation": generation,
+                "index_generation": self.index.generation,
+            }

@@ -1,0 +1,62 @@
+"""``create_app``: the FastAPI application factory (``uvicorn app.main:create_app --factory``, ``visage
+serve``).
+
+The model and the index load in a background thread at start-up, so ``/healthz`` answers at once and
+``/readyz`` turns 200 when recognition can run; at shutdown the index is saved (it is only a cache: a kill -9
+costs a replay of the store's change log or a rebuild at the next start, never data).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI
+
+from app import __doc__ as app_doc
+from app.api import routes_faces, routes_health, routes_subjects
+from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
+from app.metrics import Metrics, MetricsMiddleware
+from app.runtime import Runtime
+from app.settings import Settings
+from model.faces import FacePipeline
+
+VERSION = "0.1.0"
+log = logging.getLogger("visage")
+
+
+def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
+    """Build the app from ``settings`` (default: the ``VISAGE_*`` environment); ``pipeline`` lets tests share
+    an already-loaded model."""
+    settings = settings or Settings()
+    logging.getLogger("visage").setLevel(settings.log_level.upper())
+    runtime = Runtime(settings, pipeline)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.cpu_limiter = anyio.CapacityLimiter(settings.inference_threads)
+        runtime.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(runtime.close)
+
+    app = FastAPI(
+        title="Visage",
+        version=VERSION,
+        description=(app_doc or "") + "\n\nSend the API key in the `X-API-Key` header. Errors are always "
+        '`{"error": code, "detail": text}`.',
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.include_router(routes_health.router)
+    app.include_router(routes_faces.router)
+    app.include_router(routes_subjects.router)
+    return app

@@ -1,0 +1,123 @@
+"""Building the service from settings: the pipeline, the store and the gallery, for the API and the CLI
+alike."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from app.gallery import Gallery
+from app.index import IndexConfig
+from app.service import FaceService
+from app.settings import Settings, resolve_api_keys
+from app.store import Store
+from model.faces import FacePipeline, load_pipeline
+
+log = logging.getLogger("visage.runtime")
+
+
+def index_config(settings: Settings) -> IndexConfig:
+    return IndexConfig(
+        kind=settings.index_type,
+        hnsw_m=settings.hnsw_m,
+        hnsw_ef_search=settings.hnsw_ef_search,
+        ivf_nlist=settings.ivf_nlist,
+        ivf_nprobe=settings.ivf_nprobe,
+    )
+
+
+def open_service(
+    settings: Settings, with_index: bool = True, pipeline: FacePipeline | None = None
+) -> FaceService:
+    """Load the model (unless given) and open the gallery in ``settings.data_dir``.
+
+    ``with_index=False`` opens the store only: enough for a writer (batch enrollment, reindex) whose changes a
+    running service picks up from the store's change log.
+    """
+    pipeline = pipeline or load_pipeline(
+        str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits
+    )
+    store = Store(settings.db_path)
+    try:
+        gallery = Gallery(
+            store,
+            settings.index_path,
+            pipeline.embedder.model_version,
+            pipeline.embedder.dim,
+            index_config(settings),
+        )
+        if with_index:
+            gallery.open()
+        service = FaceService(
+            pipeline, gallery, store_images=settings.store_images, default_far=settings.default_far
+        )
+    except BaseException:
+        store.close()
+        raise
+    thresholds = pipeline.embedder.bundle.thresholds
+    if not thresholds:
+        log.warning(
+            "weights %s carry no calibrated thresholds: using the fallback %.2f",
+            service.model_version,
+            pipeline.embedder.bundle.threshold(),
+        )
+    elif settings.default_far not in thresholds:
+        log.warning(
+            "VISAGE_DEFAULT_FAR=%s is not calibrated in the weights (have %s)",
+            settings.default_far,
+            ", ".join(sorted(thresholds)),
+        )
+    stale = gallery.store.counts(service.model_version)["stale_faces"]
+    if stale:
+        log.warning(
+            "%d stored faces were embedded by another model version and are not searchable; "
+            "run `visage reindex`",
+            stale,
+        )
+    return service
+
+
+class Runtime:
+    """The app's state: settings and keys at once, the service once loaded (in a background thread, so
+    ``/healthz`` answers while the model loads and ``/readyz`` says when it is done)."""
+
+    def __init__(self, settings: Settings, pipeline: FacePipeline | None = None) -> None:
+        self.settings = settings
+        self.api_keys, generated = resolve_api_keys(settings)
+        if generated:
+            log.warning("no API key configured: generated one and stored it in %s", settings.key_path)
+        self.service: FaceService | None = None
+        self.error: str | None = None
+        self._pipeline = pipeline
+        self._loader: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def start(self) -> None:
+        self._loader = threading.Thread(target=self._load, name="visage-loader", daemon=True)
+        self._loader.start()
+
+    def _load(self) -> None:
+        try:
+            service = open_service(self.settings, pipeline=self._pipeline)
+        except Exception as exc:  # reported on /readyz and in the log; the process stays up for inspection
+            self.error = f"{type(exc).__name__}: {getattr(exc, 'detail', exc)}"
+            log.exception("the service failed to load")
+            return
+        if self._closed.is_set():
+            service.gallery.close()
+            return
+        self.service = service
+        log.info("ready: model %s, %s", service.model_version, service.gallery.opened_by)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self.service is not None
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._loader is not None:
+            self._loader.join(timeout=60)
+        if self.service is not None:
+            self.service.gallery.close()
+            self.service = None

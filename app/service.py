@@ -1,0 +1,267 @@
+"""What the API and the CLI do with an image: enroll, verify, identify, compare, embed, reindex.
+
+One implementation for both: ``POST /enroll`` and ``visage enroll`` call the same ``FaceService.enroll``.
+Every method here is blocking (detection and the network run on the CPU): the API calls them from worker
+threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.errors import BadParameter
+from app.gallery import Gallery, SubjectHit
+from app.store import FaceRow, SubjectRef, SubjectRow, sha256
+from model.decode import decode_image
+from model.detect import DetectedFace, choose_face, face_at
+from model.errors import NoFaceFound, VisageError
+from model.faces import Face, FacePipeline, align_faces
+
+log = logging.getLogger("visage.service")
+MAX_NAME_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class FaceSelector:
+    """Which face of a photo to use: ``single`` (refuse several), ``largest``, or the one at a box."""
+
+    policy: str = "single"
+    box: tuple[float, float, float, float] | None = None
+
+    @classmethod
+    def parse(cls, text: str | None, default: str = "single") -> FaceSelector:
+        text = (text or default).strip().lower()
+        if text in ("single", "largest"):
+            return cls(text)
+        parts = text.split(",")
+        try:
+            box = tuple(float(p) for p in parts)
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+            raise BadParameter(
+                f"face must be 'single', 'largest' or a box 'left,top,right,bottom' "
+                f"with left < right and top < bottom; got {text!r}"
+            )
+        return cls("box", box)  # type: ignore[arg-type]
+
+    def choose(self, faces: list[DetectedFace]) -> DetectedFace:
+        if self.box is not None:
+            return face_at(faces, self.box)
+        return choose_face(faces, self.policy)
+
+
+def subject_ref(name: str | None = None, subject_id: int | None = None) -> SubjectRef:
+    """Validate "a subject by name or by id" (exactly one of them)."""
+    if (name is None or not name.strip()) == (subject_id is None):
+        raise BadParameter("give exactly one of subject (a name) or subject_id")
+    if subject_id is not None:
+        return SubjectRef(id=subject_id)
+    return SubjectRef(name=clean_name(name or ""))
+
+
+def clean_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+        raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} printable characters")
+    return name
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    far: str | None  # the operating point it was calibrated for; None when the caller gave a number
+
+
+@dataclass
+class EnrollResult:
+    face: FaceRow
+    subject: SubjectRow
+    created: bool
+    detected: Face | None = None  # None when the image was already enrolled (nothing was detected)
+
+
+@dataclass
+class VerifyResult:
+    match: bool
+    similarity: float
+    threshold: Threshold
+    subject: SubjectRow
+    face: Face
+    matched_face_id: int
+
+
+@dataclass
+class CompareResult:
+    match: bool
+    similarity: float
+    threshold: Threshold
+    face1: Face
+    face2: Face
+
+
+@dataclass
+class ReindexReport:
+    redone: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)  # face_id, subject_id, error, detail
+    skipped: int = 0  # deleted or re-embedded by someone else meanwhile
+
+
+class FaceService:
+    """A face pipeline and a gallery for the same model version."""
+
+    def __init__(
+        self, pipeline: FacePipeline, gallery: Gallery, store_images: bool = True, default_far: str = "1e-3"
+    ) -> None:
+        self.pipeline, self.gallery = pipeline, gallery
+        self.store_images, self.default_far = store_images, default_far
+        if gallery.model_version != self.model_version:
+            raise ValueError(f"gallery is for {gallery.model_version}, the model is {self.model_version}")
+
+    @property
+    def model_version(self) -> str:
+        return self.pipeline.embedder.model_version
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return self.pipeline.embedder.bundle.thresholds
+
+    def threshold(self, value: float | None = None, far: str | None = None) -> Threshold:
+        """An explicit threshold, else the bundle's calibrated one for ``far`` (default: settings)."""
+        if value is not None:
+            if not -1.0 <= value <= 1.0:
+                raise BadParameter("threshold is a cosine similarity in [-1, 1]")
+            return Threshold(float(value), None)
+        far = (far or self.default_far).strip()
+        known = self.thresholds
+        if known and far not in known:
+            raise BadParameter(f"far must be one of {', '.join(sorted(known))} (calibrated in the weights)")
+        return Threshold(self.pipeline.embedder.bundle.threshold(far), far)
+
+    # -- faces from bytes ------------------------------------------------------------------------------------
+
+    def detect(self, data: bytes) -> tuple[Any, list[DetectedFace]]:
+        image = decode_image(data, self.pipeline.limits)
+        return image, self.pipeline.detector.detect(image)
+
+    def one_face(self, data: bytes, selector: FaceSelector) -> Face:
+        """Decode, detect, pick one face, align and embed only that one."""
+        image, detected = self.detect(data)
+        face = align_faces(image, [selector.choose(detected)])[0]
+        face.embedding = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
+        return face
+
+    def embed(self, data: bytes) -> list[Face]:
+        return self.pipeline.faces(data)
+
+    # -- use cases -------------------------------------------------------------------------------------------
+
+    def enroll(
+        self,
+        data: bytes,
+        ref: SubjectRef,
+        selector: FaceSelector | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> EnrollResult:
+        """Store one face of ``data`` for the subject (created if named and new). Idempotent per (subject,
+        image bytes): a repeat returns the stored face with ``created=False`` without running the model."""
+        digest = sha256(data)
+        found = self.gallery.store.find_face(ref, digest)
+        if found is not None:
+            return EnrollResult(found[0], found[1], created=False)
+        face = self.one_face(data, selector or FaceSelector())
+        row, subject, created = self.gallery.store.add_face(
+            ref,
+            digest,
+            data if self.store_images else None,
+            face.embedding,
+            self.model_version,
+            face.box,
+            face.quality,
+            metadata,
+        )
+        self.gallery.sync()
+        return EnrollResult(row, subject, created, face)
+
+    def verify(
+        self, data: bytes, ref: SubjectRef, selector: FaceSelector, threshold: Threshold
+    ) -> VerifyResult:
+        subject = self.gallery.store.subject(ref)  # unknown subject: 404 before any image work
+        face = self.one_face(data, selector)
+        similarity, face_id = self.gallery.best_match(subject.id, face.embedding)
+        return VerifyResult(similarity >= threshold.value, similarity, threshold, subject, face, face_id)
+
+    def identify(self, data: bytes, k: int) -> list[tuple[Face, list[SubjectHit]]]:
+        faces = self.pipeline.faces(data)
+        if not faces:
+            raise NoFaceFound("no face was found in the image")
+        hits = self.gallery.identify(np.stack([f.embedding for f in faces]), k)
+        return list(zip(faces, hits, strict=True))
+
+    def compare(
+        self,
+        data1: bytes,
+        data2: bytes,
+        selector1: FaceSelector,
+        selector2: FaceSelector,
+        threshold: Threshold,
+    ) -> CompareResult:
+        a, b = self.one_face(data1, selector1), self.one_face(data2, selector2)
+        similarity = float(np.dot(a.embedding, b.embedding))
+        return CompareResult(similarity >= threshold.value, similarity, threshold, a, b)
+
+    def reindex(self, progress: Callable[[int, int], None] | None = None) -> ReindexReport:
+        """Re-embed every face stored under another model version from its stored original image.
+
+        The face is found again at its stored box. Faces without a stored image, or where the detector no
+        longer finds a face there, are reported and left as they are (they stay out of the index).
+        """
+        report = ReindexReport()
+        stale = self.gallery.store.stale_faces(self.model_version)
+        stale.sort(key=lambda f: f.image_sha256)  # faces sharing an image: decode and detect it once
+        cache: tuple[str, Any, list[DetectedFace]] | None = None
+        for done, row in enumerate(stale, 1):
+            try:
+                if cache is None or cache[0] != row.image_sha256:
+                    data = self.gallery.store.image(row.image_sha256)
+                    if data is None:
+                        raise _NoImage(
+                            "the original image is not stored (VISAGE_STORE_IMAGES was off, or it "
+                            "was deleted); enroll the face again"
+                        )
+                    cache = (row.image_sha256, *self.detect(data))
+                _, image, detected = cache
+                found = face_at(detected, row.box)
+                face = align_faces(image, [found])[0]
+                vector = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
+                if self.gallery.store.reembed_face(
+                    row.id, row.model_version, vector, self.model_version, face.box, face.quality
+                ):
+                    report.redone += 1
+                else:
+                    report.skipped += 1
+            except VisageError as exc:
+                report.failed.append(
+                    {
+                        "face_id": row.id,
+                        "subject_id": row.subject_id,
+                        "model_version": row.model_version,
+                        "error": exc.code,
+                        "detail": exc.detail,
+                    }
+                )
+            if progress:
+                progress(done, len(stale))
+        self.gallery.sync()
+        return report
+
+
+class _NoImage(VisageError):
+    code = "image_not_stored"
+    status = 409

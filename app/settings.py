@@ -1,0 +1,120 @@
+"""Service settings: one pydantic-settings class, every field overridable by a ``VISAGE_*`` environment
+variable.
+
+The defaults must start a working service with nothing configured (shipped weights, ``./data``, a flat index),
+so every default here is also the documented default in docs/SERVICE.md.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+
+IndexType = Literal["flat", "hnsw", "ivf"]
+KEY_FILE = "api_key"
+
+
+class Settings(BaseSettings):
+    """Everything the service and the ``serve``/``enroll``/``reindex`` commands read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="VISAGE_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(
+        Path("data"), description="SQLite store, FAISS index, API key file (relative to cwd)"
+    )
+    host: str = Field("127.0.0.1", description="address `visage serve` binds")
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
+    weights: Path | None = Field(None, description="weights bundle; empty = the shipped default bundle")
+    flip: bool = Field(True, description="average each face with its mirror image (2 forward passes)")
+    index_type: IndexType = Field(
+        "flat", description="flat (exact), hnsw or ivf (approximate, large galleries)"
+    )
+    hnsw_m: int = Field(32, ge=4, le=256)
+    hnsw_ef_search: int = Field(128, ge=8, le=4096)
+    ivf_nlist: int = Field(1024, ge=1, le=1 << 20)
+    ivf_nprobe: int = Field(32, ge=1, le=1 << 20)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted X-API-Key values, comma separated; empty = key file"
+    )
+    metrics_require_key: bool = Field(False, description="ask for the API key on /metrics too")
+    max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="largest accepted image file")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=10_000, description="largest accepted width x height")
+    default_far: str = Field(
+        "1e-3", description="false-accept rate whose calibrated threshold is the default"
+    )
+    store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
+    inference_threads: int = Field(2, ge=1, le=64, description="images processed at once per worker")
+    log_level: str = Field("info")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _empty_weights(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "visage.db"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data_dir / "index.faiss"
+
+    @property
+    def key_path(self) -> Path:
+        return self.data_dir / KEY_FILE
+
+    @property
+    def failures_path(self) -> Path:
+        return self.data_dir / "enroll_failures.csv"
+
+    @property
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Whole request body: two images (``/compare``) plus form fields."""
+        return 2 * self.max_upload_bytes + 1024 * 1024
+
+
+def resolve_api_keys(settings: Settings) -> tuple[list[str], bool]:
+    """The configured keys, or the key stored in the data folder (created on first use).
+
+    Returns ``(keys, generated)``; ``generated`` is True when this call wrote a new key file. Creation is
+    race-free (write a temp file, then hard-link it into place) so several workers agree on one key.
+    """
+    if settings.api_keys:
+        return list(settings.api_keys), False
+    path = settings.key_path
+    if path.is_file() and path.read_text().strip():
+        return [path.read_text().strip()], False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(32) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)
+        generated = True
+    except FileExistsError:
+        generated = False  # another worker won the race: use its key
+    finally:
+        tmp.unlink(missing_ok=True)
+    return [path.read_text().strip()], generated

@@ -1,0 +1,517 @@
+"""The gallery's source of truth: subjects, faces, their embeddings and the original images, in one SQLite
+file.
+
+WAL mode lets the service read while a batch enrollment in another process writes, and every write is one
+transaction committed (``synchronous=FULL``) before the caller hears "done", so a kill -9 loses nothing that
+was acknowledged and leaves nothing half-written. Triggers append every insert, delete or re-embedding of a
+face to the ``changes`` log; its highest ``seq`` is the store's *generation*, which the FAISS cache
+(``app.index``) records and replays, so no code path (or process) can change faces without the cache noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.errors import FaceNotFound, NameTaken, SubjectNotFound
+
+SCHEMA_VERSION = "1"
+BUSY_TIMEOUT_S = 30.0
+_CHUNK = 900  # bound on "?" parameters per statement
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS subjects (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS blobs (
+        sha256 TEXT PRIMARY KEY,
+        data BLOB NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS faces (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        subject_id INTEGER NOT NULL REFERENCES subjects(id) ON DELETE CASCADE,
+        embedding BLOB NOT NULL,
+        model_version TEXT NOT NULL,
+        image_sha256 TEXT NOT NULL,
+        box TEXT NOT NULL,
+        quality REAL NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (subject_id, image_sha256))""",
+    "CREATE INDEX IF NOT EXISTS faces_by_version ON faces (model_version, id)",
+    "CREATE INDEX IF NOT EXISTS faces_by_image ON faces (image_sha256)",
+    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, face_id INTEGER NOT NULL)",
+    """CREATE TRIGGER IF NOT EXISTS faces_added AFTER INSERT ON faces
+        BEGIN INSERT INTO changes (face_id) VALUES (NEW.id); END""",
+    """CREATE TRIGGER IF NOT EXISTS faces_changed AFTER UPDATE OF embedding, model_version ON faces
+        BEGIN INSERT INTO changes (face_id) VALUES (NEW.id); END""",
+    """CREATE TRIGGER IF NOT EXISTS faces_removed AFTER DELETE ON faces
+        BEGIN
+            INSERT INTO changes (face_id) VALUES (OLD.id);
+            DELETE FROM blobs WHERE sha256 = OLD.image_sha256
+                AND NOT EXISTS (SELECT 1 FROM faces WHERE image_sha256 = OLD.image_sha256);
+        END""",
+]
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class SubjectRef:
+    """How a caller names a subject: by id (must exist) or by name (created on enrollment if new)."""
+
+    id: int | None = None
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"id {self.id}" if self.id is not None else repr(self.name)
+
+
+@dataclass(frozen=True)
+class SubjectRow:
+    id: int
+    name: str
+    metadata: dict[str, Any]
+    created_at: str
+    face_count: int = 0
+
+
+@dataclass(frozen=True)
+class FaceRow:
+    id: int
+    subject_id: int
+    model_version: str
+    image_sha256: str
+    box: tuple[float, float, float, float]
+    quality: float
+    created_at: str
+    has_image: bool = False
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What happened to faces between two generations: rows to (re-)add and ids to drop from the index."""
+
+    generation: int
+    ids: np.ndarray
+    vectors: np.ndarray
+    removed: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def _to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def _vectors(blobs: Sequence[bytes], dim: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode embedding blobs; returns (keep mask, matrix). Rows of the wrong length are skipped, not
+    fatal."""
+    rows = [np.frombuffer(b, dtype=np.float32) for b in blobs]
+    keep = np.array([dim is None or len(r) == dim for r in rows], dtype=bool)
+    kept = [r for r, k in zip(rows, keep, strict=True) if k]
+    width = dim if dim is not None else (len(kept[0]) if kept else 0)
+    matrix = np.stack(kept).astype(np.float32) if kept else np.zeros((0, width), dtype=np.float32)
+    return keep, matrix
+
+
+def _chunks(seq: Sequence[int]) -> Iterator[Sequence[int]]:
+    for start in range(0, len(seq), _CHUNK):
+        yield seq[start : start + _CHUNK]
+
+
+def _face(row: sqlite3.Row) -> FaceRow:
+    return FaceRow(
+        id=row["id"],
+        subject_id=row["subject_id"],
+        model_version=row["model_version"],
+        image_sha256=row["image_sha256"],
+        box=tuple(json.loads(row["box"])),
+        quality=row["quality"],
+        created_at=row["created_at"],
+        has_image=bool(row["has_image"]),
+    )
+
+
+def _subject(row: sqlite3.Row) -> SubjectRow:
+    return SubjectRow(
+        row["id"], row["name"], json.loads(row["metadata"]), row["created_at"], row["face_count"]
+    )
+
+
+_FACE_COLS = (
+    "f.id, f.subject_id, f.model_version, f.image_sha256, f.box, f.quality, f.created_at, "
+    "EXISTS (SELECT 1 FROM blobs b WHERE b.sha256 = f.image_sha256) AS has_image"
+)
+_SUBJECT_COLS = (
+    "s.id, s.name, s.metadata, s.created_at, "
+    "(SELECT COUNT(*) FROM faces f WHERE f.subject_id = s.id) AS face_count"
+)
+
+
+class Store:
+    """SQLite access: thread-local connections for readers, one writer at a time (a lock in-process, SQLite's
+    ``BEGIN IMMEDIATE`` across processes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        with self.write() as conn:
+            for statement in SCHEMA:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+            )
+
+    # -- connections and transactions ------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every SELECT inside sees the same snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction, committed (and synced) on success, rolled back on any exception."""
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self._local = threading.local()
+
+    # -- subjects --------------------------------------------------------------------------------------------
+
+    def _find_subject(self, conn: sqlite3.Connection, ref: SubjectRef) -> SubjectRow | None:
+        if ref.id is not None:
+            row = conn.execute(f"SELECT {_SUBJECT_COLS} FROM subjects s WHERE s.id = ?", (ref.id,)).fetchone()
+        else:
+            row = conn.execute(
+                f"SELECT {_SUBJECT_COLS} FROM subjects s WHERE s.name = ?", (ref.name,)
+            ).fetchone()
+        return _subject(row) if row else None
+
+    def _require_subject(self, conn: sqlite3.Connection, ref: SubjectRef) -> SubjectRow:
+        subject = self._find_subject(conn, ref)
+        if subject is None:
+            raise SubjectNotFound(f"no subject {ref}")
+        return subject
+
+    def subject(self, ref: SubjectRef | int) -> SubjectRow:
+        ref = SubjectRef(id=ref) if isinstance(ref, int) else ref
+        with self.read() as conn:
+            return self._require_subject(conn, ref)
+
+    def subject_faces(self, subject_id: int) -> list[FaceRow]:
+        with self.read() as conn:
+            self._require_subject(conn, SubjectRef(id=subject_id))
+            rows = conn.execute(
+                f"SELECT {_FACE_COLS} FROM faces f WHERE f.subject_id = ? ORDER BY f.id", (subject_id,)
+            ).fetchall()
+        return [_face(r) for r in rows]
+
+    def list_subjects(
+        self, offset: int = 0, limit: int = 50, name: str | None = None
+    ) -> tuple[int, list[SubjectRow]]:
+        """One page of subjects ordered by id, and the total; ``name`` filters by prefix."""
+        where, params = ("WHERE s.name LIKE ? ESCAPE '\\'", [_like_prefix(name)]) if name else ("", [])
+        with self.read() as conn:
+            total = conn.execute(f"SELECT COUNT(*) FROM subjects s {where}", params).fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_SUBJECT_COLS} FROM subjects s {where} ORDER BY s.id LIMIT ? OFFSET ?",
+                [*params, limit, offset],
+            ).fetchall()
+        return total, [_subject(r) for r in rows]
+
+    def update_subject(
+        self, subject_id: int, name: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> SubjectRow:
+        with self.write() as conn:
+            self._require_subject(conn, SubjectRef(id=subject_id))
+            try:
+                if name is not None:
+                    conn.execute("UPDATE subjects SET name = ? WHERE id = ?", (name, subject_id))
+            except sqlite3.IntegrityError as exc:
+                raise NameTaken(f"another subject is already named {name!r}") from exc
+            if metadata is not None:
+                conn.execute(
+                    "UPDATE subjects SET metadata = ? WHERE id = ?", (json.dumps(metadata), subject_id)
+                )
+            return self._require_subject(conn, SubjectRef(id=subject_id))
+
+    def delete_subject(self, subject_id: int) -> int:
+        """Delete a subject and (by cascade, with their images) its faces; returns how many faces went."""
+        with self.write() as conn:
+            subject = self._require_subject(conn, SubjectRef(id=subject_id))
+            conn.execute("DELETE FROM subjects WHERE id = ?", (subject_id,))
+            return subject.face_count
+
+    # -- faces -----------------------------------------------------------------------------------------------
+
+    def find_face(self, ref: SubjectRef, image_sha256: str) -> tuple[FaceRow, SubjectRow] | None:
+        """The face already enrolled from these exact image bytes for this subject, if any."""
+        with self.read() as conn:
+            subject = self._find_subject(conn, ref)
+            if subject is None:
+                if ref.id is not None:
+                    raise SubjectNotFound(f"no subject {ref}")
+                return None
+            row = conn.execute(
+                f"SELECT {_FACE_COLS} FROM faces f WHERE f.subject_id = ? AND f.image_sha256 = ?",
+                (subject.id, image_sha256),
+            ).fetchone()
+        return (_face(row), subject) if row else None
+
+    def add_face(
+        self,
+        ref: SubjectRef,
+        image_sha256: str,
+        image: bytes | None,
+        embedding: np.ndarray,
+        model_version: str,
+        box: Sequence[float],
+        quality: float,
+        metadata: dict[str, Any] | None = None,
+    ) -> tuple[FaceRow, SubjectRow, bool]:
+        """Store one face (and its image) in one transaction. Returns ``(face, subject, created)``; the same
+        image for the same subject again returns the existing face with ``created=False``."""
+        with self.write() as conn:
+            subject = self._find_subject(conn, ref)
+            if subject is None:
+                if ref.id is not None:
+                    raise SubjectNotFound(f"no subject {ref}")
+                cur = conn.execute(
+                    "INSERT INTO subjects (name, metadata, created_at) VALUES (?, ?, ?)",
+                    (ref.name, json.dumps(metadata or {}), now()),
+                )
+                subject = SubjectRow(int(cur.lastrowid), str(ref.name), metadata or {}, now())
+            existing = conn.execute(
+                f"SELECT {_FACE_COLS} FROM faces f WHERE f.subject_id = ? AND f.image_sha256 = ?",
+                (subject.id, image_sha256),
+            ).fetchone()
+            if existing:
+                return _face(existing), subject, False
+            if image is not None:
+                conn.execute(
+                    "INSERT OR IGNORE INTO blobs (sha256, data) VALUES (?, ?)", (image_sha256, image)
+                )
+            box = [round(float(v), 1) for v in box]
+            cur = conn.execute(
+                "INSERT INTO faces (subject_id, embedding, model_version, image_sha256, box, quality, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    subject.id,
+                    _to_blob(embedding),
+                    model_version,
+                    image_sha256,
+                    json.dumps(box),
+                    float(quality),
+                    now(),
+                ),
+            )
+            row = conn.execute(
+                f"SELECT {_FACE_COLS} FROM faces f WHERE f.id = ?", (cur.lastrowid,)
+            ).fetchone()
+            subject = self._require_subject(conn, SubjectRef(id=subject.id))
+            return _face(row), subject, True
+
+    def delete_face(self, face_id: int, subject_id: int | None = None) -> FaceRow:
+        """Delete one face (its image too when no other face uses it); ``subject_id`` must own it if given."""
+        with self.write() as conn:
+            if subject_id is not None:
+                self._require_subject(conn, SubjectRef(id=subject_id))
+            row = conn.execute(f"SELECT {_FACE_COLS} FROM faces f WHERE f.id = ?", (face_id,)).fetchone()
+            if row is None or (subject_id is not None and row["subject_id"] != subject_id):
+                owner = f" of subject {subject_id}" if subject_id is not None else ""
+                raise FaceNotFound(f"no face {face_id}{owner}")
+            conn.execute("DELETE FROM faces WHERE id = ?", (face_id,))
+            return _face(row)
+
+    def subject_embeddings(
+        self, subject_id: int, model_version: str, dim: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(face ids, vectors) of one subject's faces made by ``model_version``."""
+        with self.read() as conn:
+            self._require_subject(conn, SubjectRef(id=subject_id))
+            rows = conn.execute(
+                "SELECT id, embedding FROM faces WHERE subject_id = ? AND model_version = ? ORDER BY id",
+                (subject_id, model_version),
+            ).fetchall()
+        keep, matrix = _vectors([r["embedding"] for r in rows], dim)
+        return np.array([r["id"] for r in rows], dtype=np.int64)[keep], matrix
+
+    def face_subjects(self, face_ids: Sequence[int]) -> dict[int, tuple[int, str]]:
+        """face id -> (subject id, subject name), for the ids that still exist."""
+        out: dict[int, tuple[int, str]] = {}
+        ids = sorted({int(i) for i in face_ids})
+        with self.read() as conn:
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                for r in conn.execute(
+                    f"SELECT f.id, s.id, s.name FROM faces f JOIN subjects s ON s.id = f.subject_id "
+                    f"WHERE f.id IN ({marks})",
+                    list(chunk),
+                ):
+                    out[r[0]] = (r[1], r[2])
+        return out
+
+    # -- what the index needs --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _generation(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
+
+    def generation(self) -> int:
+        """The store's change counter: it grows with every face added, deleted or re-embedded, by any
+        process."""
+        with self.read() as conn:
+            return self._generation(conn)
+
+    def snapshot(self, model_version: str, dim: int) -> Changes:
+        """Every face of ``model_version`` and the generation they are current at."""
+        with self.read() as conn:
+            generation = self._generation(conn)
+            rows = conn.execute(
+                "SELECT id, embedding FROM faces WHERE model_version = ? ORDER BY id", (model_version,)
+            ).fetchall()
+        keep, matrix = _vectors([r["embedding"] for r in rows], dim)
+        return Changes(generation, np.array([r["id"] for r in rows], dtype=np.int64)[keep], matrix)
+
+    def changes_since(self, generation: int, model_version: str, dim: int) -> Changes:
+        """Faces touched after ``generation``: the current-version ones to (re-)add, the rest to remove."""
+        with self.read() as conn:
+            now_gen = self._generation(conn)
+            if now_gen == generation:
+                return Changes(now_gen, np.zeros(0, np.int64), np.zeros((0, dim), np.float32))
+            touched = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT face_id FROM changes WHERE seq > ? AND seq <= ? ORDER BY face_id",
+                    (generation, now_gen),
+                )
+            ]
+            present: dict[int, bytes] = {}
+            for chunk in _chunks(touched):
+                marks = ",".join("?" * len(chunk))
+                for r in conn.execute(
+                    f"SELECT id, embedding FROM faces WHERE model_version = ? AND id IN ({marks})",
+                    [model_version, *chunk],
+                ):
+                    present[r[0]] = r[1]
+        ids = np.array(sorted(present), dtype=np.int64)
+        keep, matrix = _vectors([present[int(i)] for i in ids], dim)
+        removed = np.array([i for i in touched if i not in present], dtype=np.int64)
+        # a row of the wrong width is dropped from the index rather than crashing the search
+        return Changes(now_gen, ids[keep], matrix, np.concatenate([removed, ids[~keep]]))
+
+    def current_ids(self, model_version: str) -> tuple[int, np.ndarray]:
+        """(generation, sorted ids of the ``model_version`` faces), read from one snapshot."""
+        with self.read() as conn:
+            generation = self._generation(conn)
+            rows = conn.execute("SELECT id FROM faces WHERE model_version = ? ORDER BY id", (model_version,))
+            return generation, np.array([r[0] for r in rows], dtype=np.int64)
+
+    def counts(self, model_version: str) -> dict[str, int]:
+        with self.read() as conn:
+            subjects = conn.execute("SELECT COUNT(*) FROM subjects").fetchone()[0]
+            faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
+            current = conn.execute(
+                "SELECT COUNT(*) FROM faces WHERE model_version = ?", (model_version,)
+            ).fetchone()[0]
+        return {
+            "subjects": subjects,
+            "faces": faces,
+            "current_faces": current,
+            "stale_faces": faces - current,
+        }
+
+    # -- re-embedding ----------------------------------------------------------------------------------------
+
+    def stale_faces(self, model_version: str, limit: int | None = None) -> list[FaceRow]:
+        """Faces embedded by any other model version (with whether their original image is stored)."""
+        sql = f"SELECT {_FACE_COLS} FROM faces f WHERE f.model_version != ? ORDER BY f.id"
+        params: list[Any] = [model_version]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with self.read() as conn:
+            return [_face(r) for r in conn.execute(sql, params)]
+
+    def image(self, image_sha256: str) -> bytes | None:
+        with self.read() as conn:
+            row = conn.execute("SELECT data FROM blobs WHERE sha256 = ?", (image_sha256,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def reembed_face(
+        self,
+        face_id: int,
+        old_version: str,
+        embedding: np.ndarray,
+        model_version: str,
+        box: Sequence[float],
+        quality: float,
+    ) -> bool:
+        """Replace one face's embedding, unless it was deleted or re-embedded meanwhile (returns False
+        then)."""
+        box = [round(float(v), 1) for v in box]
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE faces SET embedding = ?, model_version = ?, box = ?, quality = ? "
+                "WHERE id = ? AND model_version = ?",
+                (_to_blob(embedding), model_version, json.dumps(box), float(quality), face_id, old_version),
+            )
+            return cur.rowcount == 1
+
+
+def _like_prefix(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"

@@ -1,0 +1,265 @@
+"""The API in-process (FastAPI's TestClient) with a fake, instant face model: the contract of every endpoint,
+the error shape of every bad input, auth, metrics and OpenAPI. The real model is exercised in test_app_e2e."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
+from PIL import Image
+
+from app.main import create_app
+from app.settings import Settings
+
+with warnings.catch_warnings():  # starlette suggests httpx2, which this project does not use
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+KEY = "k-test"
+PROTECTED = [("post", "/enroll"), ("post", "/verify"), ("post", "/identify"), ("post", "/compare"),
+             ("post", "/embed"), ("get", "/subjects"), ("get", "/subjects/1"), ("patch", "/subjects/1"),
+             ("delete", "/subjects/1"), ("delete", "/subjects/1/faces/1")]
+
+
+def make_client(tmp_path, version: str = "fake-v1", **settings) -> TestClient:
+    values = {"data_dir": tmp_path, "api_keys": KEY, **settings}
+    app = create_app(Settings(**values), pipeline=fake_pipeline(version))
+    return TestClient(app, headers={"X-API-Key": KEY} if values["api_keys"] else {})
+
+
+@pytest.fixture
+def client(tmp_path) -> Iterator[TestClient]:
+    with make_client(tmp_path) as c:
+        assert c.app.state.runtime.wait_ready(30)
+        yield c
+
+
+def enroll(client: TestClient, image: bytes, **form) -> dict:
+    r = client.post("/enroll", files={"image": ("x.png", image)}, data=form)
+    assert r.status_code in (200, 201), r.text
+    return r.json()
+
+
+def is_error(r, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == code and body["detail"], body
+
+
+def test_enroll_is_idempotent_and_verify_uses_the_calibrated_threshold(client):
+    first = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+    assert first.status_code == 201 and first.json()["created"] is True
+    embedder = client.app.state.runtime.service.pipeline.embedder
+    calls = embedder.calls
+    again = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+    assert again.status_code == 200 and again.json()["created"] is False
+    assert again.json()["face_id"] == first.json()["face_id"] and embedder.calls == calls  # model not run
+    bob = enroll(client, png(BLUE), subject="bob", metadata=json.dumps({"team": "b"}))
+    assert bob["subject"]["name"] == "bob" and bob["quality"] > 0.9
+
+    same = client.post("/verify", files={"image": png(RED, width=200)}, data={"subject": "alice"}).json()
+    assert same["match"] is True and same["similarity"] > 0.99 and same["threshold"] == 0.9
+    assert same["far"] == "1e-3" and same["matched_face_id"] == first.json()["face_id"]
+    other = client.post("/verify", files={"image": png(RED)}, data={"subject_id": bob["subject"]["id"]}).json()
+    assert other["match"] is False and other["subject"] == bob["subject"]
+    strict = client.post("/verify", files={"image": png(RED)}, data={"subject": "alice", "far": "1e-4"}).json()
+    assert strict["threshold"] == 0.95 and strict["far"] == "1e-4"
+    explicit = client.post("/verify", files={"image": png(BLUE)}, data={"subject": "alice", "threshold": "-1"})
+    assert explicit.json()["match"] is True and explicit.json()["far"] is None
+
+
+def test_identify_ranks_subjects_for_every_face_and_compare_needs_no_gallery(client):
+    enroll(client, png(RED), subject="alice")
+    enroll(client, png(BLUE), subject="bob")
+    r = client.post("/identify", files={"image": png(BLUE, GREEN, RED)}, data={"k": "2"})
+    faces = r.json()["faces"]
+    assert [f["face"]["box"][0] for f in faces] == [20.0, 140.0, 260.0]
+    assert faces[0]["match"] and faces[0]["best"]["name"] == "bob"
+    assert [c["name"] for c in faces[0]["candidates"]] == ["bob", "alice"]
+    assert faces[1]["match"] is False and faces[1]["best"] is None and len(faces[1]["candidates"]) == 2
+    assert faces[2]["best"]["name"] == "alice"
+    cmp = client.post("/compare", files={"image1": png(GREEN), "image2": png(GREEN, width=300)}).json()
+    assert cmp["match"] is True and cmp["face1"]["box"] and cmp["model_version"] == "fake-v1"
+    cmp = client.post("/compare", files={"image1": png(GREEN), "image2": png(RED, BLUE)},
+                      data={"face2": "150,30,230,110"}).json()
+    assert cmp["match"] is False and cmp["face2"]["box"][0] == 140.0
+    emb = client.post("/embed", files={"image": png(RED, BLUE)}).json()
+    assert emb["dim"] == 8 and len(emb["faces"]) == 2 and len(emb["faces"][0]["embedding"]) == 8
+    assert client.post("/embed", files={"image": png()}).json()["faces"] == []
+
+
+def test_photos_with_several_faces_need_a_choice(client):
+    two = png(RED, BLUE)
+    is_error(client.post("/enroll", files={"image": two}, data={"subject": "x"}), 422, "multiple_faces")
+    largest = enroll(client, two, subject="x", face="largest")
+    assert largest["box"][0] == 20.0
+    boxed = enroll(client, two, subject="y", face="150, 30, 230, 110")
+    assert boxed["box"][0] == 140.0
+    is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "500,0,600,50"}),
+             422, "no_face_found")
+    is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "3,2,1"}),
+             422, "bad_parameter")
+    is_error(client.post("/enroll", files={"image": png()}, data={"subject": "z"}), 422, "no_face_found")
+
+
+def test_every_bad_input_is_a_4xx_json_error(tmp_path):
+    with make_client(tmp_path, max_upload_bytes=50_000) as client:
+        client.app.state.runtime.wait_ready(30)
+        enroll(client, png(RED), subject="alice")
+        ppm = io.BytesIO()
+        Image.new("RGB", (50, 50)).save(ppm, "PPM")
+        jpeg = png(RED, fmt="JPEG")
+        cases = [
+            (client.post("/enroll", files={"image": b""}, data={"subject": "a"}), 400, "empty_image"),
+            (client.post("/enroll", files={"image": b"not an image"}, data={"subject": "a"}), 400,
+             "unreadable_image"),
+            (client.post("/enroll", files={"image": jpeg[: len(jpeg) // 2]}, data={"subject": "a"}), 400,
+             "unreadable_image"),
+            (client.post("/enroll", files={"image": ppm.getvalue()}, data={"subject": "a"}), 415,
+             "unsupported_image_type"),
+            (client.post("/enroll", files={"image": b"\0" * 60_000}, data={"subject": "a"}), 413, "image_too_large"),
+            (client.post("/embed", content=b"x" * 200_000,
+                         headers={"content-type": "multipart/form-data; boundary=b"}), 413, "request_too_large"),
+            (client.post("/enroll", data={"subject": "a"}), 422, "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}), 422, "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}, data={"subject": "a", "subject_id": "1"}), 422,
+             "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}, data={"subject": "a", "metadata": "[1"}), 422,
+             "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}, data={"subject": "\x01"}), 422, "bad_parameter"),
+            (client.post("/verify", files={"image": jpeg}, data={"subject": "nobody"}), 404, "subject_not_found"),
+            (client.post("/verify", files={"image": jpeg}, data={"subject_id": "abc"}), 422, "bad_parameter"),
+            (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "2"}), 422,
+             "bad_parameter"),
+            (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "far": "0.5"}), 422,
+             "bad_parameter"),
+            (client.post("/identify", files={"image": jpeg}, data={"k": "0"}), 422, "bad_parameter"),
+            (client.post("/identify", files={"image": png()}), 422, "no_face_found"),
+            (client.get("/subjects", params={"limit": 10_000}), 422, "bad_parameter"),
+            (client.get("/subjects/999"), 404, "subject_not_found"),
+            (client.get("/subjects/abc"), 422, "bad_parameter"),
+            (client.patch("/subjects/1", content=b"{bad", headers={"content-type": "application/json"}), 422,
+             "bad_parameter"),
+            (client.patch("/subjects/1", json={"nickname": "x"}), 422, "bad_parameter"),
+            (client.delete("/subjects/1/faces/999"), 404, "face_not_found"),
+            (client.get("/no/such/route"), 404, "not_found"),
+            (client.put("/enroll"), 405, "method_not_allowed"),
+        ]
+        for response, status, code in cases:
+            is_error(response, status, code)
+
+
+def test_api_key_is_required_except_on_health(tmp_path):
+    with make_client(tmp_path) as client:
+        client.app.state.runtime.wait_ready(30)
+        for method, path in PROTECTED:
+            is_error(client.request(method, path, headers={"X-API-Key": ""}), 401, "unauthorized")
+            is_error(client.request(method, path, headers={"X-API-Key": "wrong"}), 401, "unauthorized")
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
+            assert client.get(path, headers={"X-API-Key": ""}).status_code == 200
+    with make_client(tmp_path, metrics_require_key=True) as client:
+        is_error(client.get("/metrics", headers={"X-API-Key": ""}), 401, "unauthorized")
+        assert client.get("/metrics").status_code == 200
+
+
+def test_a_generated_key_is_stored_in_the_data_dir_and_stable(tmp_path):
+    with make_client(tmp_path, api_keys="") as client:
+        key = (tmp_path / "api_key").read_text().strip()
+        assert len(key) >= 32 and (tmp_path / "api_key").stat().st_mode & 0o777 == 0o600
+        client.app.state.runtime.wait_ready(30)
+        assert client.get("/subjects", headers={"X-API-Key": key}).status_code == 200
+    with make_client(tmp_path, api_keys="") as client:
+        assert client.app.state.runtime.api_keys == [key]
+
+
+def test_subjects_list_get_rename_delete(client):
+    for i, color in enumerate([RED, BLUE, GREEN]):
+        enroll(client, png(color), subject=f"person {i}")
+    second = enroll(client, png(RED, width=400), subject="person 0")
+    page = client.get("/subjects", params={"offset": 1, "limit": 1}).json()
+    assert page["total"] == 3 and [s["name"] for s in page["items"]] == ["person 1"]
+    detail = client.get("/subjects/1").json()
+    assert detail["face_count"] == 2 and all(f["current"] and f["image_stored"] for f in detail["faces"])
+    renamed = client.patch("/subjects/1", json={"name": "  Alice  ", "metadata": {"k": 1}}).json()
+    assert renamed["name"] == "Alice" and renamed["metadata"] == {"k": 1}
+    is_error(client.patch("/subjects/2", json={"name": "Alice"}), 409, "name_taken")
+    assert client.delete(f"/subjects/1/faces/{second['face_id']}").json() == {
+        "face_id": second["face_id"], "subject_id": 1}
+    assert client.delete("/subjects/2").json() == {"subject_id": 2, "deleted_faces": 1}
+    is_error(client.get("/subjects/2"), 404, "subject_not_found")
+    hits = client.post("/identify", files={"image": png(BLUE)}, data={"k": "5"}).json()["faces"][0]["candidates"]
+    assert "person 1" not in [h["name"] for h in hits]
+    ready = client.get("/readyz").json()
+    assert ready["subjects"] == 2 and ready["current_faces"] == ready["indexed_faces"] == 2
+
+
+def test_enroll_and_delete_racing_never_500(client):
+    statuses: list[int] = []
+
+    def enroller(worker: int) -> None:
+        for i in range(8):
+            r = client.post("/enroll", files={"image": png(RED, width=200 + 10 * i + worker)},
+                            data={"subject": "race"})
+            statuses.append(r.status_code)
+
+    def deleter() -> None:
+        for _ in range(8):
+            page = client.get("/subjects", params={"name": "race"}).json()
+            for s in page["items"]:
+                statuses.append(client.delete(f"/subjects/{s['id']}").status_code)
+
+    threads = [threading.Thread(target=enroller, args=(w,)) for w in range(3)] + [threading.Thread(target=deleter)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert statuses and set(statuses) <= {200, 201, 404}, statuses
+    assert client.app.state.runtime.service.gallery.agreement()["agree"]
+
+
+def test_readyz_reports_loading_failure_and_endpoints_answer_503(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, api_keys=KEY, weights=tmp_path / "missing.pt"))
+    with TestClient(app, headers={"X-API-Key": KEY}) as client:
+        app.state.runtime.wait_ready(30)
+        assert client.get("/healthz").json() == {"status": "ok"}
+        is_error(client.get("/readyz"), 503, "not_ready")
+        assert "weights file not found" in client.get("/readyz").json()["detail"]
+        is_error(client.post("/embed", files={"image": png(RED)}), 503, "not_ready")
+
+
+def test_metrics_count_requests_by_route_and_gallery_size(client):
+    enroll(client, png(RED), subject="alice")
+    client.get("/subjects/1")
+    client.get("/subjects/99")
+    client.get("/nowhere/1")
+    text = client.get("/metrics").text
+    assert 'visage_http_requests_total{method="POST",route="/enroll",status="201"} 1.0' in text
+    assert 'visage_http_requests_total{method="GET",route="/subjects/{subject_id}",status="404"} 1.0' in text
+    assert 'route="unmatched"' in text and "/nowhere" not in text
+    assert 'visage_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/enroll"}' in text
+    assert 'visage_gallery{kind="current_faces"} 1.0' in text and "visage_ready 1.0" in text
+
+
+def test_openapi_documents_a_model_for_every_response(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas and "ErrorResponse" in schemas
+    operations = [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+    assert len(operations) == 13
+    for path, method, op in operations:
+        for status, response in op["responses"].items():
+            content = response.get("content", {})
+            if path == "/metrics" and status == "200":
+                assert "text/plain" in content
+                continue
+            schema = content["application/json"]["schema"]
+            assert "$ref" in schema, (path, method, status, schema)
+            if status.startswith(("4", "5")):
+                assert schema["$ref"].endswith("/ErrorResponse"), (path, method, status)
+        if (method, path) in PROTECTED or path.startswith("/subjects"):
+            assert op.get("security") == [{"APIKeyHeader": []}], (path, method)

@@ -1,0 +1,349 @@
+"""Store, index and gallery on a real SQLite file and real FAISS indexes in tmp_path, with hand-made vectors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, SubjectNotFound
+from app.gallery import Gallery
+from app.index import FaceIndex, IndexConfig
+from app.store import Store, SubjectRef
+from app_helpers import DIM, REPO, near, unit
+
+V1, V2 = "model-v1", "model-v2"
+KINDS = ["flat", "hnsw", "ivf"]
+
+
+def add(store: Store, name: str, vector: np.ndarray, image: bytes | None = None, version: str = V1,
+        sha: str | None = None) -> int:
+    sha = sha or f"sha-{name}-{vector.tobytes().hex()[:16]}"
+    face, _, _ = store.add_face(SubjectRef(name=name), sha, image, vector, version, (0, 0, 10, 10), 0.9)
+    return face.id
+
+
+def open_gallery(tmp_path, kind: str = "flat", version: str = V1) -> Gallery:
+    gallery = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", version, DIM, IndexConfig(kind=kind))
+    gallery.open()
+    return gallery
+
+
+# -- store ---------------------------------------------------------------------------------------------------------
+
+
+def test_store_add_is_idempotent_keeps_the_image_and_cleans_it_up(tmp_path):
+    store = Store(tmp_path / "visage.db")
+    vec = unit(1, 0)
+    first = store.add_face(SubjectRef(name="alice"), "abc", b"jpeg-bytes", vec, V1, (1, 2, 3, 4), 0.8)
+    again = store.add_face(SubjectRef(name="alice"), "abc", b"jpeg-bytes", unit(0, 1), V1, (1, 2, 3, 4), 0.8)
+    assert first[2] is True and again[2] is False and again[0].id == first[0].id
+    assert first[1].face_count == 1 and first[0].has_image and store.image("abc") == b"jpeg-bytes"
+    # the same image for another subject is another face, sharing one stored blob
+    other, _, created = store.add_face(SubjectRef(name="bob"), "abc", b"jpeg-bytes", vec, V1, (5, 6, 7, 8), 0.8)
+    assert created and other.id != first[0].id
+    store.delete_face(first[0].id)
+    assert store.image("abc") == b"jpeg-bytes"  # bob still uses it
+    store.delete_subject(other.subject_id)
+    assert store.image("abc") is None  # no face uses it any more: the photo is gone too
+    with pytest.raises(SubjectNotFound):
+        store.add_face(SubjectRef(id=999), "x", None, vec, V1, (0, 0, 1, 1), 1.0)
+    with pytest.raises(FaceNotFound):
+        store.delete_face(first[0].id)
+
+
+def test_store_subjects_page_rename_and_generation(tmp_path):
+    store = Store(tmp_path / "visage.db")
+    assert store.generation() == 0
+    for i in range(5):
+        add(store, f"person_{i}", unit(1, i))
+    assert store.generation() == 5
+    total, page = store.list_subjects(offset=1, limit=2)
+    assert total == 5 and [s.name for s in page] == ["person_1", "person_2"]
+    assert store.list_subjects(name="person_4")[0] == 1
+    assert store.list_subjects(name="%")[0] == 0  # LIKE wildcards are escaped
+    renamed = store.update_subject(page[0].id, name="renamed", metadata={"team": "x"})
+    assert renamed.name == "renamed" and renamed.metadata == {"team": "x"}
+    with pytest.raises(NameTaken):
+        store.update_subject(page[0].id, name="person_2")
+    assert store.delete_subject(page[0].id) == 1
+    assert store.generation() == 6  # the cascade-deleted face was logged by the trigger
+    with pytest.raises(SubjectNotFound):
+        store.subject(page[0].id)
+
+
+# -- index ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_index_add_remove_search_save_load(tmp_path, kind):
+    cfg = IndexConfig(kind=kind, ivf_nlist=4)
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(10, 310, dtype=np.int64)
+    index = FaceIndex.build(DIM, cfg, V1, ids, vectors, generation=7)
+    sims, found = index.search(vectors[:3], 1)
+    assert list(found[:, 0]) == [10, 11, 12] and np.allclose(sims[:, 0], 1.0, atol=1e-5)
+    index.remove(np.array([10, 11]))
+    assert len(index) == 298 and 10 not in index.ids()
+    _, found = index.search(vectors[:1], 5)
+    assert 10 not in found[0] and 11 not in found[0]
+    assert index.upsert(np.array([500]), vectors[:1]) is True
+    assert index.search(vectors[:1], 1)[1][0, 0] == 500
+    # replacing a vector in place: flat and IVF can, HNSW asks for a rebuild
+    assert index.upsert(np.array([12]), vectors[5:6]) is (kind != "hnsw")
+    index.save(tmp_path / "ix")
+    loaded = FaceIndex.load(tmp_path / "ix", cfg)
+    assert loaded.generation == 7 and np.array_equal(loaded.ids(), index.ids())
+    assert np.array_equal(loaded.search(vectors[:4], 3)[1], index.search(vectors[:4], 3)[1])
+
+
+def test_index_search_pads_when_there_are_fewer_faces_than_k():
+    index = FaceIndex.build(DIM, IndexConfig(), V1, np.array([1, 2]), np.stack([unit(1), unit(0, 1)]), 0)
+    sims, ids = index.search(unit(1), 5)
+    assert list(ids[0]) == [1, 2, -1, -1, -1] and sims[0, 0] == pytest.approx(1.0)
+
+
+# -- gallery -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gallery_identify_ranks_subjects_by_their_best_face(tmp_path, kind):
+    gallery = open_gallery(tmp_path, kind)
+    probe = unit(1, 0, 0)
+    # alice has 40 faces all closer to the probe than bob's single face: they must not crowd bob out of a top-2
+    for i in range(40):
+        add(gallery.store, "alice", near(probe, 0.1 + 0.001 * i, axis=1 + i % 6))
+    bob = add(gallery.store, "bob", near(probe, 0.5))
+    add(gallery.store, "carol", unit(0, 0, 0, 1))
+    hits = gallery.identify(probe, k=2)[0]
+    assert [h.name for h in hits] == ["alice", "bob"]
+    assert hits[0].similarity == pytest.approx(np.cos(0.1), abs=1e-4)
+    assert hits[1].similarity == pytest.approx(np.cos(0.5), abs=1e-4) and hits[1].face_id == bob
+    assert [h.name for h in gallery.identify(probe, k=10)[0]] == ["alice", "bob", "carol"]
+    gallery.store.delete_subject(gallery.store.subject(SubjectRef(name="alice")).id)
+    assert [h.name for h in gallery.identify(probe, k=2)[0]] == ["bob", "carol"]
+    gallery.store.delete_face(bob)
+    assert [h.name for h in gallery.identify(probe, k=2)[0]] == ["carol"]
+    assert gallery.agreement()["agree"]
+
+
+def test_gallery_verify_uses_the_subjects_most_similar_face(tmp_path):
+    gallery = open_gallery(tmp_path)
+    far_face = add(gallery.store, "alice", unit(0, 1))
+    close_face = add(gallery.store, "alice", near(unit(1), 0.2))
+    subject = gallery.store.subject(SubjectRef(name="alice"))
+    similarity, face_id = gallery.best_match(subject.id, unit(1))
+    assert face_id == close_face and similarity == pytest.approx(np.cos(0.2), abs=1e-5)
+    gallery.store.delete_face(close_face)
+    assert gallery.best_match(subject.id, unit(1))[1] == far_face
+
+
+def test_model_versions_are_never_compared(tmp_path):
+    store = Store(tmp_path / "visage.db")
+    add(store, "old_only", unit(1), version=V1)
+    add(store, "both", unit(1, 0.1), version=V1)
+    current = add(store, "both", unit(0, 1), version=V2)
+    gallery = Gallery(store, tmp_path / "index.faiss", V2, DIM)
+    gallery.open()
+    assert list(gallery.index.ids()) == [current]
+    assert gallery.stats()["stale_faces"] == 2 and gallery.stats()["indexed_faces"] == 1
+    hits = gallery.identify(unit(1), k=5)[0]
+    assert [h.name for h in hits] == ["both"] and hits[0].face_id == current  # the V1 face is invisible
+    with pytest.raises(NoCurrentFaces, match="reindex"):
+        gallery.best_match(store.subject(SubjectRef(name="old_only")).id, unit(1))
+    # re-embedding a stale face (what `visage reindex` does) makes it searchable at once
+    old = store.stale_faces(V2)[0]
+    assert store.reembed_face(old.id, V1, unit(1), V2, old.box, 0.9)
+    assert not store.reembed_face(old.id, V1, unit(1), V2, old.box, 0.9)  # already done: no double update
+    assert gallery.identify(unit(1), k=1)[0][0].name == "old_only"
+
+
+# -- the index is a cache of the store ------------------------------------------------------------------------------
+
+
+def test_index_is_loaded_when_it_agrees_and_replays_later_changes(tmp_path):
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    gallery.close()
+    later = Store(tmp_path / "visage.db")  # another process, while the service is down
+    add(later, "bob", unit(0, 1))
+    later.close()
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("loaded, replayed")
+    assert gallery.identify(unit(0, 1), 1)[0][0].name == "bob"
+    gallery.close()
+    assert open_gallery(tmp_path).opened_by == "loaded"
+
+
+def test_index_is_rebuilt_when_its_file_is_missing_or_damaged(tmp_path):
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    gallery.close()
+    (tmp_path / "index.faiss").unlink()
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt (no index file")
+    assert gallery.identify(unit(1), 1)[0][0].name == "alice"
+    gallery.close()
+    raw = (tmp_path / "index.faiss").read_bytes()
+    (tmp_path / "index.faiss").write_bytes(raw[: len(raw) // 2])
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt (index file is damaged")
+    assert gallery.agreement()["agree"]
+
+
+def test_index_is_rebuilt_when_a_row_was_added_behind_its_back(tmp_path):
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    gallery.close()
+    conn = sqlite3.connect(tmp_path / "visage.db")
+    with conn:  # a face written without the change log knowing (e.g. a restored backup, a manual fix)
+        conn.execute("INSERT INTO faces (subject_id, embedding, model_version, image_sha256, box, quality, "
+                     "created_at) VALUES (1, ?, ?, 'manual', '[0,0,1,1]', 1.0, 'now')", (unit(0, 1).tobytes(), V1))
+        conn.execute("DELETE FROM changes WHERE seq > 1")
+    conn.close()
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt (index disagrees with the store")
+    assert len(gallery.index) == 2 and gallery.identify(unit(0, 1), 1)[0][0].similarity == pytest.approx(1.0)
+
+
+def test_index_of_another_model_version_or_kind_is_rebuilt(tmp_path):
+    gallery = open_gallery(tmp_path, version=V1)
+    add(gallery.store, "alice", unit(1), version=V1)
+    add(gallery.store, "alice", unit(0, 1), version=V2)
+    gallery.close()
+    gallery = open_gallery(tmp_path, version=V2)
+    assert "holds model-v1" in gallery.opened_by and len(gallery.index) == 1
+    gallery.close()
+    gallery = open_gallery(tmp_path, kind="hnsw", version=V2)
+    assert "settings ask for hnsw" in gallery.opened_by and len(gallery.index) == 1
+
+
+def test_hnsw_filters_removed_faces_and_rebuilds_for_a_replaced_vector(tmp_path):
+    gallery = open_gallery(tmp_path, kind="hnsw")
+    ids = [add(gallery.store, f"p{i}", near(unit(1), 0.05 * i)) for i in range(5)]
+    gallery.sync()
+    gallery.store.delete_face(ids[0])
+    assert [h.face_id for h in gallery.identify(unit(1), 2)[0]] == ids[1:3]
+    assert gallery.index.tombstones == {ids[0]}
+    gallery.close()
+    gallery = open_gallery(tmp_path, kind="hnsw")  # tombstones survive a save and load
+    assert gallery.opened_by == "loaded" and gallery.index.tombstones == {ids[0]}
+    row = gallery.store.subject_faces(gallery.store.subject(SubjectRef(name="p1")).id)[0]
+    gallery.store.reembed_face(row.id, V1, unit(0, 1), "model-v0", row.box, 1.0)  # vector replaced
+    gallery.store.reembed_face(row.id, "model-v0", unit(0, 1), V1, row.box, 1.0)
+    gallery.sync()
+    assert gallery.opened_by.startswith("rebuilt") and not gallery.index.tombstones
+    assert gallery.identify(unit(0, 1), 1)[0][0].name == "p1"
+
+
+# -- other processes and threads ----------------------------------------------------------------------------------
+
+
+def test_writes_from_another_process_are_seen_without_a_restart(tmp_path):
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    script = (
+        "import sys, numpy as np\n"
+        "from app.store import Store, SubjectRef\n"
+        "s = Store(sys.argv[1])\n"
+        "v = np.zeros(8, np.float32); v[1] = 1\n"
+        "s.add_face(SubjectRef(name='bob'), 'b', b'img', v, 'model-v1', (0, 0, 1, 1), 1.0)\n"
+        "s.delete_subject(s.subject(SubjectRef(name='alice')).id)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "visage.db")], cwd=REPO, check=True, timeout=60)
+    hits = gallery.identify(unit(1, 1), 5)[0]
+    assert [h.name for h in hits] == ["bob"]
+    assert gallery.agreement() | {"generation": 0, "index_generation": 0} == {
+        "agree": True, "store_faces": 1, "indexed_faces": 1, "generation": 0, "index_generation": 0}
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_face(tmp_path):
+    """A writer prints each face id after its commit returns; kill -9 it mid-stream; every printed id is there."""
+    script = (
+        "import sys, numpy as np\n"
+        "from app.store import Store, SubjectRef\n"
+        "s = Store(sys.argv[1])\n"
+        "for i in range(100000):\n"
+        "    v = np.random.default_rng(i).normal(size=8).astype(np.float32); v /= np.linalg.norm(v)\n"
+        "    f, _, _ = s.add_face(SubjectRef(name=f's{i % 50}'), f'sha{i}', b'x' * 5000, v, 'model-v1',"
+        " (0, 0, 1, 1), 1.0)\n"
+        "    print(f.id, flush=True)\n"
+    )
+    gallery = open_gallery(tmp_path)
+    gallery.close()
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "visage.db")], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        acknowledged.append(int(line))
+        if len(acknowledged) == 60:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    gallery = open_gallery(tmp_path)
+    _, stored = gallery.store.current_ids(V1)
+    assert set(acknowledged) <= set(stored.tolist())
+    assert gallery.agreement()["agree"] and gallery.opened_by.startswith("loaded, replayed")
+    assert json.loads(json.dumps(gallery.stats()))["faces"] == len(stored)
+
+
+def test_concurrent_enroll_delete_and_search_keep_store_and_index_in_agreement(tmp_path):
+    gallery = open_gallery(tmp_path)
+    errors: list[BaseException] = []
+    done = {"enrolled": 0, "deleted": 0, "searched": 0}
+    stop = time.monotonic() + 2.0
+
+    def enroller(worker: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            try:
+                add(gallery.store, f"s{i % 5}", near(unit(1), 0.01 * (i % 50)), sha=f"w{worker}-{i}")
+                gallery.sync()
+                done["enrolled"] += 1
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised in the main thread
+                errors.append(exc)
+            i += 1
+
+    def deleter() -> None:
+        while time.monotonic() < stop:
+            try:
+                total, subjects = gallery.store.list_subjects(limit=5)
+                if subjects:
+                    gallery.store.delete_subject(subjects[0].id)
+                    gallery.sync()
+                    done["deleted"] += 1
+            except SubjectNotFound:
+                pass
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            time.sleep(0.01)
+
+    def searcher() -> None:
+        while time.monotonic() < stop:
+            try:
+                for hit in gallery.identify(unit(1), 3)[0]:
+                    assert hit.name.startswith("s")
+                done["searched"] += 1
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=enroller, args=(w,)) for w in range(3)]
+    threads += [threading.Thread(target=deleter), threading.Thread(target=searcher)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert min(done.values()) >= 10, done
+    report = gallery.agreement()
+    assert report["agree"] and report["generation"] == report["index_generation"]

@@ -1,0 +1,167 @@
+"""model.decode: real-world files -> upright 8-bit RGB, or a typed error (see photos/edge/MANIFEST.md)."""
+
+from __future__ import annotations
+
+import io
+import resource
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import photo
+from model.decode import BACKGROUND, DecodeLimits, decode_image, read_image_file, to_rgb8
+from model.errors import EmptyImage, ImageTooLarge, UnreadableImage, UnsupportedImageType, VisageError
+
+
+@pytest.fixture(scope="module")
+def upright() -> np.ndarray:
+    """obama.jpg at the 455x568 size every derived edge file was made at."""
+    img = Image.open(photo("obama.jpg")).convert("RGB").resize((455, 568), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.float64)
+
+
+def mean_abs_diff(img: Image.Image, ref: np.ndarray) -> float:
+    return float(np.abs(np.asarray(img, dtype=np.float64) - ref).mean())
+
+
+@pytest.mark.parametrize(
+    ("rel", "size"),
+    [
+        ("obama.jpg", (910, 1137)),
+        ("edge/obama.webp", (455, 568)),
+        ("edge/obama_16bit_grey.png", (364, 455)),
+        ("edge/obama_16bit_rgb.png", (364, 455)),
+        ("edge/obama_4000px.jpg", (4000, 2249)),
+        ("edge/obama_cmyk.jpg", (455, 568)),
+        ("edge/obama_exif_orientation6.jpg", (455, 568)),
+        ("edge/obama_grey.jpg", (455, 568)),
+        ("edge/obama_palette.png", (455, 568)),
+        ("edge/obama_rgba.png", (455, 568)),
+        ("edge/obama_tiny_face.jpg", (91, 114)),
+    ],
+)
+def test_every_good_file_decodes_to_8bit_rgb(rel, size):
+    img = read_image_file(str(photo(rel)))
+    assert img.mode == "RGB" and img.size == size
+    arr = np.asarray(img)
+    assert arr.dtype == np.uint8 and arr.shape == (size[1], size[0], 3)
+    assert 40 < arr.mean() < 200  # neither black nor blown out
+
+
+@pytest.mark.parametrize("rel", ["edge/obama.webp", "edge/obama_palette.png", "edge/obama_cmyk.jpg"])
+def test_colour_conversions_keep_the_picture(rel, upright):
+    """Same pixels as the RGB original up to compression (inverted CMYK or a wrong palette would be ~100 off)."""
+    assert mean_abs_diff(read_image_file(str(photo(rel))), upright) < 4.0
+
+
+def test_cmyk_comes_out_in_normal_colours(upright):
+    img = np.asarray(read_image_file(str(photo("edge/obama_cmyk.jpg"))), dtype=np.float64)
+    for c in range(3):  # channel by channel, so swapped or inverted channels cannot hide in the average
+        assert abs(img[..., c].mean() - upright[..., c].mean()) < 3.0
+
+
+def test_exif_orientation_is_applied(upright):
+    path = photo("edge/obama_exif_orientation6.jpg")
+    assert Image.open(path).size == (568, 455)  # stored on its side
+    img = read_image_file(str(path))
+    assert img.size == (455, 568)  # portrait, as displayed
+    assert mean_abs_diff(img, upright) < 4.0  # and the right way up, not merely rotated
+
+
+def test_16bit_grey_is_rescaled_not_clipped_to_white():
+    path = photo("edge/obama_16bit_grey.png")
+    raw = np.asarray(Image.open(path))
+    assert raw.dtype == np.uint16 and raw.max() > 255  # really 16-bit data
+    arr = np.asarray(read_image_file(str(path)))
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    # the file holds 8-bit grey x 257, so 16 -> 8 bits gives the 8-bit values back exactly
+    assert np.array_equal(arr[..., 0], (raw // 257).astype(np.uint8))
+    assert (arr == 255).mean() < 0.01
+    grey8 = np.asarray(Image.open(photo("edge/obama_grey.jpg")), dtype=np.float64)
+    assert abs(arr.mean() - grey8.mean()) < 3.0  # same brightness as the 8-bit grey version
+
+
+def test_16bit_values_map_to_their_top_byte():
+    values = np.array([[0, 256, 32768, 65535]], dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    arr = np.asarray(decode_image(buf.getvalue()))
+    assert arr[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_float_images_are_stretched_to_the_full_range():
+    img = to_rgb8(Image.fromarray(np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)))
+    assert np.asarray(img)[0, :, 0].tolist() == [0, 127, 255]
+
+
+def test_grey_jpeg_becomes_three_equal_channels():
+    path = photo("edge/obama_grey.jpg")
+    arr = np.asarray(read_image_file(str(path)))
+    assert np.array_equal(arr[..., 0], np.asarray(Image.open(path)))
+    assert (arr[..., 0] == arr[..., 2]).all()
+
+
+def test_transparency_is_composited_on_grey():
+    path = photo("edge/obama_rgba.png")
+    rgba = np.asarray(Image.open(path))
+    arr = np.asarray(read_image_file(str(path)))
+    assert rgba[0, 0, 3] == 0 and tuple(arr[0, 0]) == BACKGROUND  # fully transparent corner -> background
+    cy, cx = rgba.shape[0] // 2, rgba.shape[1] // 2
+    assert rgba[cy, cx, 3] == 255 and np.array_equal(arr[cy, cx], rgba[cy, cx, :3])  # opaque centre unchanged
+
+
+def test_truncated_jpeg_is_unreadable():
+    with pytest.raises(UnreadableImage, match="truncated"):
+        read_image_file(str(photo("edge/bad/truncated.jpg")))
+
+
+def test_text_file_named_jpg_is_unreadable():
+    with pytest.raises(UnreadableImage, match="not an image"):
+        read_image_file(str(photo("edge/bad/not_an_image.jpg")))
+
+
+def test_empty_file_is_empty_image():
+    with pytest.raises(EmptyImage, match="empty"):
+        read_image_file(str(photo("edge/bad/empty.jpg")))
+
+
+def test_decompression_bomb_is_refused_before_any_pixel_is_allocated():
+    data = photo("edge/bad/bomb_20000x20000.png").read_bytes()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    start = time.perf_counter()
+    with pytest.raises(ImageTooLarge) as info:
+        decode_image(data)
+    elapsed = time.perf_counter() - start
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert info.value.status == 413
+    assert elapsed < 1.0  # decoding 400 Mpx would take many seconds
+    assert grown_mib < 100  # as 1-bit it would be 400 MB, as RGB 1.2 GB
+
+
+def test_pixel_and_byte_limits():
+    data = photo("edge/obama_4000px.jpg").read_bytes()
+    with pytest.raises(ImageTooLarge, match="4000x2249"):
+        decode_image(data, DecodeLimits(max_pixels=1_000_000))
+    with pytest.raises(ImageTooLarge, match="bytes"):
+        decode_image(data, DecodeLimits(max_bytes=len(data) - 1))
+    assert decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=4000 * 2249)).size == (4000, 2249)
+
+
+def test_unsupported_formats_are_415():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "PPM")
+    with pytest.raises(UnsupportedImageType) as info:
+        decode_image(buf.getvalue())
+    assert info.value.status == 415
+
+
+def test_non_bytes_input_is_unreadable():
+    with pytest.raises(UnreadableImage):
+        decode_image("obama.jpg")  # a path is not image data
+
+
+def test_every_decode_error_is_a_4xx_visage_error():
+    for exc in (EmptyImage, UnreadableImage, UnsupportedImageType, ImageTooLarge):
+        assert issubclass(exc, VisageError) and 400 <= exc.status < 500
