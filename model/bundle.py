@@ -41,7 +41,13 @@ class Bundle:
         return {str(k): float(v) for k, v in (self.metadata.get("thresholds") or {}).items()}
 
     def threshold(self, far: str = DEFAULT_FAR) -> float:
-        return self.thresholds.get(far, FALLBACK_THRESHOLD)
+        """The calibrated threshold for ``far``; an uncalibrated bundle (fresh network) gets a fixed fallback."""
+        thresholds = self.thresholds
+        if not thresholds:
+            return FALLBACK_THRESHOLD
+        if far not in thresholds:
+            raise ValueError(f"these weights are calibrated for FAR {sorted(thresholds)}, not {far!r}")
+        return thresholds[far]
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()
@@ -92,6 +98,10 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a Visage weights bundle (expected format {FORMAT})")
-    config = ModelConfig(**payload["config"])
+    try:
+        config = ModelConfig(**payload["config"])
+        state_dict = payload["state_dict"]
+    except (KeyError, TypeError) as exc:
+        raise WeightsError(f"{path} is a damaged Visage bundle: {exc!r}") from exc
     config.validate()
-    return Bundle(config, payload["state_dict"], payload.get("metadata") or {})
+    return Bundle(config, state_dict, payload.get("metadata") or {})

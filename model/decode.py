@@ -16,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.errors import EmptyImage, ImageTooLarge, UnreadableImage, UnsupportedImageType
 
-SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO"})
+SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "PPM"})  # PPM: .pgm/.ppm
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4000x2249 photo is 9 Mpx; a 20000x20000 bomb is 400 Mpx
 BACKGROUND = (128, 128, 128)  # transparent pixels become mid-grey, as on the training canvas

@@ -11,7 +11,8 @@ MEAN, STD = 127.5, 128.0
 
 def crops_to_tensor(crops: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, resolution, resolution) float in about [-1, 1]."""
-    x = torch.as_tensor(np.ascontiguousarray(crops) if isinstance(crops, np.ndarray) else crops)
+    # crops may be read-only views (aligned crops, memory-mapped caches): torch needs writable memory
+    x = torch.as_tensor(np.require(crops, requirements=["C", "W"]) if isinstance(crops, np.ndarray) else crops)
     if x.ndim == 3:
         x = x.unsqueeze(0)
     x = x.permute(0, 3, 1, 2).float().sub_(MEAN).div_(STD)

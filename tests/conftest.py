@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One torch thread per process: the suite runs a server and CLI subprocesses beside the test process on
+# 2 cores, and torch's spinning OpenMP threads slow each other down by 10-100x when oversubscribed.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from training.paths import shared_data
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from training.paths import shared_data  # noqa: E402
 
 PHOTOS = shared_data() / "photos"
 

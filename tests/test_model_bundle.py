@@ -1,4 +1,4 @@
-"""model.bundle: weights + config + metadata in one file; loading rebuilds the exact network, or says why not."""
+"""model.bundle: weights + config + metadata in one file; loading rebuilds the network or says why not."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.bundle import FALLBACK_THRESHOLD, FORMAT, Bundle, bundle_from_model, load_bundle, save_bundle
+from model.bundle import FORMAT, Bundle, bundle_from_model, load_bundle, save_bundle
 from model.errors import InvalidConfig, WeightsError
 from model.mobilenet import ModelConfig, build_model
 from model.preprocess import crops_to_tensor
@@ -33,7 +33,8 @@ def lfw_crops(n: int = 4) -> np.ndarray:
 
 
 def calibrated_net(config: ModelConfig, seed: int = 0) -> torch.nn.Module:
-    """A random network whose batch-norm statistics come from real faces, so its outputs vary with the input."""
+    """A random network whose batch-norm statistics come from real faces, so its outputs vary with the
+    input."""
     torch.manual_seed(seed)
     net = build_model(config)
     for m in net.modules():
@@ -74,7 +75,8 @@ def test_config_and_metadata_travel_with_the_weights(net_and_path):
     assert bundle.thresholds == {"1e-3": 0.4213, "1e-4": 0.5377}
     assert bundle.threshold() == 0.4213  # the default operating point is FAR 1e-3
     assert bundle.threshold("1e-4") == 0.5377
-    assert bundle.threshold("1e-6") == FALLBACK_THRESHOLD
+    with pytest.raises(ValueError, match="calibrated for FAR"):
+        bundle.threshold("1e-6")  # an operating point it was never calibrated for is an error, not a guess
 
 
 def test_digest_names_the_exact_weights(net_and_path):
@@ -158,7 +160,9 @@ def test_loading_never_runs_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     with path.open("wb") as fh:
         pickle.dump({"format": FORMAT, "x": _Sneaky(marker)}, fh, protocol=2)
-    torch.save({"format": FORMAT, "config": {}, "metadata": {}, "state_dict": _Sneaky(marker)}, tmp_path / "evil2.pt")
+    torch.save(
+        {"format": FORMAT, "config": {}, "metadata": {}, "state_dict": _Sneaky(marker)}, tmp_path / "evil2.pt"
+    )
     for p in (path, tmp_path / "evil2.pt"):
         with pytest.raises(WeightsError):
             load_bundle(p)
@@ -187,8 +191,8 @@ def test_an_invalid_stored_config_is_refused(net_and_path, tmp_path):
 
 @pytest.mark.parametrize("damage", ["unknown config key", "no config", "no state_dict"])
 def test_a_malformed_bundle_of_the_right_format_is_a_weights_error(net_and_path, tmp_path, damage):
-    """A file that says it is a bundle but lacks parts must still fail as WeightsError (the CLI and the API map
-    VisageError to a clear message), not as a bare TypeError / KeyError traceback."""
+    """A file that says it is a bundle but lacks parts must still fail as WeightsError (the CLI and the API
+    map VisageError to a clear message), not as a bare TypeError / KeyError traceback."""
     _, good = net_and_path
     payload = torch.load(good, weights_only=True)
     if damage == "unknown config key":

@@ -1,4 +1,4 @@
-"""model.cost: the MobileNet paper's numbers, and the cost model checked against the torch modules it describes."""
+"""model.cost: the MobileNet paper's numbers, and the cost model checked against the torch modules."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# Howard et al. 2017, Table 6 (width multiplier, 224 px, ImageNet head): mult-adds in millions, params in millions,
-# both as printed in the paper (mult-adds to the unit, params to one decimal).
+# Howard et al. 2017, Table 6 (width multiplier, 224 px, ImageNet head): mult-adds in millions, params in
+# millions, both as printed in the paper (mult-adds to the unit, params to one decimal).
 @pytest.mark.parametrize(
     ("alpha", "mult_adds_m", "params_m"),
     [(1.0, 569, 4.2), (0.75, 325, 2.6), (0.5, 149, 1.3), (0.25, 41, 0.5)],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import PHOTOS, photo
+
 from model.decode import read_image_file
 from model.detect import DetectedFace, DetectorConfig, FaceDetector, choose_face, face_at
 from model.errors import MultipleFaces, NoFaceFound
@@ -31,7 +31,10 @@ def test_the_edge_folder_is_what_the_counts_below_assume():
 
 @pytest.mark.parametrize(
     ("rel", "expected"),
-    [(r, 1) for r in SINGLE] + [(f"edge/{r}", 1) for r in EDGE] + list(MULTI.items()) + [(r, 0) for r in NONFACE],
+    [(r, 1) for r in SINGLE]
+    + [(f"edge/{r}", 1) for r in EDGE]
+    + list(MULTI.items())
+    + [(r, 0) for r in NONFACE],
 )
 def test_face_counts_on_the_test_photos(detector, rel, expected):
     img = read_image_file(str(photo(rel)))
@@ -52,8 +55,10 @@ def test_face_counts_on_the_test_photos(detector, rel, expected):
 
 def test_obama_and_biden_finds_obama_biden_and_the_child(detector):
     obama, biden, child = detect(detector, "multi/obama_and_biden.jpg")
-    centre = {name: ((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2)
-              for name, f in (("obama", obama), ("biden", biden), ("child", child))}
+    centre = {
+        name: ((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2)
+        for name, f in (("obama", obama), ("biden", biden), ("child", child))
+    }
     assert centre["biden"][0] < centre["obama"][0]  # Biden stands left of Obama
     assert centre["child"][0] > 1500 and centre["child"][1] > 1000  # the child in the lower right corner
     assert child.size < min(obama.size, biden.size)
@@ -65,7 +70,8 @@ def test_tiny_face_is_found_at_its_real_size(detector):
 
 
 def test_large_photo_boxes_come_back_in_original_coordinates(detector):
-    """obama_4000px.jpg is obama4.jpg upscaled 4000/1480: detected on a 1280 px copy, the box must be scaled back."""
+    """obama_4000px.jpg is obama4.jpg upscaled 4000/1480: detected on a 1280 px copy, the box must be scaled
+    back."""
     (big,) = detect(detector, "edge/obama_4000px.jpg")
     (small,) = detect(detector, "obama4.jpg")
     assert 900 < big.width < 1000

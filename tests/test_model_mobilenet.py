@@ -100,4 +100,6 @@ def test_mobilenet_v1_face_is_the_default_config():
     net = mobilenet_v1_face()
     ref = build_model(ModelConfig())
     assert ModelConfig() == ModelConfig("mobilenet_v1", 0.5, 112, 128)
-    assert [(k, v.shape) for k, v in net.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    assert [(k, v.shape) for k, v in net.state_dict().items()] == [
+        (k, v.shape) for k, v in ref.state_dict().items()
+    ]

@@ -57,6 +57,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.w_triplet < 0 or self.w_distill < 0 or self.w_triplet + self.w_distill == 0:
             raise ValueError("loss weights must be >= 0 and not both 0")
+        if not (isinstance(self.val_folds, list) and self.val_folds
+                and all(isinstance(f, int) and f >= 1 for f in self.val_folds)):
+            raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 
@@ -77,10 +80,15 @@ def _coerce(name: str, raw: str) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     values: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if path:
         data = tomllib.loads(Path(path).read_text())
-        for v in data.values() if all(isinstance(v, dict) for v in data.values()) else [data]:
-            values.update(v)
+        for key, v in data.items():
+            # [sections] only group settings; a table-valued setting (``prepared``) is a value, not a section
+            if isinstance(v, dict) and key not in fields:
+                values.update(v)
+            else:
+                values[key] = v
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value")

@@ -67,6 +67,8 @@ def threshold_at_far(impostor_scores: np.ndarray, far: float) -> float:
 
 def verify(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> VerificationResult:
     scores, same, folds = np.asarray(scores, float), np.asarray(same, bool), np.asarray(folds)
+    if len(np.unique(folds)) < 2:
+        raise ValueError("the protocol needs at least 2 folds: each fold's threshold is chosen on the others")
     accs = []
     for f in np.unique(folds):
         test = folds == f

@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             mean = torch.cat([teacher, teacher_flip]).mean(0)
             teacher, teacher_flip = teacher - mean, teacher_flip - mean
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
-    t_start = time.time()
+    t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
         sums: dict[str, float] = {}
@@ -231,7 +231,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         torch.distributed.barrier()
     out = run_dir / "bundle.pt"
     if rank == 0:
-        finish(model, cfg, split, history, time.time() - t_start + _previous_seconds(history, start_epoch), out)
+        finish(model, cfg, split, history, time.time() - t_start, out)
     return out
 
 

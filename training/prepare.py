@@ -55,7 +55,9 @@ def read_manifest(dst: Path) -> list[ManifestRow]:
     if not path.exists():
         return []
     with path.open(newline="") as fh:
-        return [ManifestRow(**{**r, "score": float(r["score"])}) for r in csv.DictReader(fh)]
+        rows = [ManifestRow(**{**r, "score": float(r["score"])}) for r in csv.DictReader(fh)]
+    # a resumed run appends a new row when it redoes an image (crop lost): the latest row wins
+    return list({r.source: r for r in rows}.values())
 
 
 def _pad(image: Image.Image, pad: float) -> tuple[Image.Image, int, int]:
@@ -168,6 +170,6 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
                 writer.writerows(rows)
                 fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
                 bar.update(len(rows))
-    rows = {r.source: r for r in read_manifest(dst)}.values()
+    rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], str(manifest))

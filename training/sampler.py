@@ -11,7 +11,8 @@ import numpy as np
 class PKSampler:
     """Yields index batches of P identities x K images.
 
-    Each epoch visits every identity once, in random order. Identities with fewer than K images are drawn with
+    Each epoch visits identities in a new random order, each at most once (the last ``len % P`` of the order
+    are left for the next epoch's shuffle). Identities with fewer than K images are drawn with
     replacement (augmentation makes the repeats different views), so singletons still get distilled and serve as
     negatives for everyone else.
     """

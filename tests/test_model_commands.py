@@ -1,0 +1,138 @@
+"""The ``visage`` console script (model.console) and the model package's subcommands (model.commands)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import photo
+
+from model.bundle import bundle_from_model, save_bundle
+from model.console import main
+from model.cost import mobilenet_v1_cost
+from model.mobilenet import ModelConfig, build_model
+
+# the console script installed beside this interpreter (the project's venv), else the one on PATH
+VISAGE = shutil.which("visage", path=str(Path(sys.executable).parent)) or shutil.which("visage")
+
+
+def visage(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    assert VISAGE, "the visage console script is not installed (pip install -e .)"
+    return subprocess.run([VISAGE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    config = ModelConfig()
+    path = tmp_path_factory.mktemp("cli") / "fresh.pt"
+    return save_bundle(bundle_from_model(build_model(config), config, {"model_version": "fresh-cli"}), path)
+
+
+def test_help_lists_every_subcommand():
+    result = visage("--help")
+    assert result.returncode == 0
+    for command in ("cost", "embed", "compare", "prepare", "teacher-embed", "train", "eval"):
+        assert command in result.stdout
+
+
+def test_cost_json_is_the_cost_report():
+    result = visage("cost", "--alpha", "0.5", "--resolution", "112", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    expected = mobilenet_v1_cost(0.5, 112).to_dict()
+    assert out["mult_adds"] == expected["mult_adds"] and out["params"] == expected["params"]
+    assert out["alpha"] == 0.5 and out["resolution"] == 112
+    assert len(out["layers"]) == 28 and out["layers"][0]["output_size"] == 56
+    assert {"name", "kind", "mult_adds", "params", "output_size"} <= set(out["layers"][0])
+
+
+def test_cost_table_prints_every_layer_and_the_paper_totals(capsys):
+    assert main(["cost"]) == 0
+    out = capsys.readouterr().out
+    for name in ("conv0", "conv1_dw", "conv13_pw", "fc", "total"):
+        assert name in out
+    assert "568,740,352" in out and "4,210,088" in out  # 569M mult-adds, 4.2M params
+    assert "568.7M mult-adds" in out
+
+
+def test_cost_embedding_head_and_full_convolution_options(capsys):
+    assert main(["cost", "--head", "embedding", "--embedding-dim", "64", "--alpha", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["head"] == "embedding" and out["layers"][-1]["out_channels"] == 64
+    assert main(["cost", "--standard-conv", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mult_adds"] == mobilenet_v1_cost(standard_conv=True).mult_adds
+
+
+def test_cost_bad_alpha_is_a_clean_user_error(capsys):
+    assert main(["cost", "--alpha", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "alpha must be in (0, 1]" in captured.err and "Traceback" not in captured.err
+    assert main(["cost", "--alpha", "1.5", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == "invalid_config"
+
+
+def test_embed_on_corrupt_files_exits_non_zero_and_json_says_why(weights):
+    truncated, text = photo("edge/bad/truncated.jpg"), photo("edge/bad/not_an_image.jpg")
+    result = visage("embed", "--weights", str(weights), "--json", str(truncated), str(text))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    out = json.loads(result.stdout)
+    assert out["model_version"] == "fresh-cli" and out["dim"] == 128
+    first, second = out["images"]
+    assert first["image"] == str(truncated) and first["error"] == "unreadable_image"
+    assert "truncated" in first["detail"]
+    assert second["image"] == str(text) and second["error"] == "unreadable_image" and second["detail"]
+
+
+def test_embed_table_names_the_problem(weights, capsys):
+    assert main(["embed", "--weights", str(weights), str(photo("edge/bad/truncated.jpg"))]) == 1
+    out = capsys.readouterr().out
+    assert "corrupt" in out and "truncated" in out
+
+
+def test_embed_json_mixes_errors_and_faces(weights, capsys):
+    bad, good = photo("edge/bad/not_an_image.jpg"), photo("edge/obama_tiny_face.jpg")
+    assert main(["embed", "--weights", str(weights), "--json", str(bad), str(good)]) == 0  # one image worked
+    first, second = json.loads(capsys.readouterr().out)["images"]
+    assert first["error"] == "unreadable_image"
+    assert second["image"] == str(good) and len(second["faces"]) == 1
+    face = second["faces"][0]
+    assert len(face["embedding"]) == 128 and abs(sum(v * v for v in face["embedding"]) - 1) < 1e-3
+    assert 20 <= face["size"] <= 32
+
+
+def test_embed_exit_status_when_every_image_fails(weights, capsys):
+    code = main(
+        ["embed", "--weights", str(weights), "--json", str(photo("edge/bad/empty.jpg")), "/no/such.jpg"]
+    )
+    assert code != 0
+    out = json.loads(capsys.readouterr().out)
+    assert [i["error"] for i in out["images"]] == ["empty_image", "file_not_found"]
+
+
+def test_embed_with_missing_weights_is_a_clean_error(tmp_path, capsys):
+    assert main(["embed", "--weights", str(tmp_path / "none.pt"), str(photo("obama.jpg"))]) == 2
+    assert "weights file not found" in capsys.readouterr().err
+
+
+def test_compare_reports_similarity_against_the_threshold(weights, capsys):
+    args = ["compare", "--weights", str(weights), str(photo("obama.jpg")), str(photo("multi/two_people.jpg"))]
+    assert main([*args, "--threshold", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert -1.0 <= out["similarity"] <= 1.0 and out["threshold"] == 0.25
+    assert out["match"] == (out["similarity"] >= 0.25)
+    assert out["model_version"] == "fresh-cli" and out["face2"]["size"] > 100  # the largest face was taken
+    assert main(args) == 0  # uncalibrated weights: the fallback threshold, printed as a sentence
+    assert "similarity" in capsys.readouterr().out
+
+
+def test_compare_without_a_face_is_a_clean_error(weights, capsys):
+    code = main(
+        ["compare", "--weights", str(weights), str(photo("obama.jpg")), str(photo("nonface/coffee.jpg"))]
+    )
+    assert code == 2
+    assert "no face" in capsys.readouterr().err

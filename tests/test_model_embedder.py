@@ -1,0 +1,110 @@
+"""model.embedder and model.preprocess: aligned crops -> unit vectors, batch-independent, mirror-symmetric."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_model_bundle import calibrated_net, lfw_crops
+
+from model.bundle import bundle_from_model, load_bundle, save_bundle
+from model.embedder import Embedder
+from model.mobilenet import ModelConfig
+from model.preprocess import MEAN, STD, crops_to_tensor
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A fresh (untrained) network, batch norms calibrated on real faces, saved and loaded as a bundle."""
+    config = ModelConfig()
+    path = tmp_path_factory.mktemp("embedder") / "fresh.pt"
+    save_bundle(bundle_from_model(calibrated_net(config), config, {"model_version": "fresh-test"}), path)
+    return load_bundle(path)
+
+
+@pytest.fixture(scope="module")
+def crops() -> np.ndarray:
+    return lfw_crops(6)
+
+
+@pytest.fixture(scope="module")
+def embedder(bundle) -> Embedder:
+    return Embedder(bundle, flip=True)
+
+
+@pytest.fixture(scope="module")
+def plain(bundle) -> Embedder:
+    return Embedder(bundle, flip=False)
+
+
+def test_unit_norm_float32_of_the_bundle_dim(embedder, crops):
+    emb = embedder.embed(crops)
+    assert emb.shape == (6, 128) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert embedder.dim == 128 and embedder.model_version == "fresh-test"
+    off_diagonal = (emb @ emb.T)[~np.eye(6, dtype=bool)]
+    assert off_diagonal.max() < 0.999  # different photos, different vectors
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_batch_invariance(bundle, crops, flip):
+    """A crop's embedding is the same alone, inside a batch, and split across several batches."""
+    whole = Embedder(bundle, flip=flip).embed(crops)
+    alone = np.stack([Embedder(bundle, flip=flip).embed(c)[0] for c in crops])
+    chunked = Embedder(bundle, flip=flip, batch_size=4).embed(crops)
+    np.testing.assert_allclose(alone, whole, atol=1e-5)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    reordered = Embedder(bundle, flip=flip).embed(crops[::-1])[::-1]
+    np.testing.assert_allclose(reordered, whole, atol=1e-5)
+
+
+def test_flip_averaging_is_mirror_symmetric(embedder, plain, crops):
+    mirrored = np.ascontiguousarray(crops[:, :, ::-1])
+    np.testing.assert_allclose(embedder.embed(mirrored), embedder.embed(crops), atol=1e-5)
+    # without flip averaging a face and its mirror image really do differ, so the line above is not vacuous
+    assert np.abs(plain.embed(mirrored) - plain.embed(crops)).max() > 1e-2
+
+
+def test_flip_average_is_the_normalised_sum_of_both_views(embedder, plain, crops):
+    a, b = plain.embed(crops), plain.embed(np.ascontiguousarray(crops[:, :, ::-1]))
+    expected = (a + b) / np.linalg.norm(a + b, axis=1, keepdims=True)
+    np.testing.assert_allclose(embedder.embed(crops), expected, atol=1e-5)
+
+
+def test_embedder_runs_the_bundle_network_in_eval_mode(bundle, plain, crops):
+    net = bundle.build()
+    with torch.no_grad():
+        expected = net(crops_to_tensor(crops, 112)).numpy()
+    np.testing.assert_allclose(plain.embed(crops), expected, atol=1e-6)
+    assert not plain.net.training
+
+
+def test_single_crop_and_empty_batch(embedder, crops):
+    assert embedder.embed(crops[0]).shape == (1, 128)
+    empty = embedder.embed(np.zeros((0, 112, 112, 3), np.uint8))
+    assert empty.shape == (0, 128) and empty.dtype == np.float32
+
+
+def test_crops_of_another_size_are_resized_to_the_network_input(bundle, plain, crops):
+    big = np.repeat(np.repeat(crops[:2], 2, axis=1), 2, axis=2)  # 224x224, each pixel doubled
+    x = crops_to_tensor(big, 112)
+    assert x.shape == (2, 3, 112, 112)
+    assert (x - crops_to_tensor(crops[:2], 112)).abs().mean() < 0.05  # the same picture at the network's size
+    with torch.no_grad():
+        expected = bundle.build()(x).numpy()
+    np.testing.assert_allclose(plain.embed(big), expected, atol=1e-5)
+
+
+def test_preprocess_normalisation_and_layout():
+    crop = np.zeros((112, 112, 3), np.uint8)
+    crop[..., 0] = 255  # red
+    crop[:, 0, 2] = 100  # first column has some blue
+    x = crops_to_tensor(crop, 112)
+    assert x.shape == (1, 3, 112, 112) and x.dtype == torch.float32
+    assert torch.allclose(x[0, 0], torch.full((112, 112), (255 - MEAN) / STD))
+    assert torch.allclose(x[0, 1], torch.full((112, 112), -MEAN / STD))
+    assert x[0, 2, 5, 0].item() == pytest.approx((100 - MEAN) / STD)  # row 5, column 0: channel-first layout
+    assert x[0, 2, 0, 5].item() == pytest.approx(-MEAN / STD)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    small = crops_to_tensor(np.stack([crop, crop]), 64)
+    assert small.shape == (2, 3, 64, 64) and small.is_contiguous()

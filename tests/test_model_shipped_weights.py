@@ -1,0 +1,57 @@
+"""The shipped default weights (model/weights/visage-mobilenet_v1-a0.5-r112.pt): metadata, verification.
+
+This is the one test file that depends on trained weights; it fails until the bundle is committed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import photo
+
+from model.bundle import DEFAULT_WEIGHTS, load_bundle
+from model.detect import choose_face
+from model.faces import cosine
+from model.mobilenet import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+def test_the_default_bundle_is_the_documented_file(bundle):
+    assert DEFAULT_WEIGHTS.name == "visage-mobilenet_v1-a0.5-r112.pt" and DEFAULT_WEIGHTS.is_file()
+    assert bundle.config == ModelConfig("mobilenet_v1", 0.5, 112, 128)
+
+
+def test_metadata_has_version_thresholds_and_validation(bundle):
+    meta = bundle.metadata
+    assert isinstance(meta.get("model_version"), str) and meta["model_version"]
+    assert bundle.model_version == meta["model_version"]
+    assert {"1e-3", "1e-4"} <= set(bundle.thresholds)
+    for far in ("1e-3", "1e-4"):
+        assert -1.0 < bundle.thresholds[far] < 1.0
+    assert bundle.thresholds["1e-4"] >= bundle.thresholds["1e-3"]  # a stricter FAR needs a higher similarity
+    accuracy = meta["validation"]["accuracy"]
+    assert 0.5 < accuracy <= 1.0
+
+
+def largest_face_embedding(pipeline, rel):
+    return choose_face(pipeline.faces(photo(rel).read_bytes()), "largest").embedding
+
+
+@pytest.fixture(scope="module")
+def obama(pipeline):
+    return largest_face_embedding(pipeline, "obama.jpg")
+
+
+@pytest.mark.parametrize("rel", ["obama2.jpg", "obama4.jpg"])
+def test_same_person_is_above_the_threshold(pipeline, obama, rel):
+    threshold = pipeline.embedder.bundle.threshold()
+    assert cosine(obama, largest_face_embedding(pipeline, rel)) > threshold
+
+
+@pytest.mark.parametrize("rel", ["biden.jpg", "biden2.jpg"])
+def test_different_people_are_below_the_threshold(pipeline, obama, rel):
+    threshold = pipeline.embedder.bundle.threshold()
+    assert cosine(obama, largest_face_embedding(pipeline, rel)) < threshold

@@ -1,0 +1,126 @@
+"""training.config: TOML file + key=value overrides -> a validated TrainConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import training
+from model.errors import InvalidConfig
+from model.mobilenet import ModelConfig
+from training.config import TrainConfig, load_config
+
+DEFAULT_TOML = Path(training.__file__).parent / "configs" / "default.toml"
+
+SECTIONED = """
+[data]
+pairs = "lfw/pairs_dev.txt"
+val_folds = [7, 8]
+
+[model]
+alpha = 0.25
+resolution = 96
+
+[optimisation]
+epochs = 30
+p = 16
+k = 4
+"""
+
+
+def test_the_shipped_recipe_loads_and_builds_the_default_model():
+    cfg = load_config(DEFAULT_TOML)
+    assert cfg.model == ModelConfig()
+    assert cfg.miner == "batch_hard" and cfg.val_folds == [7, 8]
+    assert cfg.prepared == {"lfw": "prepared/lfw", "celeba": "prepared/celeba"}
+
+
+def test_no_file_gives_the_defaults():
+    assert load_config() == TrainConfig()
+
+
+def test_file_plus_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(SECTIONED)
+    cfg = load_config(path, ["epochs=3", "miner=semi_hard", "val_folds=[1]"])
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.miner == "semi_hard"
+    assert cfg.val_folds == [1]
+    assert (cfg.alpha, cfg.resolution, cfg.p, cfg.k) == (0.25, 96, 16, 4)  # from the file
+    assert cfg.model == ModelConfig("mobilenet_v1", 0.25, 96, 128)
+
+
+def test_override_values_are_typed_like_toml():
+    cfg = load_config(
+        None, ["lr=0.01", "amp=false", " margin = 0.3 ", "pairs=lfw/other.txt", 'prepared={lfw = "x/lfw"}']
+    )
+    assert cfg.lr == 0.01 and cfg.amp is False and cfg.margin == 0.3
+    assert cfg.pairs == "lfw/other.txt"  # a bare string is kept as written
+    assert cfg.prepared == {"lfw": "x/lfw"}
+
+
+def test_unknown_keys_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_config(None, ["epoch=3"])
+    path = tmp_path / "typo.toml"
+    path.write_text("[optimisation]\nlearning_rate = 0.1\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("miner=hardest", "miner"),
+        ("optimizer=rmsprop", "optimizer"),
+        ("k=1", "K >= 2"),
+        ("w_triplet=-1", "weights"),
+        ("epochs3", "key=value"),
+    ],
+)
+def test_bad_values_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_model_knobs_are_refused():
+    with pytest.raises(InvalidConfig):
+        load_config(None, ["alpha=1.5"])
+    with pytest.raises(InvalidConfig):
+        load_config(None, ["backbone=resnet"])
+
+
+def test_distillation_only_runs_need_no_pairs_of_images():
+    cfg = load_config(None, ["w_triplet=0", "k=1"])
+    assert cfg.k == 1 and cfg.w_triplet == 0
+
+
+def test_a_flat_file_without_sections(tmp_path):
+    path = tmp_path / "flat.toml"
+    path.write_text('epochs = 5\nalpha = 0.25\nprepared = { lfw = "p/lfw" }\n')
+    cfg = load_config(path)
+    assert (cfg.epochs, cfg.alpha, cfg.prepared) == (5, 0.25, {"lfw": "p/lfw"})
+
+
+def test_top_level_keys_beside_sections(tmp_path):
+    """Valid TOML: keys before the first table. The loader must not take the tables for settings."""
+    path = tmp_path / "mixed.toml"
+    path.write_text("epochs = 5\n\n[model]\nalpha = 0.25\n")
+    cfg = load_config(path)
+    assert (cfg.epochs, cfg.alpha) == (5, 0.25)
+
+
+def test_a_flat_file_whose_only_setting_is_a_table(tmp_path):
+    """``prepared`` is itself a table: a file holding only it must not be read as a section of settings."""
+    path = tmp_path / "only_prepared.toml"
+    path.write_text('prepared = { lfw = "p/lfw" }\n')
+    assert load_config(path).prepared == {"lfw": "p/lfw"}
+
+
+@pytest.mark.parametrize("override", ["val_folds=[0]", "val_folds=7", "val_folds=[]"])
+def test_val_folds_must_be_a_list_of_1_based_fold_numbers(override):
+    """Caught late otherwise: [0] names fold -1 (no validation pairs, so the first validation after a whole
+    epoch fails), 7 (not a list) fails with a TypeError inside load_split."""
+    with pytest.raises(ValueError, match="val_folds"):
+        load_config(None, [override])

@@ -1,0 +1,73 @@
+"""training.loop's pure parts: the learning-rate schedule, threshold calibration and the bundle metadata.
+
+(The loop itself needs prepared data; its smoke test lives elsewhere.)
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+
+from model.bundle import bundle_from_model
+from model.cost import mobilenet_v1_cost
+from model.mobilenet import build_model
+from training.config import TrainConfig
+from training.loop import FARS, calibrate, finished_metadata, lr_factor
+
+
+def test_warmup_then_cosine_to_zero():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup) == pytest.approx(0.1)
+    assert lr_factor(4, total, warmup) == pytest.approx(0.5)
+    assert lr_factor(9, total, warmup) == pytest.approx(1.0)
+    assert lr_factor(10, total, warmup) == pytest.approx(1.0)
+    assert lr_factor(55, total, warmup) == pytest.approx(0.5)
+    assert lr_factor(100, total, warmup) == pytest.approx(0.0, abs=1e-12)
+    factors = [lr_factor(s, total, warmup) for s in range(total)]
+    assert factors[:10] == sorted(factors[:10]) and factors[10:] == sorted(factors[10:], reverse=True)
+    assert lr_factor(0, 50, 0) == pytest.approx(1.0)  # no warm-up
+    assert lr_factor(25, 50, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+def test_calibrate_thresholds_on_impostor_pairs_only():
+    """Each person's 4 faces are near-identical (similarity ~1): if those genuine pairs (2 % of all pairs)
+    leaked into the impostor scores, the FAR 1e-3 threshold would be ~1."""
+    rng = np.random.default_rng(0)
+    identities = [f"p{i // 4}" for i in range(160)]  # 40 people x 4 faces
+    centres = rng.normal(size=(40, 16))
+    emb = np.repeat(centres, 4, axis=0) + 0.01 * rng.normal(size=(160, 16))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    thresholds = calibrate(emb.astype(np.float32), identities)
+    assert set(thresholds) == set(FARS) == {"1e-3", "1e-4"}
+    impostor = np.array(
+        [emb[i] @ emb[j] for i, j in combinations(range(160), 2) if identities[i] != identities[j]]
+    )
+    assert len(impostor) == 160 * 159 // 2 - 40 * 6
+    for far, thr in thresholds.items():
+        assert thr == round(thr, 4) and thr < 0.95
+        assert thr == pytest.approx(np.quantile(impostor, 1 - float(far)), abs=1e-4)
+        assert np.mean(impostor > thr) <= float(far) + 1 / len(impostor)
+    assert thresholds["1e-4"] >= thresholds["1e-3"]
+
+
+def test_finished_metadata_matches_the_cost_model():
+    cfg = TrainConfig(alpha=0.25, resolution=96, embedding_dim=64)
+    net = build_model(cfg.model)
+    bundle = bundle_from_model(net, cfg.model)
+    val = {"accuracy": 0.9, "accuracy_std": 0.01}
+    meta = finished_metadata(
+        cfg, bundle, val, {"1e-3": 0.4, "1e-4": 0.5}, [{"epoch": 1}], 12.34, torch.device("cpu")
+    )
+    cost = mobilenet_v1_cost(0.25, 96, head="embedding", embedding_dim=64)
+    assert meta["params"] == cost.params + cost.bn_params == sum(p.numel() for p in net.parameters())
+    assert meta["mult_adds"] == cost.mult_adds
+    assert meta["model_version"].startswith("mobilenet_v1-a0.25-r96-d64-")
+    assert meta["model_version"].endswith(bundle.weights_digest()[:10])
+    assert meta["thresholds"] == {"1e-3": 0.4, "1e-4": 0.5}
+    assert meta["validation"]["accuracy"] == 0.9 and meta["validation"]["folds"] == cfg.val_folds
+    assert meta["input_size"] == 96 and meta["epochs_run"] == 1 and meta["train_seconds"] == 12.3
+    assert meta["recipe"] == cfg.to_dict()

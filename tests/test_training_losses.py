@@ -1,0 +1,70 @@
+"""training.losses: the triplet hinge and the distillation loss, on vectors whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from training.losses import distillation_loss, triplet_margin_loss
+
+
+def idx(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def test_triplet_loss_on_hand_made_triplets():
+    # e0 = x axis, e1 = y axis, e2 = -x axis: d(0,1) = sqrt(2), d(0,2) = 2
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    loss, active = triplet_margin_loss(emb, (idx(0), idx(1), idx(2)), margin=0.2)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6) and active == 0.0  # sqrt(2) - 2 + 0.2 < 0
+    loss, active = triplet_margin_loss(emb, (idx(0), idx(2), idx(1)), margin=0.2)
+    assert loss.item() == pytest.approx(2 - math.sqrt(2) + 0.2, abs=1e-5) and active == 1.0
+    loss, active = triplet_margin_loss(emb, (idx(0, 0), idx(1, 2), idx(2, 1)), margin=0.2)
+    assert loss.item() == pytest.approx(
+        (2 - math.sqrt(2) + 0.2) / 2, abs=1e-5
+    )  # mean over all triplets given
+    assert active == 0.5
+
+
+def test_triplet_loss_margin_and_gradient_direction():
+    angles = torch.tensor([0.0, 0.5, 0.3])  # anchor, positive, negative (radians)
+    emb = torch.stack([torch.cos(angles), torch.sin(angles)], 1).requires_grad_(True)
+    loss, _ = triplet_margin_loss(emb, (idx(0), idx(1), idx(2)), margin=0.5)
+    d_ap, d_an = 2 * math.sin(0.25), 2 * math.sin(0.15)
+    assert loss.item() == pytest.approx(d_ap - d_an + 0.5, abs=1e-5)
+    loss.backward()
+    step = emb.detach() - 0.01 * emb.grad
+    after, _ = triplet_margin_loss(F.normalize(step, dim=1), (idx(0), idx(1), idx(2)), margin=0.5)
+    assert after.item() < loss.item()  # a gradient step pulls the positive in and pushes the negative out
+
+
+def test_triplet_loss_with_no_triplets_is_zero_and_differentiable():
+    emb = F.normalize(torch.randn(4, 8), dim=1).requires_grad_(True)
+    empty = idx()
+    loss, active = triplet_margin_loss(emb, (empty, empty, empty))
+    assert loss.item() == 0.0 and active == 0.0
+    loss.backward()
+    assert emb.grad is not None and (emb.grad == 0).all()
+
+
+@pytest.mark.parametrize("teacher_norm", [0.5, 1.0, 1.18, 1.71, 10.0])
+def test_distillation_is_zero_for_the_same_direction_whatever_the_teacher_norm(teacher_norm):
+    student = F.normalize(torch.randn(5, 128, generator=torch.Generator().manual_seed(0)), dim=1)
+    loss = distillation_loss(student, teacher_norm * student)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("teacher_norm", [0.5, 1.0, 1.71])
+def test_distillation_is_four_for_opposite_directions(teacher_norm):
+    student = F.normalize(torch.randn(5, 128, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert distillation_loss(student, -teacher_norm * student).item() == pytest.approx(4.0, abs=1e-5)
+
+
+def test_distillation_is_two_minus_two_cosine():
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    teacher = torch.tensor([[3.0, 3.0], [0.0, -0.2]])  # 45 degrees off, then opposite
+    expected = ((2 - 2 * math.cos(math.pi / 4)) + 4.0) / 2
+    assert distillation_loss(student, teacher).item() == pytest.approx(expected, abs=1e-5)

@@ -1,0 +1,162 @@
+"""training.prepare: a folder-per-identity photo set -> aligned 112x112 crops + a manifest, resumable."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import photo
+from PIL import Image
+
+from model.align import ARCFACE_TEMPLATE
+from model.decode import decode_image
+from model.detect import FaceDetector
+from training.paths import shared_data
+from training.prepare import IMAGE_SUFFIXES, MANIFEST, list_images, prepare, read_manifest
+
+LFW = shared_data() / "lfw" / "images"
+PEOPLE = ["Colin_Powell", "Joseph_Biden", "Serena_Williams"]
+
+
+def build_source(root: Path) -> Path:
+    """Two LFW images of each of three people, a corrupt file, a photo without a face, and files to ignore."""
+    src = root / "src"
+    for name in PEOPLE:
+        (src / name).mkdir(parents=True)
+        for i in (1, 2):
+            shutil.copy(LFW / name / f"{name}_{i:04d}.jpg", src / name)
+    (src / "Joseph_Biden" / "Joseph_Biden_9999.jpg").write_bytes(b"this is not a jpeg")
+    (src / "Coffee_Cup").mkdir()
+    shutil.copy(photo("nonface/coffee.jpg"), src / "Coffee_Cup" / "Coffee_Cup_0001.jpg")
+    (src / "Colin_Powell" / "notes.txt").write_text("not an image")
+    shutil.copy(
+        LFW / "Colin_Powell" / "Colin_Powell_0003.jpg", src / "stray.jpg"
+    )  # not in an identity folder
+    return src
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepare")
+    src, dst = build_source(root), root / "dst"
+    summary = prepare(src, dst, workers=1, progress=False)
+    return src, dst, summary
+
+
+def test_list_images_walks_identity_folders_only(prepared):
+    src, _, _ = prepared
+    items = list_images(src)
+    assert items == sorted(items)
+    assert {ident for ident, _ in items} == {*PEOPLE, "Coffee_Cup"}
+    assert len(items) == 8
+    assert all(not rel.endswith(".txt") and rel != "stray.jpg" for _, rel in items)
+
+
+def test_every_image_is_in_the_manifest_exactly_once(prepared):
+    src, dst, summary = prepared
+    rows = read_manifest(dst)
+    assert sorted(r.source for r in rows) == sorted(rel for _, rel in list_images(src))
+    assert (summary.total, summary.done_before, summary.detected, summary.fallback, summary.failed) == (
+        8,
+        0,
+        6,
+        1,
+        1,
+    )
+    assert summary.manifest == str(dst / MANIFEST)
+    for r in rows:
+        assert r.identity == r.source.split("/")[0]
+        assert r.sha256 == hashlib.sha256((src / r.source).read_bytes()).hexdigest()
+
+
+def test_failed_and_fallback_rows_say_why(prepared):
+    _, dst, _ = prepared
+    rows = {r.source: r for r in read_manifest(dst)}
+    failed = rows["Joseph_Biden/Joseph_Biden_9999.jpg"]
+    assert failed.status == "failed" and failed.crop == "" and "not an image" in failed.reason
+    fallback = rows["Coffee_Cup/Coffee_Cup_0001.jpg"]
+    assert fallback.status == "fallback" and fallback.score == 0.0 and "no face" in fallback.reason
+    assert (dst / fallback.crop).is_file()  # the centred region is still cropped and counted
+    for name in PEOPLE:
+        for i in (1, 2):
+            row = rows[f"{name}/{name}_{i:04d}.jpg"]
+            assert row.status == "detected" and row.score >= 0.95 and row.reason == ""
+            assert row.crop == f"crops/{name}/{name}_{i:04d}.png"
+
+
+def test_crops_are_aligned_112px_faces(prepared):
+    _, dst, _ = prepared
+    detector = FaceDetector()
+    for row in read_manifest(dst):
+        if row.status == "failed":
+            continue
+        crop = Image.open(dst / row.crop)
+        assert crop.mode == "RGB" and crop.size == (112, 112)
+        if row.status != "detected":
+            continue
+        canvas = Image.new("RGB", (176, 176), (128, 128, 128))
+        canvas.paste(crop, (32, 32))
+        faces = detector.detect(canvas)
+        assert len(faces) == 1, row.source
+        eyes = faces[0].landmarks[:2] - 32
+        assert np.abs(eyes - ARCFACE_TEMPLATE[:2]).max() < 5.0, row.source
+
+
+def test_rerunning_processes_nothing_new(prepared):
+    src, dst, first = prepared
+    manifest_before = (dst / MANIFEST).read_bytes()
+    again = prepare(src, dst, workers=1, progress=False)
+    assert (again.total, again.done_before) == (8, 8)
+    assert (again.detected, again.fallback, again.failed) == (first.detected, first.fallback, first.failed)
+    assert (dst / MANIFEST).read_bytes() == manifest_before
+
+
+@pytest.fixture(scope="module")
+def resumed(prepared, tmp_path_factory):
+    """A copy of the prepared set with one new source image and one crop file lost, prepared again."""
+    src, dst, _ = prepared
+    root = tmp_path_factory.mktemp("resume")
+    src2, dst2 = root / "src", root / "dst"
+    shutil.copytree(src, src2)
+    shutil.copytree(dst, dst2)
+    shutil.copy(LFW / "Serena_Williams" / "Serena_Williams_0003.jpg", src2 / "Serena_Williams")
+    (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").unlink()
+    return src2, dst2, prepare(src2, dst2, workers=1, progress=False)
+
+
+def test_new_images_and_lost_crops_are_picked_up(resumed):
+    _, dst, summary = resumed
+    assert (summary.total, summary.done_before, summary.detected) == (9, 7, 7)
+    assert (dst / "crops" / "Serena_Williams" / "Serena_Williams_0003.png").is_file()
+    assert (dst / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").is_file()
+
+
+def test_resuming_keeps_one_manifest_row_per_image(resumed):
+    """The module's promise: every source image is in the manifest exactly once. Redoing a lost crop appends
+    a second row for the same image, and training.data.load_prepared (which reads every row) then loads it
+    twice."""
+    _, dst, _ = resumed
+    sources = [r.source for r in read_manifest(dst)]
+    assert sorted(sources) == sorted(set(sources))
+
+
+def test_missing_source_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        prepare(tmp_path / "nope", tmp_path / "dst", workers=1, progress=False)
+
+
+@pytest.mark.parametrize("suffix", sorted(IMAGE_SUFFIXES))
+def test_every_listed_suffix_can_be_decoded(suffix):
+    """prepare lists files by suffix, then decodes them with model.decode: a suffix it lists but the decoder
+    refuses turns every such image into a 'failed' row."""
+    face = Image.open(LFW / "Colin_Powell" / "Colin_Powell_0001.jpg").convert("RGB")
+    if suffix == ".pgm":
+        face = face.convert("L")
+    fmt = Image.registered_extensions()[suffix]
+    buf = io.BytesIO()
+    face.save(buf, fmt)
+    assert decode_image(buf.getvalue()).size == face.size
