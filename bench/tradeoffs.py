@@ -4,8 +4,8 @@ Each variant is one ``visage train`` run with the same budget (``--epochs``) on 
 folds; the table gives held-out accuracy next to mult-adds, parameters and measured CPU ms per face, so the
 width/resolution knobs, the loss terms and the miners are compared by measurement, not claimed.
 
-    python bench/tradeoffs.py --epochs 6 --out docs/tradeoffs.md           # all variants, resumable
-    python bench/tradeoffs.py --only alpha0.25 alpha1.0 --epochs 6
+    python bench/tradeoffs.py --epochs 4 --max-steps 60 --out docs/tradeoffs.md   # all variants, resumable
+    python bench/tradeoffs.py --only alpha0.25 alpha1.0 --epochs 4
 """
 
 from __future__ import annotations
@@ -51,12 +51,15 @@ def cpu_ms_per_face(bundle_path: Path, batch: int, repeats: int = 20) -> float:
     return (time.perf_counter() - t) / (repeats * batch) * 1000
 
 
-def run(name: str, overrides: list[str], epochs: int, runs: Path, config: Path) -> dict:
+def run(name: str, overrides: list[str], epochs: int, runs: Path, config: Path, max_steps: int | None,
+        train_threads: int) -> dict:
     run_dir = runs / name
     bundle = run_dir / "bundle.pt"
     if not bundle.exists():
         cmd = [sys.executable, "-m", "model.console", "train", "--config", str(config), "--run-dir", str(run_dir),
-               f"epochs={epochs}", *overrides]
+               f"epochs={epochs}", f"threads={train_threads}", *overrides]
+        if max_steps:
+            cmd += ["--max-steps", str(max_steps)]
         if (run_dir / "last.pt").exists():
             cmd.append("--resume")
         subprocess.run(cmd, check=True)
@@ -99,11 +102,14 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("training/configs/default.toml"))
     ap.add_argument("--out", type=Path, help="also write the table (and raw JSON beside it) here")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the latency measurement")
+    ap.add_argument("--train-threads", type=int, default=0, help="torch threads for training (0: default)")
+    ap.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (a smaller equal budget)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.only or list(VARIANTS):
-        rows.append(run(name, VARIANTS[name], args.epochs, args.runs, args.config))
+        rows.append(run(name, VARIANTS[name], args.epochs, args.runs, args.config, args.max_steps,
+                        args.train_threads))
         print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
