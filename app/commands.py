@@ -31,7 +31,7 @@ def register(sub) -> None:
         description="Enroll every image in DIR/<subject>/ as a face of <subject>, into the local "
         "store (safe while the service runs: it sees the new faces without a restart) or, with "
         "--url, through a running service. Idempotent and resumable: images already enrolled are "
-        "skipped before the model runs.",
+        "skipped before the model runs. Files directly in DIR (not in a subject folder) are ignored.",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument(
@@ -45,9 +45,7 @@ def register(sub) -> None:
         default=os.environ.get("VISAGE_API_KEY"),
         help="API key for --url (default: $VISAGE_API_KEY)",
     )
-    p.add_argument(
-        "--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv)"
-    )
+    p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     add_json_flag(p)
@@ -102,8 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"VISAGE_{name.upper()}"] = str(Path(value).resolve() if name == "data_dir" else value)
     print(
-        f"Visage on http://{settings.host}:{settings.port} (docs at /docs), data in "
-        f"{settings.data_dir.resolve()}",
+        f"Visage on http://{settings.host}:{settings.port} (docs at /docs), data in {settings.data_dir.resolve()}",
         flush=True,
     )
     uvicorn.run(
@@ -136,9 +133,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         if not args.api_key:
             raise ValueError("--url needs --api-key (or $VISAGE_API_KEY)")
         with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
-            report = run_batch(
-                items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll")
-            )
+            report = run_batch(items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"))
         target = args.url
     else:
         from app.enroll import local_enroller
@@ -146,9 +141,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         service = open_service(settings, with_index=False)
         try:
-            report = run_batch(
-                items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll")
-            )
+            report = run_batch(items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"))
         finally:
             service.gallery.close()
         target = str(settings.db_path)
@@ -164,9 +157,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             ("subjects", len(report.subjects)),
         ]
         caption = (
-            f"{report.seconds:.1f} s; failures in {failures_path}"
-            if report.failures
-            else f"{report.seconds:.1f} s"
+            f"{report.seconds:.1f} s; failures in {failures_path}" if report.failures else f"{report.seconds:.1f} s"
         )
         print_table(f"enroll {args.dir} -> {target}", ["", "count"], rows, caption=caption)
         if report.aborted:
@@ -215,9 +206,6 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             print_table(
                 "faces that cannot be re-embedded",
                 ["face", "subject", "version", "error", "detail"],
-                [
-                    (f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"])
-                    for f in report.failed
-                ],
+                [(f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"]) for f in report.failed],
             )
     return 1 if report.failed else 0

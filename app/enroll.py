@@ -21,7 +21,7 @@ from app.service import FaceSelector, FaceService, clean_name
 from app.store import SubjectRef
 from model.errors import VisageError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"})
 FAILURE_COLUMNS = ("file", "subject", "error", "detail")
 CONNECTION_ATTEMPTS = 3
 
@@ -140,6 +140,9 @@ def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | No
             else:
                 report.existing += 1
             report.subjects.add(item.subject)
+        except KeyboardInterrupt:
+            report.aborted = "interrupted"  # still print the summary and write the failures so far
+            break
         except Abort as exc:
             report.aborted = str(exc)
             report.failures.append(

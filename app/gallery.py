@@ -62,14 +62,15 @@ class Gallery:
                 before = index.generation
                 self._catch_up()
                 self._check_agreement()
-                if self.index.needs_rebuild:
-                    raise IndexFileError("the index is due for a rebuild (tombstones or IVF training)")
-                replayed = self.index.generation - before
-                self.opened_by = "loaded" + (
-                    f", replayed changes {before + 1}..{self.index.generation}" if replayed else ""
-                )
-                if replayed:
+                if self.index is not index:  # replaying the log needed a rebuild (HNSW replaced a vector)
                     self.save()
+                elif index.needs_rebuild:
+                    raise IndexFileError("the index is due for a rebuild (tombstones or IVF training)")
+                elif index.generation > before:
+                    self.opened_by = f"loaded, replayed changes {before + 1}..{index.generation}"
+                    self.save()
+                else:
+                    self.opened_by = "loaded"
             except IndexFileError as exc:
                 self.rebuild(str(exc))
                 self.save()
@@ -98,7 +99,7 @@ class Gallery:
         """Same ids in index and store at the same generation, else ``IndexFileError``."""
         assert self.index is not None
         for _ in range(_AGREEMENT_RETRIES):
-            generation, ids = self.store.current_ids(self.model_version)
+            generation, ids = self.store.current_ids(self.model_version, self.dim)
             if generation != self.index.generation:  # another process wrote meanwhile: catch up, look again
                 self._catch_up()
                 continue
@@ -128,6 +129,7 @@ class Gallery:
     def close(self) -> None:
         """Save the index (a cache: losing it only costs a replay or rebuild) and close the store."""
         try:
+            self.sync()
             self.save()
         finally:
             self.store.close()
@@ -189,8 +191,7 @@ class Gallery:
         if not len(ids):
             subject = self.store.subject(SubjectRef(id=subject_id))
             why = (
-                f"its {subject.face_count} face(s) were embedded by another model version; "
-                "run `visage reindex`"
+                f"its {subject.face_count} face(s) were embedded by another model version; run `visage reindex`"
                 if subject.face_count
                 else "it has no faces"
             )
@@ -202,6 +203,8 @@ class Gallery:
     # -- reporting -------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, int | str]:
+        """Store counts and the index size, after catching up with the store."""
+        self.sync()
         counts = self.store.counts(self.model_version)
         with self._lock:
             indexed = len(self.index) if self.index is not None else 0
@@ -213,7 +216,7 @@ class Gallery:
         self.sync()
         with self._lock:
             assert self.index is not None
-            generation, ids = self.store.current_ids(self.model_version)
+            generation, ids = self.store.current_ids(self.model_version, self.dim)
             indexed = self.index.ids()
             return {
                 "agree": bool(np.array_equal(ids, indexed)),

@@ -241,9 +241,7 @@ class FaceIndex:
         except Exception as exc:  # struct, json and FAISS each raise their own types for a damaged file
             raise IndexFileError(f"index file is damaged ({exc})") from exc
         if header.get("format") != FORMAT or header.get("kind") != config.kind:
-            raise IndexFileError(
-                f"index file is a {header.get('kind')} index; settings ask for {config.kind}"
-            )
+            raise IndexFileError(f"index file is a {header.get('kind')} index; settings ask for {config.kind}")
         index = cls(int(header["dim"]), config, str(header["model_version"]))
         index._index = inner
         index.generation = int(header["generation"])

@@ -28,11 +28,21 @@ VERSION = "0.1.0"
 log = logging.getLogger("visage")
 
 
+def configure_logging(level: str) -> None:
+    """Give the ``visage.*`` loggers a handler like uvicorn's, unless the host application configured one."""
+    logger = logging.getLogger("visage")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
     """Build the app from ``settings`` (default: the ``VISAGE_*`` environment); ``pipeline`` lets tests share
     an already-loaded model."""
     settings = settings or Settings()
-    logging.getLogger("visage").setLevel(settings.log_level.upper())
+    configure_logging(settings.log_level)
     runtime = Runtime(settings, pipeline)
 
     @asynccontextmanager

@@ -38,9 +38,7 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
-        self.ready = Gauge(
-            "visage_ready", "1 when the model and the index are loaded", registry=self.registry
-        )
+        self.ready = Gauge("visage_ready", "1 when the model and the index are loaded", registry=self.registry)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -11,6 +11,7 @@ from app.index import IndexConfig
 from app.service import FaceService
 from app.settings import Settings, resolve_api_keys
 from app.store import Store
+from model.errors import InvalidConfig
 from model.faces import FacePipeline, load_pipeline
 
 log = logging.getLogger("visage.runtime")
@@ -26,9 +27,7 @@ def index_config(settings: Settings) -> IndexConfig:
     )
 
 
-def open_service(
-    settings: Settings, with_index: bool = True, pipeline: FacePipeline | None = None
-) -> FaceService:
+def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipeline | None = None) -> FaceService:
     """Load the model (unless given) and open the gallery in ``settings.data_dir``.
 
     ``with_index=False`` opens the store only: enough for a writer (batch enrollment, reindex) whose changes a
@@ -48,9 +47,7 @@ def open_service(
         )
         if with_index:
             gallery.open()
-        service = FaceService(
-            pipeline, gallery, store_images=settings.store_images, default_far=settings.default_far
-        )
+        service = FaceService(pipeline, gallery, store_images=settings.store_images, default_far=settings.default_far)
     except BaseException:
         store.close()
         raise
@@ -61,17 +58,10 @@ def open_service(
             service.model_version,
             pipeline.embedder.bundle.threshold(),
         )
-    elif settings.default_far not in thresholds:
-        log.warning(
-            "VISAGE_DEFAULT_FAR=%s is not calibrated in the weights (have %s)",
-            settings.default_far,
-            ", ".join(sorted(thresholds)),
-        )
     stale = gallery.store.counts(service.model_version)["stale_faces"]
     if stale:
         log.warning(
-            "%d stored faces were embedded by another model version and are not searchable; "
-            "run `visage reindex`",
+            "%d stored faces were embedded by another model version and are not searchable; run `visage reindex`",
             stale,
         )
     return service
@@ -99,6 +89,13 @@ class Runtime:
     def _load(self) -> None:
         try:
             service = open_service(self.settings, pipeline=self._pipeline)
+            known = service.thresholds
+            if known and self.settings.default_far not in known:
+                service.gallery.close()
+                raise InvalidConfig(
+                    f"VISAGE_DEFAULT_FAR={self.settings.default_far} is not calibrated in the weights "
+                    f"(they have {', '.join(sorted(known))})"
+                )
         except Exception as exc:  # reported on /readyz and in the log; the process stays up for inspection
             self.error = f"{type(exc).__name__}: {getattr(exc, 'detail', exc)}"
             log.exception("the service failed to load")

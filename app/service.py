@@ -189,9 +189,7 @@ class FaceService:
         self.gallery.sync()
         return EnrollResult(row, subject, created, face)
 
-    def verify(
-        self, data: bytes, ref: SubjectRef, selector: FaceSelector, threshold: Threshold
-    ) -> VerifyResult:
+    def verify(self, data: bytes, ref: SubjectRef, selector: FaceSelector, threshold: Threshold) -> VerifyResult:
         subject = self.gallery.store.subject(ref)  # unknown subject: 404 before any image work
         face = self.one_face(data, selector)
         similarity, face_id = self.gallery.best_match(subject.id, face.embedding)

@@ -26,17 +26,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VISAGE_", extra="ignore", frozen=True)
 
-    data_dir: Path = Field(
-        Path("data"), description="SQLite store, FAISS index, API key file (relative to cwd)"
-    )
+    data_dir: Path = Field(Path("data"), description="SQLite store, FAISS index, API key file (relative to cwd)")
     host: str = Field("127.0.0.1", description="address `visage serve` binds")
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
     weights: Path | None = Field(None, description="weights bundle; empty = the shipped default bundle")
     flip: bool = Field(True, description="average each face with its mirror image (2 forward passes)")
-    index_type: IndexType = Field(
-        "flat", description="flat (exact), hnsw or ivf (approximate, large galleries)"
-    )
+    index_type: IndexType = Field("flat", description="flat (exact), hnsw or ivf (approximate, large galleries)")
     hnsw_m: int = Field(32, ge=4, le=256)
     hnsw_ef_search: int = Field(128, ge=8, le=4096)
     ivf_nlist: int = Field(1024, ge=1, le=1 << 20)
@@ -47,9 +43,7 @@ class Settings(BaseSettings):
     metrics_require_key: bool = Field(False, description="ask for the API key on /metrics too")
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="largest accepted image file")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=10_000, description="largest accepted width x height")
-    default_far: str = Field(
-        "1e-3", description="false-accept rate whose calibrated threshold is the default"
-    )
+    default_far: str = Field("1e-3", description="false-accept rate whose calibrated threshold is the default")
     store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
     inference_threads: int = Field(2, ge=1, le=64, description="images processed at once per worker")
     log_level: str = Field("info")

@@ -120,8 +120,7 @@ def _to_blob(vector: np.ndarray) -> bytes:
 
 
 def _vectors(blobs: Sequence[bytes], dim: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Decode embedding blobs; returns (keep mask, matrix). Rows of the wrong length are skipped, not
-    fatal."""
+    """Decode embedding blobs into (keep mask, matrix); rows of the wrong length are skipped."""
     rows = [np.frombuffer(b, dtype=np.float32) for b in blobs]
     keep = np.array([dim is None or len(r) == dim for r in rows], dtype=bool)
     kept = [r for r, k in zip(rows, keep, strict=True) if k]
@@ -149,9 +148,7 @@ def _face(row: sqlite3.Row) -> FaceRow:
 
 
 def _subject(row: sqlite3.Row) -> SubjectRow:
-    return SubjectRow(
-        row["id"], row["name"], json.loads(row["metadata"]), row["created_at"], row["face_count"]
-    )
+    return SubjectRow(row["id"], row["name"], json.loads(row["metadata"]), row["created_at"], row["face_count"])
 
 
 _FACE_COLS = (
@@ -159,8 +156,7 @@ _FACE_COLS = (
     "EXISTS (SELECT 1 FROM blobs b WHERE b.sha256 = f.image_sha256) AS has_image"
 )
 _SUBJECT_COLS = (
-    "s.id, s.name, s.metadata, s.created_at, "
-    "(SELECT COUNT(*) FROM faces f WHERE f.subject_id = s.id) AS face_count"
+    "s.id, s.name, s.metadata, s.created_at, (SELECT COUNT(*) FROM faces f WHERE f.subject_id = s.id) AS face_count"
 )
 
 
@@ -178,18 +174,14 @@ class Store:
         with self.write() as conn:
             for statement in SCHEMA:
                 conn.execute(statement)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-            )
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
 
     # -- connections and transactions ------------------------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -236,9 +228,7 @@ class Store:
         if ref.id is not None:
             row = conn.execute(f"SELECT {_SUBJECT_COLS} FROM subjects s WHERE s.id = ?", (ref.id,)).fetchone()
         else:
-            row = conn.execute(
-                f"SELECT {_SUBJECT_COLS} FROM subjects s WHERE s.name = ?", (ref.name,)
-            ).fetchone()
+            row = conn.execute(f"SELECT {_SUBJECT_COLS} FROM subjects s WHERE s.name = ?", (ref.name,)).fetchone()
         return _subject(row) if row else None
 
     def _require_subject(self, conn: sqlite3.Connection, ref: SubjectRef) -> SubjectRow:
@@ -260,9 +250,7 @@ class Store:
             ).fetchall()
         return [_face(r) for r in rows]
 
-    def list_subjects(
-        self, offset: int = 0, limit: int = 50, name: str | None = None
-    ) -> tuple[int, list[SubjectRow]]:
+    def list_subjects(self, offset: int = 0, limit: int = 50, name: str | None = None) -> tuple[int, list[SubjectRow]]:
         """One page of subjects ordered by id, and the total; ``name`` filters by prefix."""
         where, params = ("WHERE s.name LIKE ? ESCAPE '\\'", [_like_prefix(name)]) if name else ("", [])
         with self.read() as conn:
@@ -284,9 +272,7 @@ class Store:
             except sqlite3.IntegrityError as exc:
                 raise NameTaken(f"another subject is already named {name!r}") from exc
             if metadata is not None:
-                conn.execute(
-                    "UPDATE subjects SET metadata = ? WHERE id = ?", (json.dumps(metadata), subject_id)
-                )
+                conn.execute("UPDATE subjects SET metadata = ? WHERE id = ?", (json.dumps(metadata), subject_id))
             return self._require_subject(conn, SubjectRef(id=subject_id))
 
     def delete_subject(self, subject_id: int) -> int:
@@ -342,9 +328,7 @@ class Store:
             if existing:
                 return _face(existing), subject, False
             if image is not None:
-                conn.execute(
-                    "INSERT OR IGNORE INTO blobs (sha256, data) VALUES (?, ?)", (image_sha256, image)
-                )
+                conn.execute("INSERT OR IGNORE INTO blobs (sha256, data) VALUES (?, ?)", (image_sha256, image))
             box = [round(float(v), 1) for v in box]
             cur = conn.execute(
                 "INSERT INTO faces (subject_id, embedding, model_version, image_sha256, box, quality, "
@@ -359,9 +343,7 @@ class Store:
                     now(),
                 ),
             )
-            row = conn.execute(
-                f"SELECT {_FACE_COLS} FROM faces f WHERE f.id = ?", (cur.lastrowid,)
-            ).fetchone()
+            row = conn.execute(f"SELECT {_FACE_COLS} FROM faces f WHERE f.id = ?", (cur.lastrowid,)).fetchone()
             subject = self._require_subject(conn, SubjectRef(id=subject.id))
             return _face(row), subject, True
 
@@ -377,9 +359,7 @@ class Store:
             conn.execute("DELETE FROM faces WHERE id = ?", (face_id,))
             return _face(row)
 
-    def subject_embeddings(
-        self, subject_id: int, model_version: str, dim: int
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def subject_embeddings(self, subject_id: int, model_version: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(face ids, vectors) of one subject's faces made by ``model_version``."""
         with self.read() as conn:
             self._require_subject(conn, SubjectRef(id=subject_id))
@@ -412,8 +392,7 @@ class Store:
         return int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0])
 
     def generation(self) -> int:
-        """The store's change counter: it grows with every face added, deleted or re-embedded, by any
-        process."""
+        """The change counter: it grows with every face added, deleted or re-embedded, by any process."""
         with self.read() as conn:
             return self._generation(conn)
 
@@ -454,20 +433,21 @@ class Store:
         # a row of the wrong width is dropped from the index rather than crashing the search
         return Changes(now_gen, ids[keep], matrix, np.concatenate([removed, ids[~keep]]))
 
-    def current_ids(self, model_version: str) -> tuple[int, np.ndarray]:
-        """(generation, sorted ids of the ``model_version`` faces), read from one snapshot."""
+    def current_ids(self, model_version: str, dim: int) -> tuple[int, np.ndarray]:
+        """(generation, sorted ids of the ``model_version`` faces the index can hold), from one snapshot."""
         with self.read() as conn:
             generation = self._generation(conn)
-            rows = conn.execute("SELECT id FROM faces WHERE model_version = ? ORDER BY id", (model_version,))
+            rows = conn.execute(
+                "SELECT id FROM faces WHERE model_version = ? AND length(embedding) = ? ORDER BY id",
+                (model_version, 4 * dim),
+            )
             return generation, np.array([r[0] for r in rows], dtype=np.int64)
 
     def counts(self, model_version: str) -> dict[str, int]:
         with self.read() as conn:
             subjects = conn.execute("SELECT COUNT(*) FROM subjects").fetchone()[0]
             faces = conn.execute("SELECT COUNT(*) FROM faces").fetchone()[0]
-            current = conn.execute(
-                "SELECT COUNT(*) FROM faces WHERE model_version = ?", (model_version,)
-            ).fetchone()[0]
+            current = conn.execute("SELECT COUNT(*) FROM faces WHERE model_version = ?", (model_version,)).fetchone()[0]
         return {
             "subjects": subjects,
             "faces": faces,

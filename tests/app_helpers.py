@@ -128,15 +128,19 @@ def free_port() -> int:
 
 
 class Server:
-    """``uvicorn app.main:create_app --factory`` on 127.0.0.1 in a subprocess, with its own data dir."""
+    """The service in a subprocess on 127.0.0.1 with its own data dir: ``uvicorn app.main:create_app --factory``,
+    or ``visage serve`` with ``cli=True`` (then, with no key configured, the key is read from its output)."""
 
-    def __init__(self, data_dir: Path, api_key: str = "test-key", env: dict[str, str] | None = None) -> None:
-        self.data_dir, self.api_key = data_dir, api_key
-        self.env = {**os.environ, "VISAGE_DATA_DIR": str(data_dir), "VISAGE_API_KEYS": api_key,
-                    "VISAGE_LOG_LEVEL": "warning", **(env or {})}
+    def __init__(self, data_dir: Path, api_key: str | None = "test-key", env: dict[str, str] | None = None,
+                 cli: bool = False) -> None:
+        self.data_dir, self.api_key, self.cli = data_dir, api_key, cli
+        self.env = {**os.environ, "VISAGE_DATA_DIR": str(data_dir), "VISAGE_LOG_LEVEL": "warning", **(env or {})}
+        self.env.pop("VISAGE_API_KEYS", None)
+        if api_key:
+            self.env["VISAGE_API_KEYS"] = api_key
         self.proc: subprocess.Popen | None = None
         self.port = 0
-        self.log = data_dir / "server.log"
+        self.log = data_dir.parent / f"{data_dir.name}-server.log"
 
     @property
     def url(self) -> str:
@@ -145,11 +149,13 @@ class Server:
     def start(self, timeout: float = 120.0) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        if self.cli:
+            command = [sys.executable, "-m", "model.console", "serve", "--port", str(self.port)]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+                       "--port", str(self.port), "--log-level", "warning"]
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                 "--port", str(self.port), "--log-level", "warning"],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -157,6 +163,8 @@ class Server:
             try:
                 r = httpx.get(f"{self.url}/readyz", timeout=2)
                 if r.status_code == 200:
+                    if self.api_key is None:
+                        self.api_key = self.printed_key()
                     return self
                 if "failed to load" in r.text:
                     raise RuntimeError(r.text)
@@ -164,6 +172,12 @@ class Server:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def printed_key(self) -> str:
+        for line in self.log.read_text().splitlines():
+            if line.startswith("API key"):
+                return line.rsplit(": ", 1)[1].strip()
+        raise AssertionError(f"no API key printed:\n{self.log.read_text()[-2000:]}")
 
     def client(self, key: str | None = "default", timeout: float = 120.0) -> httpx.Client:
         headers = {"X-API-Key": self.api_key if key == "default" else key} if key else {}

@@ -111,8 +111,8 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
     with make_client(tmp_path, max_upload_bytes=50_000) as client:
         client.app.state.runtime.wait_ready(30)
         enroll(client, png(RED), subject="alice")
-        ppm = io.BytesIO()
-        Image.new("RGB", (50, 50)).save(ppm, "PPM")
+        pcx = io.BytesIO()
+        Image.new("RGB", (50, 50)).save(pcx, "PCX")
         jpeg = png(RED, fmt="JPEG")
         cases = [
             (client.post("/enroll", files={"image": b""}, data={"subject": "a"}), 400, "empty_image"),
@@ -120,10 +120,10 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
              "unreadable_image"),
             (client.post("/enroll", files={"image": jpeg[: len(jpeg) // 2]}, data={"subject": "a"}), 400,
              "unreadable_image"),
-            (client.post("/enroll", files={"image": ppm.getvalue()}, data={"subject": "a"}), 415,
+            (client.post("/enroll", files={"image": pcx.getvalue()}, data={"subject": "a"}), 415,
              "unsupported_image_type"),
             (client.post("/enroll", files={"image": b"\0" * 60_000}, data={"subject": "a"}), 413, "image_too_large"),
-            (client.post("/embed", content=b"x" * 200_000,
+            (client.post("/embed", content=b"x" * 1_300_000,
                          headers={"content-type": "multipart/form-data; boundary=b"}), 413, "request_too_large"),
             (client.post("/enroll", data={"subject": "a"}), 422, "bad_parameter"),
             (client.post("/enroll", files={"image": jpeg}), 422, "bad_parameter"),
@@ -230,6 +230,10 @@ def test_readyz_reports_loading_failure_and_endpoints_answer_503(tmp_path):
         is_error(client.get("/readyz"), 503, "not_ready")
         assert "weights file not found" in client.get("/readyz").json()["detail"]
         is_error(client.post("/embed", files={"image": png(RED)}), 503, "not_ready")
+    with make_client(tmp_path, default_far="1e-9") as client:  # an operating point the weights lack
+        client.app.state.runtime.wait_ready(30)
+        is_error(client.get("/readyz"), 503, "not_ready")
+        assert "VISAGE_DEFAULT_FAR=1e-9 is not calibrated" in client.get("/readyz").json()["detail"]
 
 
 def test_metrics_count_requests_by_route_and_gallery_size(client):

@@ -32,7 +32,7 @@ from training.paths import shared_data, work_dir
 from training.sampler import PKSampler
 from training.teacher import TeacherCache, reference_cache
 
-FARS = ("1e-3", "1e-4")
+FARS = ("1e-2", "1e-3", "1e-4")
 
 
 @dataclass

@@ -42,7 +42,7 @@ SUBJECT_ERRORS: dict[int | str, dict] = {
 }
 
 router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)], responses=IMAGE_ERRORS)
-ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF or GIF")]
+ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM")]
 
 
 @router.post(
@@ -82,9 +82,7 @@ async def enroll(
     )
 
 
-@router.post(
-    "/verify", response_model=VerifyResponse, responses=SUBJECT_ERRORS, summary="1:1 - is this the subject?"
-)
+@router.post("/verify", response_model=VerifyResponse, responses=SUBJECT_ERRORS, summary="1:1 - is this the subject?")
 async def verify(
     request: Request,
     service: ServiceDep,
@@ -138,9 +136,7 @@ async def identify(
     return IdentifyResponse(faces=faces, **threshold_fields(threshold), model_version=service.model_version)
 
 
-@router.post(
-    "/compare", response_model=CompareResponse, summary="Are two photos the same person? (no gallery)"
-)
+@router.post("/compare", response_model=CompareResponse, summary="Are two photos the same person? (no gallery)")
 async def compare(
     request: Request,
     service: ServiceDep,
@@ -164,16 +160,12 @@ async def compare(
 
 
 @router.post("/embed", response_model=EmbedResponse, summary="Every face in an image with its embedding")
-async def embed(
-    request: Request, service: ServiceDep, settings: SettingsDep, image: ImageFile
-) -> EmbedResponse:
+async def embed(request: Request, service: ServiceDep, settings: SettingsDep, image: ImageFile) -> EmbedResponse:
     """Detected faces (an empty list if none) with their unit-vector embeddings; nothing is stored."""
     data = await read_upload(image, settings)
     faces = await run_cpu(request, service.embed, data)
     return EmbedResponse(
         model_version=service.model_version,
         dim=service.pipeline.embedder.dim,
-        faces=[
-            EmbeddedFace(**f.summary(), embedding=[round(float(v), 6) for v in f.embedding]) for f in faces
-        ],
+        faces=[EmbeddedFace(**f.summary(), embedding=[round(float(v), 6) for v in f.embedding]) for f in faces],
     )

@@ -29,9 +29,7 @@ async def healthz() -> HealthResponse:
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     service = runtime.service
     if service is None:
-        raise NotReady(
-            f"failed to load: {runtime.error}" if runtime.error else "loading the model and the index"
-        )
+        raise NotReady(f"failed to load: {runtime.error}" if runtime.error else "loading the model and the index")
     stats = await run_db(service.gallery.stats)
     return ReadyResponse(
         model_version=service.model_version,

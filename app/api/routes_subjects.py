@@ -71,9 +71,7 @@ async def update_subject(gallery: GalleryDep, subject_id: SubjectId, update: Sub
     return await run_db(_detail, gallery, subject_id)
 
 
-@router.delete(
-    "/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images"
-)
+@router.delete("/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images")
 async def delete_subject(service: ServiceDep, subject_id: SubjectId) -> DeletedSubject:
     def work() -> int:
         count = service.gallery.store.delete_subject(subject_id)
@@ -84,9 +82,7 @@ async def delete_subject(service: ServiceDep, subject_id: SubjectId) -> DeletedS
 
 
 @router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
-async def delete_face(
-    service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1)]
-) -> DeletedFace:
+async def delete_face(service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1)]) -> DeletedFace:
     def work() -> None:
         service.gallery.store.delete_face(face_id, subject_id)
         service.gallery.sync()

@@ -28,9 +28,7 @@ def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
 class ErrorResponse(BaseModel):
     """Every error, whatever its cause."""
 
-    error: str = Field(
-        description="stable machine-readable code, e.g. no_face_found", examples=["no_face_found"]
-    )
+    error: str = Field(description="stable machine-readable code, e.g. no_face_found", examples=["no_face_found"])
     detail: str = Field(description="human-readable explanation")
 
 
@@ -56,9 +54,7 @@ class SubjectOut(BaseModel):
 
 
 class ThresholdParams(BaseModel):
-    threshold: float | None = Field(
-        None, ge=-1.0, le=1.0, description="explicit cosine threshold; overrides far"
-    )
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="explicit cosine threshold; overrides far")
     far: str | None = Field(
         None,
         max_length=16,
@@ -119,9 +115,7 @@ class Candidate(BaseModel):
 
     @classmethod
     def of(cls, hit: SubjectHit) -> Candidate:
-        return cls(
-            subject_id=hit.subject_id, name=hit.name, similarity=round(hit.similarity, 4), face_id=hit.face_id
-        )
+        return cls(subject_id=hit.subject_id, name=hit.name, similarity=round(hit.similarity, 4), face_id=hit.face_id)
 
 
 class IdentifiedFace(BaseModel):

@@ -1,0 +1,103 @@
+"""Batch enrollment and reindexing with the fake model: the same code paths as ``visage enroll`` / ``reindex``
+(the real model runs them in test_app_e2e)."""
+
+from __future__ import annotations
+
+import csv
+import sqlite3
+import warnings
+
+import pytest
+from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
+
+from app.enroll import local_enroller, remote_enroller, run_batch, scan, write_failures
+from app.errors import NoCurrentFaces
+from app.main import create_app
+from app.runtime import open_service
+from app.service import FaceSelector
+from app.settings import Settings
+from app.store import SubjectRef
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "photos"
+    files = {"alice/a.png": png(RED), "alice/b.png": png(RED, width=300), "bob/c.jpg": png(BLUE, fmt="JPEG"),
+             "pair/two.png": png(RED, GREEN), "junk/bad.jpg": b"not an image", "junk/notes.txt": b"ignored",
+             "stray.png": png(GREEN)}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_scan_takes_subject_folders_only(folder):
+    items = scan(folder)
+    assert [(i.subject, i.path.name) for i in items] == [
+        ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("junk", "bad.jpg"), ("pair", "two.png")]
+    with pytest.raises(FileNotFoundError):
+        scan(folder / "missing")
+
+
+def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder):
+    settings = Settings(data_dir=tmp_path / "data")
+    service = open_service(settings, with_index=False, pipeline=fake_pipeline())
+    items = scan(folder)
+    report = run_batch(items, local_enroller(service, "single"))
+    assert (report.created, report.existing, report.failed, len(report.subjects)) == (3, 0, 2, 2)
+    assert {(f["subject"], f["error"]) for f in report.failures} == {
+        ("pair", "multiple_faces"), ("junk", "unreadable_image")}
+    write_failures(settings.failures_path, report.failures)
+    rows = list(csv.DictReader(settings.failures_path.open()))
+    assert list(rows[0]) == ["file", "subject", "error", "detail"] and len(rows) == 2
+    calls = service.pipeline.embedder.calls
+    again = run_batch(items, local_enroller(service, "largest"))
+    assert (again.created, again.existing, again.failed) == (1, 3, 1)  # only the pair photo was new
+    assert service.pipeline.embedder.calls == calls + 1  # already-enrolled images never reach the model
+    write_failures(settings.failures_path, [])
+    assert settings.failures_path.read_text().strip() == "file,subject,error,detail"
+    service.gallery.close()
+
+
+def test_remote_batch_goes_through_the_api(tmp_path, folder):
+    app = create_app(Settings(data_dir=tmp_path / "data", api_keys="k"), pipeline=fake_pipeline())
+    with TestClient(app, base_url="http://visage", headers={"X-API-Key": "k"}) as client:
+        app.state.runtime.wait_ready(30)
+        report = run_batch(scan(folder), remote_enroller(client, "single"))
+        assert (report.created, report.existing, report.failed) == (3, 0, 2)
+        assert client.get("/subjects").json()["total"] == 2
+        client.headers["X-API-Key"] = "wrong"
+        refused = run_batch(scan(folder), remote_enroller(client, "single"))
+        assert "refused the API key" in refused.aborted and refused.failed == 1
+
+
+def test_reindex_reembeds_old_versions_and_reports_what_it_cannot(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
+    kept = old.enroll(png(RED), SubjectRef(name="alice")).face
+    moved = old.enroll(png(GREEN), SubjectRef(name="alice")).face
+    old.store_images = False
+    lost = old.enroll(png(BLUE), SubjectRef(name="bob")).face
+    old.gallery.close()
+    conn = sqlite3.connect(settings.db_path)
+    with conn:  # as if the detector no longer found a face where this one was
+        conn.execute("UPDATE faces SET box = '[0, 0, 10, 10]' WHERE id = ?", (moved.id,))
+    conn.close()
+
+    new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
+    assert new.gallery.stats()["stale_faces"] == 3 and new.gallery.stats()["indexed_faces"] == 0
+    with pytest.raises(NoCurrentFaces):
+        new.verify(png(RED), SubjectRef(name="bob"), FaceSelector.parse("largest"), new.threshold())
+    report = new.reindex()
+    assert report.redone == 1
+    assert {(f["face_id"], f["error"]) for f in report.failed} == {
+        (moved.id, "no_face_found"), (lost.id, "image_not_stored")}
+    assert new.gallery.stats()["indexed_faces"] == 1
+    result = new.verify(png(RED, width=200), SubjectRef(name="alice"), FaceSelector.parse("largest"), new.threshold())
+    assert result.match and result.matched_face_id == kept.id
+    assert new.reindex().redone == 0  # nothing left that can be redone
+    new.gallery.close()

@@ -1,0 +1,266 @@
+"""End to end: a real uvicorn subprocess on a free 127.0.0.1 port, the shipped weights (or $VISAGE_WEIGHTS) and
+the real photos in ../shared/data/photos. The tests of this module share one server and run in order."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from app_helpers import REPO, Server, post_image
+from conftest import PHOTOS, photo
+from PIL import Image
+
+from app.index import FaceIndex, IndexConfig
+from app.store import Store
+
+pytestmark = pytest.mark.slow
+KEY = "e2e-key"
+MAX_UPLOAD = 3_000_000  # bytes per image (the photos are under 600 kB); the request limit is 2x + 1 MiB
+TIMINGS: dict[str, list[float]] = {}
+
+
+def read(rel: str) -> bytes:
+    return photo(rel).read_bytes()
+
+
+def timed(name: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    TIMINGS.setdefault(name, []).append(time.perf_counter() - start)
+    return result
+
+
+def is_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == code and body["detail"], body
+
+
+def visage(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model.console", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "VISAGE_LOG_LEVEL": "warning"})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    env = {"VISAGE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD)}
+    srv = Server(tmp_path_factory.mktemp("e2e") / "data", api_key=KEY, env=env).start()
+    yield srv
+    srv.stop()
+    if TIMINGS:
+        summary = {k: [round(v, 3) for v in vals] for k, vals in TIMINGS.items()}
+        print("\nlatency (s):", json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    with server.client() as client:
+        yield client
+
+
+def subject_id(api: httpx.Client, name: str) -> int:
+    items = api.get("/subjects", params={"name": name}).json()["items"]
+    return next(s["id"] for s in items if s["name"] == name)
+
+
+def test_enroll_then_verify_obama_and_not_biden(api):
+    r = post_image(api, "/enroll", read("obama.jpg"), subject="obama")
+    assert r.status_code == 201, r.text
+    assert r.json()["created"] and r.json()["quality"] > 0.9
+    again = post_image(api, "/enroll", read("obama.jpg"), subject="obama")
+    assert again.status_code == 200 and again.json()["face_id"] == r.json()["face_id"]
+    results = {}
+    for rel in ["obama2.jpg", "obama3.jpg", "obama4.jpg", "biden.jpg", "biden2.jpg"]:
+        res = timed("verify", post_image, api, "/verify", read(rel), subject="obama")
+        assert res.status_code == 200, res.text
+        results[rel] = res.json()
+    summary = {k: (v["match"], v["similarity"], v["threshold"]) for k, v in results.items()}
+    assert all(results[f"obama{i}.jpg"]["match"] for i in (2, 3, 4)), summary
+    assert not results["biden.jpg"]["match"] and not results["biden2.jpg"]["match"], summary
+
+
+def test_identify_both_in_the_group_photo(api):
+    assert post_image(api, "/enroll", read("biden.jpg"), subject="biden").status_code == 201
+    r = timed("identify", post_image, api, "/identify", read("multi/obama_and_biden.jpg"), k=2)
+    assert r.status_code == 200, r.text
+    faces = r.json()["faces"]
+    assert len(faces) >= 2
+    seen = [(f["face"]["box"], f["best"]["name"] if f["match"] else None, f["candidates"]) for f in faces]
+    # the two largest faces: Biden on the left, Obama on the right (boxes are left, top, right, bottom)
+    left, right = sorted(faces[:2], key=lambda f: f["face"]["box"][0])
+    assert left["match"] and left["best"]["name"] == "biden", seen
+    assert right["match"] and right["best"]["name"] == "obama", seen
+    assert not any(f["match"] for f in faces[2:]), seen  # the child in the corner is neither
+
+
+def test_every_bad_input_gets_a_4xx_json_error(server, api):
+    pcx = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(pcx, "PCX")
+    cases = [
+        (post_image(api, "/enroll", read("edge/bad/truncated.jpg"), subject="x"), 400, "unreadable_image"),
+        (post_image(api, "/enroll", read("edge/bad/not_an_image.jpg"), subject="x"), 400, "unreadable_image"),
+        (post_image(api, "/enroll", read("edge/bad/empty.jpg"), subject="x"), 400, "empty_image"),
+        (post_image(api, "/enroll", read("edge/bad/bomb_20000x20000.png"), subject="x"), 413, "image_too_large"),
+        (post_image(api, "/verify", read("edge/bad/bomb_20000x20000.png"), subject="obama"), 413,
+         "image_too_large"),
+        (post_image(api, "/enroll", pcx.getvalue(), subject="x"), 415, "unsupported_image_type"),
+        (post_image(api, "/enroll", read("nonface/coffee.jpg"), subject="x"), 422, "no_face_found"),
+        (post_image(api, "/identify", read("nonface/chelsea_cat.jpg")), 422, "no_face_found"),
+        (post_image(api, "/enroll", read("multi/two_people.jpg"), subject="x"), 422, "multiple_faces"),
+        (post_image(api, "/verify", read("obama2.jpg"), subject="nobody"), 404, "subject_not_found"),
+        (post_image(api, "/verify", read("obama2.jpg"), subject="obama", threshold=1.5), 422, "bad_parameter"),
+        (post_image(api, "/verify", read("obama2.jpg"), subject="obama", far="0.3"), 422, "bad_parameter"),
+        (post_image(api, "/enroll", read("obama2.jpg"), subject="x", face="1,2"), 422, "bad_parameter"),
+        (api.post("/enroll", data={"subject": "x"}), 422, "bad_parameter"),
+        (post_image(api, "/embed", b"\xff" * (MAX_UPLOAD + 1)), 413, "image_too_large"),
+        (api.post("/embed", content=b"x" * (2 * MAX_UPLOAD + 2 * 1024 * 1024),
+                  headers={"content-type": "multipart/form-data; boundary=b"}), 413, "request_too_large"),
+        (api.get("/subjects/99999"), 404, "subject_not_found"),
+        (api.get("/nope"), 404, "not_found"),
+        (api.delete("/enroll"), 405, "method_not_allowed"),
+    ]
+    for response, status, code in cases:
+        is_error(response, status, code)
+    with server.client(key=None) as anonymous:
+        is_error(post_image(anonymous, "/verify", read("obama2.jpg"), subject="obama"), 401, "unauthorized")
+        is_error(anonymous.get("/subjects"), 401, "unauthorized")
+        assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code == 200
+    with server.client(key="wrong") as wrong:
+        is_error(wrong.get("/subjects"), 401, "unauthorized")
+    assert api.get("/subjects", params={"name": "x"}).json()["total"] == 0  # nothing was stored
+
+
+def test_batch_enroll_while_serving_then_through_the_api(server, api, tmp_path):
+    batch = tmp_path / "batch"
+    for rel, subject in [("obama2.jpg", "obama"), ("obama3.jpg", "obama"), ("biden2.jpg", "biden"),
+                         ("multi/two_people.jpg", "pair"), ("edge/bad/not_an_image.jpg", "junk")]:
+        (batch / subject).mkdir(parents=True, exist_ok=True)
+        (batch / subject / Path(rel).name).write_bytes(read(rel))
+    failures = tmp_path / "failures.csv"
+    # 1. another process writes into the store the service is using
+    local = visage("enroll", str(batch), "--data-dir", str(server.data_dir), "--failures", str(failures),
+                   "--json", "--no-progress")
+    assert local.returncode == 1, local.stderr  # 1: some files failed
+    report = json.loads(local.stdout)
+    assert (report["created"], report["existing"], report["failed"]) == (3, 0, 2), report
+    rows = list(csv.DictReader(failures.open()))
+    assert {(Path(r["file"]).name, r["subject"], r["error"]) for r in rows} == {
+        ("two_people.jpg", "pair", "multiple_faces"), ("not_an_image.jpg", "junk", "unreadable_image")}
+    # the service sees the new faces without a restart: obama3.jpg is now in the gallery itself
+    obama = api.get(f"/subjects/{subject_id(api, 'obama')}").json()
+    assert obama["face_count"] == 3
+    hit = post_image(api, "/identify", read("obama3.jpg"), k=1).json()["faces"][0]["candidates"][0]
+    assert hit["name"] == "obama" and hit["similarity"] > 0.999
+    assert hit["face_id"] in {f["id"] for f in obama["faces"]}
+    # 2. the same folder through the API: nothing new (idempotent), and --face largest takes the collage
+    remote = visage("enroll", str(batch), "--url", server.url, "--api-key", KEY, "--failures", str(failures),
+                    "--face", "largest", "--json", "--no-progress")
+    report = json.loads(remote.stdout)
+    assert (report["created"], report["existing"], report["failed"]) == (1, 3, 1), (report, remote.stderr)
+    assert [r["error"] for r in csv.DictReader(failures.open())] == ["unreadable_image"]
+    bad_key = visage("enroll", str(batch), "--url", server.url, "--api-key", "nope", "--json", "--no-progress",
+                     "--failures", str(failures))
+    assert bad_key.returncode == 1 and "refused the API key" in json.loads(bad_key.stdout)["aborted"]
+
+
+def test_reindex_redoes_old_version_faces_and_reports_the_rest(server, api):
+    ready = api.get("/readyz").json()
+    biden = api.get(f"/subjects/{subject_id(api, 'biden')}").json()
+    redo, lost = biden["faces"][0], biden["faces"][1]
+    conn = sqlite3.connect(server.data_dir / "visage.db")
+    with conn:  # as if both faces had been enrolled by an older model, and one original was never kept
+        conn.execute("UPDATE faces SET model_version = 'old-model' WHERE id IN (?, ?)", (redo["id"], lost["id"]))
+        conn.execute("DELETE FROM blobs WHERE sha256 = ?", (lost["image_sha256"],))
+    conn.close()
+    stale = api.get("/readyz").json()
+    assert stale["stale_faces"] == 2 and stale["indexed_faces"] == ready["indexed_faces"] - 2
+    out = visage("reindex", "--data-dir", str(server.data_dir), "--json", "--no-progress")
+    assert out.returncode == 1, out.stderr  # 1: some faces could not be redone
+    report = json.loads(out.stdout)
+    assert report["redone"] == 1 and [f["face_id"] for f in report["failed"]] == [lost["id"]]
+    assert report["failed"][0]["error"] == "image_not_stored"
+    after = api.get("/readyz").json()
+    assert after["stale_faces"] == 1 and after["indexed_faces"] == ready["indexed_faces"] - 1
+    r = post_image(api, "/verify", read("biden.jpg"), subject="biden").json()
+    assert r["matched_face_id"] == redo["id"] and r["similarity"] > 0.999
+
+
+def test_restart_finds_the_gallery_intact(server, api):
+    before = api.get("/subjects").json()
+    faces = {s["id"]: api.get(f"/subjects/{s['id']}").json()["faces"] for s in before["items"]}
+    server.stop()
+    server.start()
+    with server.client() as fresh:
+        ready = fresh.get("/readyz").json()
+        assert ready["index_state"] == "loaded", ready  # saved at shutdown, agrees with the store
+        assert fresh.get("/subjects").json() == before
+        assert {s: fresh.get(f"/subjects/{s}").json()["faces"] for s in faces} == faces
+        r = post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()
+        assert r["match"], r
+
+
+def test_kill_9_during_concurrent_enrollment_loses_no_acknowledged_face(tmp_path):
+    """``visage serve`` with no key configured (it generates and prints one); three clients enroll at once;
+    kill -9 mid-stream; after a restart every acknowledged face is there and store and index agree."""
+    yale = PHOTOS.parent / "yale" / "images"
+    images = sorted(yale.glob("subject*/*.jpg"))[:30]
+    assert len(images) == 30
+    srv = Server(tmp_path / "data", api_key=None, cli=True).start()
+    key = srv.api_key
+    assert key and (tmp_path / "data" / "api_key").read_text().strip() == key
+    acknowledged: list[tuple[int, int, str]] = []
+    lock = threading.Lock()
+
+    def client_thread(share: list[Path]) -> None:
+        with srv.client() as c:
+            for path in share:
+                try:
+                    r = post_image(c, "/enroll", path.read_bytes(), subject=path.parent.name)
+                except httpx.TransportError:
+                    return
+                if r.status_code == 201:
+                    with lock:
+                        acknowledged.append((r.json()["subject"]["id"], r.json()["face_id"], str(path)))
+
+    threads = [threading.Thread(target=client_thread, args=(images[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(acknowledged) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.kill()
+    for t in threads:
+        t.join()
+    assert len(acknowledged) >= 8
+    srv.start()
+    try:
+        assert srv.api_key == key  # the generated key is stable across restarts
+        with srv.client() as c:
+            ready = c.get("/readyz").json()
+            assert ready["current_faces"] == ready["indexed_faces"] >= len(acknowledged), ready
+            for sid, face_id, _ in acknowledged:
+                assert face_id in [f["id"] for f in c.get(f"/subjects/{sid}").json()["faces"]]
+            sid, face_id, path = acknowledged[-1]
+            hit = post_image(c, "/identify", Path(path).read_bytes(), k=1).json()["faces"][0]["candidates"][0]
+            assert hit["face_id"] == face_id and hit["similarity"] > 0.999
+    finally:
+        srv.stop()
+    # after a clean stop, the saved index holds exactly the store's faces, and every face has its image
+    store = Store(tmp_path / "data" / "visage.db")
+    index = FaceIndex.load(tmp_path / "data" / "index.faiss", IndexConfig())
+    generation, ids = store.current_ids(index.model_version, index.dim)
+    assert list(index.ids()) == list(ids) and index.generation == generation
+    total, subjects = store.list_subjects(limit=500)
+    for s in subjects:
+        assert all(f.has_image for f in store.subject_faces(s.id))
+    store.close()
