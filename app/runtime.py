@@ -34,7 +34,8 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
     running service picks up from the store's change log.
     """
     pipeline = pipeline or load_pipeline(
-        str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits
+        str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits,
+        backend=settings.backend,
     )
     store = Store(settings.db_path)
     try:

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
     weights: Path | None = Field(None, description="weights bundle; empty = the shipped default bundle")
     flip: bool = Field(True, description="average each face with its mirror image (2 forward passes)")
+    backend: Literal["onnx", "torch"] = Field(
+        "onnx", description="run the embedder through ONNX Runtime (same vectors, ~3x faster) or PyTorch"
+    )
     index_type: IndexType = Field("flat", description="flat (exact), hnsw or ivf (approximate, large galleries)")
     hnsw_m: int = Field(32, ge=4, le=256)
     hnsw_ef_search: int = Field(128, ge=8, le=4096)

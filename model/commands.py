@@ -46,6 +46,31 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_compare)
 
+    p = sub.add_parser("export", help="export the embedding network to ONNX",
+                       description="Write the weights' network as an ONNX model (dynamic batch) for ONNX Runtime "
+                       "or other runtimes. Input: aligned 112x112 RGB crops, normalised as (pixel - 127.5) / 128, "
+                       "NCHW; output: L2-normalised embeddings.")
+    p.add_argument("--onnx", type=Path, required=True, metavar="PATH", help="where to write the .onnx file")
+    p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.bundle import load_bundle
+    from model.export import export_onnx
+
+    bundle = load_bundle(args.weights)
+    path = export_onnx(bundle, args.onnx)
+    out = {"onnx": str(path), "bytes": path.stat().st_size, "model_version": bundle.model_version,
+           "input": f"x: (N, 3, {bundle.config.resolution}, {bundle.config.resolution}) float32, (pixel - 127.5) / 128",
+           "output": f"embedding: (N, {bundle.config.embedding_dim}) unit vectors"}
+    if args.json:
+        print_json(out)
+    else:
+        print_table("ONNX export", ["key", "value"], list(out.items()))
+    return 0
+
 
 def cmd_cost(args: argparse.Namespace) -> int:
     from model.cost import mobilenet_v1_cost

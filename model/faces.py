@@ -70,8 +70,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b))
 
 
-def load_pipeline(weights: str | None = None, flip: bool = True, limits: DecodeLimits | None = None) -> FacePipeline:
-    """The shipped default weights (or ``weights``), MTCNN with default settings, default decode limits."""
+def load_pipeline(weights: str | None = None, flip: bool = True, limits: DecodeLimits | None = None,
+                  backend: str = "onnx") -> FacePipeline:
+    """The shipped default weights (or ``weights``), MTCNN with default settings, default decode limits,
+    embedding through ONNX Runtime (same vectors as PyTorch, faster) unless ``backend="torch"``."""
     from model.bundle import load_bundle
 
-    return FacePipeline(Embedder(load_bundle(weights), flip=flip), FaceDetector(), limits)
+    return FacePipeline(Embedder(load_bundle(weights), flip=flip, backend=backend), FaceDetector(), limits)

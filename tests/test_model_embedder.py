@@ -108,3 +108,20 @@ def test_preprocess_normalisation_and_layout():
     assert x.min() >= -1.0 and x.max() <= 1.0
     small = crops_to_tensor(np.stack([crop, crop]), 64)
     assert small.shape == (2, 3, 64, 64) and small.is_contiguous()
+
+
+def test_onnx_backend_gives_the_torch_vectors(tmp_path):
+    """The service embeds through ONNX Runtime: it must agree with the PyTorch network it was exported from."""
+    from model.export import export_onnx
+    from model.mobilenet import build_model
+
+    cfg = ModelConfig()
+    torch_net = build_model(cfg)
+    torch_net.train()
+    torch_net(torch.randn(8, 3, 112, 112))  # move BN statistics off their defaults so the check means something
+    bundle = load_bundle(save_bundle(bundle_from_model(torch_net.eval(), cfg), tmp_path / "b.pt"))
+    crops = np.random.default_rng(1).integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
+    a = Embedder(bundle).embed(crops)
+    b = Embedder(bundle, backend="onnx").embed(crops)
+    assert np.abs(a - b).max() < 1e-5
+    assert export_onnx(bundle, tmp_path / "m.onnx").stat().st_size > 1_000_000
