@@ -1,0 +1,84 @@
+"""The training loop end to end on a tiny real set: prepare -> train (distillation + triplets) -> checkpoint ->
+resume -> calibrated bundle -> `visage eval` on the held-out pairs. Minutes of CPU at full size; seconds here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.bundle import load_bundle
+from training.config import load_config
+from training.loop import export_checkpoint, train
+from training.paths import shared_data
+from training.prepare import prepare
+
+LFW = shared_data() / "lfw" / "images"
+VAL = ["Aaron_Peirsol", "Abdoulaye_Wade", "Abdullah", "Abel_Pacheco"]  # the held-out people (folds 1-2)
+TRAIN = ["Adam_Sandler", "Abdullah_al-Attiyah", "Abid_Hamid_Mahmud_Al-Tikriti", "Adel_Al-Jubeir",
+         "Adolfo_Aguilar_Zinser", "Aicha_El_Ouafi"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("train")
+    src = root / "src"
+    for name in VAL + TRAIN:
+        shutil.copytree(LFW / name, src / name)
+    monkeypatch_module.setenv("VISAGE_WORK_DIR", str(root / "work"))
+    prepare(src, root / "work" / "prepared" / "lfw", workers=1, progress=False)
+    pairs = root / "pairs.txt"  # LFW format: 2 folds x (1 matched + 1 mismatched)
+    pairs.write_text("2\t1\nAaron_Peirsol\t1\t2\nAaron_Peirsol\t3\tAbdoulaye_Wade\t1\n"
+                     "Abdullah\t1\t2\nAbdullah\t3\tAbel_Pacheco\t1\n")
+    return root, src, pairs
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def config(pairs: Path, epochs: int):
+    return load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]",
+                              "p=2", "k=2", f"epochs={epochs}", "threads=1"])
+
+
+def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
+    root, src, pairs = work
+    run = root / "run"
+    train(config(pairs, 1), run, progress=False, max_steps=2)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1]
+    assert {"distill", "triplet", "active", "loss", "val_accuracy", "val_auc"} <= set(history[0])
+    assert (run / "training.png").stat().st_size > 10_000 and (run / "last.pt").exists()
+
+    out = train(config(pairs, 2), run, resume=True, progress=False, max_steps=2)  # continues at epoch 2
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    bundle = load_bundle(out)
+    meta = bundle.metadata
+    assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
+    assert meta["epochs_run"] == 2 and meta["validation"]["pairs"] == 4
+    assert meta["model_version"].startswith("mobilenet_v1-a0.5-r112-d128-")
+    assert meta["mult_adds"] == 38_812_288
+
+    exported = load_bundle(export_checkpoint(run))
+    assert exported.weights_digest() == bundle.weights_digest()
+
+    result = subprocess.run(
+        [sys.executable, "-m", "model.console", "eval", "--pairs", str(pairs), "--images", str(src),
+         "--weights", str(out), "--prepared", str(root / "work" / "prepared" / "lfw"),
+         "--roc", str(root / "roc.png"), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["pairs"] == 4 and 0.0 <= report["accuracy"] <= 1.0 and report["detection_fallbacks"] == 0
+    assert {"accuracy_std", "tar_at_far_1e-3", "auc", "threshold"} <= set(report)
+    assert (root / "roc.png").stat().st_size > 10_000
