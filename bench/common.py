@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from training.paths import shared_data, work_dir  # noqa: F401  (re-exported for the scripts)
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "BENCHMARKS.md"
 PLACEHOLDER = "not yet measured on a quiet machine"
@@ -28,18 +30,8 @@ PLACEHOLDER = "not yet measured on a quiet machine"
 # -- where things are ----------------------------------------------------------------------------------------------
 
 
-def shared_data() -> Path:
-    """``$VISAGE_SHARED_DATA`` or ``../shared/data`` beside the repo (as training.paths and the tests)."""
-    return Path(os.environ.get("VISAGE_SHARED_DATA") or REPO.parent / "shared" / "data")
-
-
 def photos_dir() -> Path:
     return shared_data() / "photos"
-
-
-def work_dir() -> Path:
-    """``$VISAGE_WORK_DIR`` or ``<repo>/data/work`` (prepared crops live under it)."""
-    return Path(os.environ.get("VISAGE_WORK_DIR") or REPO / "data" / "work")
 
 
 def default_weights() -> Path | None:

@@ -1,0 +1,63 @@
+"""Closed-set identification on the small controlled sets (ORL: 40 people x 10; Yale: 15 people, lighting and
+expression): rank-1 accuracy, leave-one-out, each image against every other, for the student (and the dlib
+teacher with --teacher). Faces go through ``visage prepare`` (the same detection and alignment as serving).
+
+    python bench/closed_set.py --out docs/BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from common import emit, load_default_bundle, machine, machine_line, md_table, parser, shared_data, work_dir
+
+SETS = {"orl": "ORL / AT&T (40 x 10, 92x112 grey, controlled)", "yale": "Yale (15 people, lighting/expression)"}
+
+
+def rank1(emb: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> float:
+    # ours are unit vectors (cosine); dlib's descriptors are compared by negative Euclidean distance
+    sims = emb @ emb.T if metric == "cosine" else -np.linalg.norm(emb[:, None] - emb[None], axis=2)
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.mean(labels[np.argmax(sims, axis=1)] == labels))
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--weights", help="student bundle (default: the shipped one)")
+    ap.add_argument("--teacher", action="store_true", help="also the dlib teacher (about 0.25 s per image)")
+    args = ap.parse_args()
+    from model.embedder import Embedder
+    from training.data import load_prepared
+    from training.prepare import prepare
+    from training.teacher import teacher_embed
+
+    bundle, desc = load_default_bundle(args.weights)
+    embedder = Embedder(bundle, backend="onnx")
+    rows, results = [], {}
+    for name, title in SETS.items():
+        src = shared_data() / name / "images"
+        summary = prepare(src, work_dir() / "prepared" / name, progress=False)
+        faces = load_prepared(work_dir() / "prepared" / name)
+        labels = np.unique(faces.identities, return_inverse=True)[1]
+        student = rank1(embedder.embed(faces.crops), labels)
+        res = {"images": len(faces), "people": int(labels.max() + 1), "fallbacks": summary.fallback,
+               "student_rank1": student}
+        if args.teacher:
+            paths = [src / s for s in faces.sources]
+            cache, _ = teacher_embed(paths, work_dir() / "teacher_cache.npz", progress=False)
+            index = cache.index()
+            idx = [index[hashlib.sha256(p.read_bytes()).hexdigest()] for p in paths]
+            teacher = 0.5 * (cache.desc[idx] + cache.desc_flip[idx])
+            res["teacher_rank1"] = rank1(teacher, labels, metric="euclidean")
+        results[name] = res
+        rows.append([title, res["images"], res["people"], res["fallbacks"], f"{100 * student:.1f} %",
+                     f"{100 * res['teacher_rank1']:.1f} %" if args.teacher else "-"])
+    info = machine()
+    markdown = machine_line(info) + f"\n\nStudent: {desc} ({bundle.model_version}).\n\n" + md_table(
+        ["set", "images", "people", "detector fallbacks", "student rank-1", "dlib teacher rank-1"], rows)
+    emit("closed_set", "Closed-set identification (ORL, Yale)", markdown, {"machine": info, **results}, args)
+
+
+if __name__ == "__main__":
+    main()
