@@ -10,7 +10,17 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from common import emit, load_default_bundle, machine, machine_line, md_table, parser, shared_data, work_dir
+from common import (
+    command_line,
+    emit,
+    load_default_bundle,
+    machine,
+    machine_line,
+    md_table,
+    parser,
+    shared_data,
+    work_dir,
+)
 
 SETS = {"orl": "ORL / AT&T (40 x 10, 92x112 grey, controlled)", "yale": "Yale (15 people, lighting/expression)"}
 
@@ -54,8 +64,10 @@ def main() -> None:
         rows.append([title, res["images"], res["people"], res["fallbacks"], f"{100 * student:.1f} %",
                      f"{100 * res['teacher_rank1']:.1f} %" if args.teacher else "-"])
     info = machine()
-    markdown = machine_line(info) + f"\n\nStudent: {desc} ({bundle.model_version}).\n\n" + md_table(
-        ["set", "images", "people", "detector fallbacks", "student rank-1", "dlib teacher rank-1"], rows)
+    table = md_table(["set", "images", "people", "detector fallbacks", "student rank-1", "dlib teacher rank-1"], rows)
+    markdown = "\n\n".join(
+        [f"`{command_line()}`", machine_line(info), f"Student: {desc} ({bundle.model_version}).", table]
+    )
     emit("closed_set", "Closed-set identification (ORL, Yale)", markdown, {"machine": info, **results}, args)
 
 
