@@ -51,6 +51,8 @@ class OnnxRunner:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between runs: MTCNN (torch) shares the process and the cores with this session
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
