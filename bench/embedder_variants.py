@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.embedder import embed_batches
 from model.preprocess import crops_to_tensor
 
 Forward = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
@@ -65,23 +66,11 @@ class VariantEmbedder:
         return torch.from_numpy(out) if isinstance(out, np.ndarray) else out.float()
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
-        """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors."""
-        crops = np.asarray(crops)
-        if crops.ndim == 3:
-            crops = crops[None]
-        if len(crops) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
+        """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors, through Embedder's own loop."""
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         with self._lock, torch.inference_mode():
-            for start in range(0, len(crops), self.batch_size):
-                x = crops_to_tensor(crops[start : start + self.batch_size], self.resolution)
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                emb = self._run(x)
-                if self.flip:
-                    emb = nn.functional.normalize(emb + self._run(torch.flip(x, dims=[3])), dim=1)
-                out.append(emb.float().cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+            return embed_batches(crops, self._run, self.resolution, self.dim, batch_size=self.batch_size,
+                                 flip=self.flip, memory_format=layout)
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,18 +49,26 @@ class Embedder:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors."""
-        crops = np.asarray(crops)
-        if crops.ndim == 3:
-            crops = crops[None]
-        if len(crops) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = []
         with self._lock, torch.inference_mode():
-            for start in range(0, len(crops), self.batch_size):
-                x = crops_to_tensor(crops[start : start + self.batch_size], self.bundle.config.resolution)
-                x = x.to(self.device, memory_format=self._memory_format)
-                emb = self.net(x)
-                if self.flip:
-                    emb = torch.nn.functional.normalize(emb + self.net(torch.flip(x, dims=[3])), dim=1)
-                out.append(emb.float().cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+            return embed_batches(crops, self.net, self.bundle.config.resolution, self.dim, batch_size=self.batch_size,
+                                 flip=self.flip, memory_format=self._memory_format, device=self.device)
+
+
+def embed_batches(crops: np.ndarray, forward: Callable[[torch.Tensor], torch.Tensor], resolution: int, dim: int, *,
+                  batch_size: int = 64, flip: bool = True, memory_format: torch.memory_format = torch.channels_last,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """The one embedding loop: preprocessing, batching and the flip rule around any forward pass (the network,
+    an ONNX Runtime session, or a benchmark's inference variant)."""
+    crops = np.asarray(crops)
+    if crops.ndim == 3:
+        crops = crops[None]
+    if len(crops) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    out = []
+    for start in range(0, len(crops), batch_size):
+        x = crops_to_tensor(crops[start : start + batch_size], resolution).to(device, memory_format=memory_format)
+        emb = forward(x)
+        if flip:
+            emb = torch.nn.functional.normalize(emb + forward(torch.flip(x, dims=[3])), dim=1)
+        out.append(emb.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32, copy=False)
