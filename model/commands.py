@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from model.console import add_json_flag, print_json, print_table
-from model.cost import HEADS
 
 
 def register(sub) -> None:
@@ -20,7 +19,7 @@ def register(sub) -> None:
     )
     p.add_argument("--alpha", type=float, default=1.0, help="width multiplier in (0, 1] (default 1.0)")
     p.add_argument("--resolution", type=int, default=224, help="input size in pixels (default 224)")
-    p.add_argument("--head", choices=HEADS, default="imagenet",
+    p.add_argument("--head", choices=["imagenet", "embedding", "none"], default="imagenet",
                    help="imagenet: 1000-class FC as in the paper; embedding: the 128-d face head")
     p.add_argument("--embedding-dim", type=int, default=128)
     p.add_argument("--standard-conv", action="store_true",
