@@ -29,6 +29,7 @@ class Bundle:
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
     @property
     def model_version(self) -> str:
@@ -104,4 +105,4 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     except (KeyError, TypeError) as exc:
         raise WeightsError(f"{path} is a damaged Visage bundle: {exc!r}") from exc
     config.validate()
-    return Bundle(config, state_dict, payload.get("metadata") or {})
+    return Bundle(config, state_dict, payload.get("metadata") or {}, source=path)

@@ -30,9 +30,9 @@ class Embedder:
         self.backend = backend
         self._lock = threading.Lock()  # one forward at a time: intra-op threads already use every core
         if backend == "onnx":
-            from model.export import OnnxRunner, onnx_bytes
+            from model.export import onnx_runner
 
-            self.net = OnnxRunner(onnx_bytes(bundle))
+            self.net = onnx_runner(bundle)
             self._memory_format = torch.contiguous_format
         else:
             # channels-last: depthwise convolutions run faster per face on CPU (docs/BENCHMARKS.md)

@@ -125,3 +125,25 @@ def test_onnx_backend_gives_the_torch_vectors(tmp_path):
     b = Embedder(bundle, backend="onnx").embed(crops)
     assert np.abs(a - b).max() < 1e-5
     assert export_onnx(bundle, tmp_path / "m.onnx").stat().st_size > 1_000_000
+
+
+def test_a_companion_onnx_file_is_used_only_when_it_holds_the_same_weights(tmp_path):
+    """The service loads ``<weights>.onnx`` instead of exporting at start-up, unless it is stale."""
+    from model.export import DIGEST_KEY, companion_path, export_onnx, onnx_runner
+    from model.mobilenet import build_model
+
+    cfg = ModelConfig(alpha=0.25)
+    path = save_bundle(bundle_from_model(build_model(cfg).eval(), cfg), tmp_path / "b.pt")
+    bundle = load_bundle(path)
+    assert companion_path(bundle) == tmp_path / "b.onnx"
+    assert onnx_runner(bundle).metadata[DIGEST_KEY] == bundle.weights_digest()  # no companion: exported in memory
+
+    export_onnx(bundle, tmp_path / "b.onnx")
+    runner = onnx_runner(bundle)
+    assert runner.metadata[DIGEST_KEY] == bundle.weights_digest()
+    crops = np.random.default_rng(2).integers(0, 255, (3, 112, 112, 3), dtype=np.uint8)
+    assert np.abs(Embedder(bundle, backend="onnx").embed(crops) - Embedder(bundle).embed(crops)).max() < 1e-5
+
+    other = load_bundle(save_bundle(bundle_from_model(build_model(cfg).eval(), cfg), tmp_path / "other.pt"))
+    export_onnx(other, tmp_path / "b.onnx")  # a stale companion: the graph of other weights
+    assert onnx_runner(bundle).metadata[DIGEST_KEY] == bundle.weights_digest() != other.weights_digest()

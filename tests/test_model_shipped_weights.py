@@ -24,6 +24,15 @@ def test_the_default_bundle_is_the_documented_file(bundle):
     assert bundle.config == ModelConfig("mobilenet_v1", 0.5, 112, 128)
 
 
+def test_the_shipped_onnx_graph_holds_the_shipped_weights(bundle):
+    """The service loads the companion ``.onnx`` instead of exporting; re-run ``visage export --onnx
+    model/weights/visage-mobilenet_v1-a0.5-r112.onnx`` whenever the weights change."""
+    from model.export import DIGEST_KEY, companion_path, onnx_runner
+
+    assert companion_path(bundle) == DEFAULT_WEIGHTS.with_suffix(".onnx") and companion_path(bundle).is_file()
+    assert onnx_runner(bundle).metadata[DIGEST_KEY] == bundle.weights_digest()
+
+
 def test_metadata_has_version_thresholds_and_validation(bundle):
     meta = bundle.metadata
     assert isinstance(meta.get("model_version"), str) and meta["model_version"]

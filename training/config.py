@@ -25,6 +25,9 @@ class TrainConfig:
     alpha: float = 0.5
     resolution: int = 112
     embedding_dim: int = 128
+    # start from these weights (a bundle or a training checkpoint; a path like --run-dir's): a
+    # fine-tune with a fresh optimiser and schedule; "" trains from scratch. --resume takes precedence.
+    init_weights: str = ""
     # objective
     miner: str = "batch_hard"  # batch_all / batch_hard / semi_hard
     margin: float = 0.2

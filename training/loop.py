@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.bundle import Bundle, bundle_from_model, save_bundle
+from model.bundle import Bundle, bundle_from_model, load_bundle, save_bundle
 from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.mobilenet import build_model
@@ -160,6 +160,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         opt, lambda s: lr_factor(s, total, int(cfg.warmup_epochs * steps_per_epoch)))
     start_epoch, history = 0, []
     ckpt_path = run_dir / "last.pt"
+    if cfg.init_weights and not (resume and ckpt_path.exists()):
+        model.load_state_dict(initial_weights(cfg))
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
@@ -233,6 +235,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if rank == 0:
         finish(model, cfg, split, history, time.time() - t_start, out)
     return out
+
+
+def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The state dict a fine-tune starts from: a weights bundle or a ``last.pt`` checkpoint of the same network."""
+    path = Path(cfg.init_weights)
+    if not path.exists():
+        raise FileNotFoundError(f"init_weights: {path} does not exist")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if "model" in payload:  # a training checkpoint
+        saved = TrainConfig(**payload["config"]).model
+        state = payload["model"]
+    else:
+        bundle = load_bundle(path)
+        saved, state = bundle.config, bundle.state_dict
+    if saved != cfg.model:
+        raise ValueError(f"init_weights {path} holds {saved}, but this run trains {cfg.model}")
+    return state
 
 
 def _previous_seconds(history: list[dict], start_epoch: int) -> float:
