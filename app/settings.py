@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(32, ge=4, le=256)
     hnsw_ef_search: int = Field(128, ge=8, le=4096)
     ivf_nlist: int = Field(1024, ge=1, le=1 << 20)
-    ivf_nprobe: int = Field(32, ge=1, le=1 << 20)
+    ivf_nprobe: int = Field(256, ge=1, le=1 << 20)
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values, comma separated; empty = key file"
     )

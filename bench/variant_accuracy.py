@@ -1,0 +1,99 @@
+"""Held-out verification accuracy of each inference variant (fp32 ONNX Runtime, fused, int8 ...): the rule is that
+a speed-up ships only if accuracy on the held-out LFW folds stays within 0.3 points of the eager network.
+
+Every variant of ``bench/embedder_variants.py`` embeds the images of the held-out pairs (View 2 folds 7-8 of
+``lfw/pairs_dev.txt``; their people never entered training) from the aligned crops ``visage prepare`` made, with
+mirror averaging as the service does; the n-fold LFW protocol (``training.evaluate.verify``) scores them. int8
+calibration uses crops of *training* people only (people outside the evaluated folds), so no test face is seen.
+Speed per face is in docs/BENCHMARKS.md section 1 (``bench/embedder.py --variants``); this table is accuracy only.
+
+    VISAGE_WORK_DIR=/work/cache python bench/variant_accuracy.py --out docs/BENCHMARKS.md
+    VISAGE_WORK_DIR=/work/cache python bench/variant_accuracy.py --variants onnxruntime int8_static_ort
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from common import command_line, emit, load_default_bundle, machine, machine_line, md_table, parser, progress
+from embedder_variants import build_all
+
+from training.data import load_prepared
+from training.evaluate import verify
+from training.pairs import people_in_folds, read_pairs
+from training.paths import shared_data, work_dir
+
+DEFAULT_VARIANTS = ["eager", "fused", "onnxruntime", "int8_dynamic", "int8_static_fx", "int8_static_ort"]
+TOLERANCE = 0.3  # accuracy points (issue 5)
+
+
+def main() -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--weights", help="weights bundle (default: the shipped one)")
+    ap.add_argument("--folds", default="7,8", help="held-out 1-based folds of the pairs file (default 7,8)")
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"(default {' '.join(DEFAULT_VARIANTS)})")
+    ap.add_argument("--calibration", type=int, default=256, help="training-people crops for int8 calibration (256)")
+    ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    ap.add_argument("--no-flip", action="store_true", help="one pass per face (default: mirror-averaged, as served)")
+    args = ap.parse_args()
+
+    bundle, source = load_default_bundle(args.weights)
+    folds = {int(f) - 1 for f in args.folds.split(",")}
+    _, pairs = read_pairs(shared_data() / "lfw" / "pairs_dev.txt")
+    held_out = people_in_folds(pairs, folds)
+    pairs = [p for p in pairs if p.fold in folds]
+    faces = load_prepared(work_dir() / "prepared" / "lfw")
+    where = {s: i for i, s in enumerate(faces.sources)}
+    names = sorted({n for p in pairs for n in (p.left, p.right)})
+    crops = faces.crops[[where[n] for n in names]]
+    train_rows = [i for i, s in enumerate(faces.sources) if s.split("/")[0] not in held_out]
+    pick = np.random.default_rng(0).choice(train_rows, size=min(args.calibration, len(train_rows)), replace=False)
+    calibration = faces.crops[np.sort(pick)]
+    same = np.array([p.same for p in pairs])
+    fold = np.array([p.fold for p in pairs])
+    row = {n: i for i, n in enumerate(names)}
+    left, right = np.array([row[p.left] for p in pairs]), np.array([row[p.right] for p in pairs])
+
+    net = bundle.build()
+    variants, failed = build_all(net, calibration, args.threads, only=args.variants)
+    results, reference = [], None
+    for v in variants:
+        v.embedder.flip = not args.no_flip  # as the service embeds
+        progress(f"{v.key}: embedding {len(names)} held-out images")
+        start = time.perf_counter()
+        emb = v.embedder.embed(crops)
+        seconds = time.perf_counter() - start
+        if reference is None:
+            reference = emb
+        result = verify(np.sum(emb[left] * emb[right], axis=1), same, fold)
+        results.append({"key": v.key, "name": v.name, "accuracy": result.accuracy, "std": result.accuracy_std,
+                        "auc": result.auc, "tar_1e-3": result.tar_at_far.get("1e-3"),
+                        "min_cosine_vs_first": float(np.min(np.sum(emb * reference, axis=1))), "seconds": seconds})
+    base = results[0]["accuracy"] if results else 0.0
+    rows = []
+    for r in results:
+        delta = 100 * (r["accuracy"] - base)
+        r["delta_points"] = delta
+        r["within_tolerance"] = abs(delta) <= TOLERANCE
+        rows.append([r["name"], f"{100 * r['accuracy']:.2f} +- {100 * r['std']:.2f}", f"{delta:+.2f}",
+                     "yes" if r["within_tolerance"] else "**no**", f"{r['auc']:.4f}",
+                     f"{100 * r['tar_1e-3']:.1f}" if r["tar_1e-3"] is not None else "-",
+                     f"{r['min_cosine_vs_first']:.4f}", f"{r['seconds']:.1f}"])
+    info = machine(args.threads)
+    mode = "one pass" if args.no_flip else "flip-averaged"
+    md = [f"`{command_line()}`", "", machine_line(info), "",
+          f"{source}; {len(pairs)} held-out pairs (folds {args.folds}), {len(names)} images, {mode}; int8 "
+          f"calibration on {len(calibration)} crops of training people. Delta = accuracy minus the first row's "
+          f"(the eager network); a variant may ship only within +-{TOLERANCE} points.", "",
+          md_table(["variant", "held-out acc. %", "delta (points)", f"within {TOLERANCE}", "AUC", "TAR@1e-3 %",
+                    "min cosine vs eager", "embed s"], rows)]
+    if failed:
+        md += ["", "Not built: " + "; ".join(f"{k}: {why}" for k, why in failed.items())]
+    emit("variant-accuracy", "Accuracy of the inference variants on held-out folds", "\n".join(md),
+         {"machine": info, "results": results, "failed": failed}, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
