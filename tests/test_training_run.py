@@ -82,3 +82,32 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert report["pairs"] == 4 and 0.0 <= report["accuracy"] <= 1.0 and report["detection_fallbacks"] == 0
     assert {"accuracy_std", "tar_at_far_1e-3", "auc", "threshold"} <= set(report)
     assert (root / "roc.png").stat().st_size > 10_000
+
+
+def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
+    """``init_weights`` loads the weights only: a fresh schedule from epoch 1, and the first epoch starts from the
+    given network, not a random one (with lr 0 the fine-tuned weights are the initial ones, exactly)."""
+    import torch
+
+    from training.loop import initial_weights
+
+    root, _, pairs = work
+    base = root / "base"
+    bundle = load_bundle(train(config(pairs, 1), base, progress=False, max_steps=1))
+    for source in (base / "last.pt", base / "bundle.pt"):
+        cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
+                                 "k=2", "epochs=1", "threads=1", "lr=0", f'init_weights="{source}"'])
+        state = initial_weights(cfg)
+        assert all(torch.equal(state[k], bundle.state_dict[k]) for k in bundle.state_dict)
+        run = root / f"fine-{source.stem}"
+        tuned = load_bundle(train(cfg, run, progress=False, max_steps=1))
+        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+        weights = [k for k in bundle.state_dict if "running" not in k and "num_batches" not in k]
+        assert all(torch.equal(tuned.state_dict[k], bundle.state_dict[k]) for k in weights)
+
+    wider = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
+                               "k=2", "alpha=0.25", f'init_weights="{base / "last.pt"}"'])
+    with pytest.raises(ValueError, match="holds"):
+        initial_weights(wider)
+    with pytest.raises(FileNotFoundError):
+        initial_weights(load_config(None, ['init_weights="nowhere.pt"']))
