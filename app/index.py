@@ -32,6 +32,14 @@ TOMBSTONE_REBUILD_FRACTION = 0.2
 IVF_MIN_PER_LIST = 39  # FAISS warns below ~39 training points per centroid
 
 
+def set_faiss_threads(threads: int) -> None:
+    """FAISS's OpenMP thread count for this process (0 leaves FAISS's default). The service searches one query
+    at a time, from several request threads: one OpenMP thread per search avoids the fork/join cost and the
+    oversubscription of 2 cores, at the price of slower index (re)builds."""
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class IndexConfig:
     kind: IndexType = "flat"

@@ -9,7 +9,7 @@ import logging
 import threading
 
 from app.gallery import Gallery
-from app.index import IndexConfig
+from app.index import IndexConfig, set_faiss_threads
 from app.service import FaceService
 from app.settings import Settings, resolve_api_keys
 from app.store import Store
@@ -46,6 +46,7 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
         str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits,
         backend=settings.backend,
     )
+    set_faiss_threads(settings.faiss_threads)
     store = Store(settings.db_path)
     try:
         gallery = Gallery(

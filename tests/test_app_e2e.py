@@ -94,19 +94,23 @@ def test_enroll_then_verify_obama_and_not_biden(api):
     # ... and every Obama photo is closer to the enrolled Obama than either Biden photo.
     obama = [results[f"obama{i}.jpg"]["similarity"] for i in (2, 3, 4)]
     assert min(obama) > max(results["biden.jpg"]["similarity"], results["biden2.jpg"]["similarity"]), summary
-    # The shipped model (89.5 % on held-out LFW folds, not the 97 % target) accepts none of Obama's other photos
-    # at FAR 1e-3 (model/MODEL_CARD.md). At its held-out accuracy-optimal threshold, passed per request, it
-    # accepts obama3 and obama4 and still refuses Biden.
-    loose = round(BUNDLE.metadata["validation"]["threshold"], 4)
-    for rel, expected in [("obama3.jpg", True), ("obama4.jpg", True), ("biden.jpg", False), ("biden2.jpg", False)]:
-        res = post_image(api, "/verify", read(rel), subject="obama", threshold=loose)
-        assert res.status_code == 200 and res.json()["match"] is expected, (rel, res.text)
+    # The shipped model (91.8 % on held-out LFW folds, not the 97 % target) accepts none of Obama's other photos
+    # at FAR 1e-3 (model/MODEL_CARD.md). At its calibrated FAR 1e-2, asked for per request, it accepts all three
+    # and still refuses both photos of Biden.
+    for rel, expected in [("obama2.jpg", True), ("obama3.jpg", True), ("obama4.jpg", True), ("biden.jpg", False),
+                          ("biden2.jpg", False)]:
+        res = post_image(api, "/verify", read(rel), subject="obama", far="1e-2")
+        assert res.status_code == 200, res.text
+        body = res.json()
+        assert body["threshold"] == round(BUNDLE.threshold("1e-2"), 4) and body["far"] == "1e-2", body
+        assert body["match"] is expected, (rel, body)
 
 
 def test_identify_both_in_the_group_photo(api):
     assert post_image(api, "/enroll", read("biden.jpg"), subject="biden").status_code == 201
-    # a second photo of Obama: identify ranks subjects by their best face. With obama.jpg alone this model puts
-    # the Obama in this photo a hair closer to biden.jpg (0.48 vs 0.46; see model/MODEL_CARD.md).
+    # a second photo of Obama: identify ranks subjects by their best face (the test also covers a subject with
+    # several faces). The faces in this group photo score 0.43-0.65 against the enrolled ones, below FAR 1e-2's
+    # threshold: the held-out accuracy-optimal threshold is passed per request (model/MODEL_CARD.md).
     assert post_image(api, "/enroll", read("obama4.jpg"), subject="obama").status_code == 201
     loose = round(BUNDLE.metadata["validation"]["threshold"], 4)
     r = timed("identify", post_image, api, "/identify", read("multi/obama_and_biden.jpg"), k=2, threshold=loose)

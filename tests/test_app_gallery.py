@@ -347,3 +347,22 @@ def test_concurrent_enroll_delete_and_search_keep_store_and_index_in_agreement(t
     assert min(done.values()) >= 3, done
     report = gallery.agreement()
     assert report["agree"] and report["generation"] == report["index_generation"]
+
+
+def test_faiss_threads_come_from_the_settings(monkeypatch):
+    import faiss
+
+    from app.index import set_faiss_threads
+    from app.settings import Settings
+
+    before = faiss.omp_get_max_threads()
+    try:
+        monkeypatch.setenv("VISAGE_FAISS_THREADS", "2")
+        set_faiss_threads(Settings().faiss_threads)
+        assert faiss.omp_get_max_threads() == 2
+        set_faiss_threads(0)  # 0 = leave FAISS's own choice alone
+        assert faiss.omp_get_max_threads() == 2
+        monkeypatch.delenv("VISAGE_FAISS_THREADS")
+        assert Settings().faiss_threads == 1  # the default: one query at a time searches fastest on one thread
+    finally:
+        faiss.omp_set_num_threads(before)

@@ -62,16 +62,15 @@ def test_every_photo_of_obama_is_closer_to_him_than_any_photo_of_biden(pipeline,
     assert min(same.values()) > max(other.values()), (same, other)
 
 
-@pytest.mark.parametrize("rel", ["obama3.jpg", "obama4.jpg"])
-def test_same_person_passes_the_held_out_accuracy_threshold(pipeline, obama, rel):
-    """The LFW-protocol threshold (best accuracy on the held-out folds) accepts these two; at the stricter FAR
-    thresholds this model accepts neither (see model/MODEL_CARD.md: it is at 89.5 %, not the 97 % target)."""
-    threshold = pipeline.embedder.bundle.metadata["validation"]["threshold"]
-    assert cosine(obama, largest_face_embedding(pipeline, rel)) > threshold
+@pytest.mark.parametrize("rel", ["obama2.jpg", "obama3.jpg", "obama4.jpg"])
+def test_same_person_passes_the_far_1e_2_threshold(pipeline, obama, rel):
+    """At the calibrated FAR 1e-2 all of Obama's other photos are accepted; at the stricter FAR 1e-3 this model
+    accepts none of them (see model/MODEL_CARD.md: it is at 91.8 %, not the 97 % target)."""
+    bundle = pipeline.embedder.bundle
+    assert cosine(obama, largest_face_embedding(pipeline, rel)) > bundle.threshold("1e-2")
 
 
 @pytest.mark.parametrize("rel", ["biden.jpg", "biden2.jpg"])
-def test_different_people_are_below_every_threshold(pipeline, obama, rel):
+def test_different_people_are_below_every_calibrated_threshold(pipeline, obama, rel):
     bundle = pipeline.embedder.bundle
-    loosest = min([*bundle.thresholds.values(), bundle.metadata["validation"]["threshold"]])
-    assert cosine(obama, largest_face_embedding(pipeline, rel)) < loosest
+    assert cosine(obama, largest_face_embedding(pipeline, rel)) < min(bundle.thresholds.values())
