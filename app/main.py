@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import anyio
@@ -48,12 +47,11 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.cpu_pool = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="visage-cpu")
+        app.state.cpu_limiter = anyio.CapacityLimiter(settings.inference_threads)
         runtime.start()
         try:
             yield
         finally:
-            app.state.cpu_pool.shutdown(wait=True, cancel_futures=True)
             await anyio.to_thread.run_sync(runtime.close)
 
     app = FastAPI(
