@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import anyio
@@ -47,11 +48,12 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.cpu_limiter = anyio.CapacityLimiter(settings.inference_threads)
+        app.state.cpu_pool = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="visage-cpu")
         runtime.start()
         try:
             yield
         finally:
+            app.state.cpu_pool.shutdown(wait=True, cancel_futures=True)
             await anyio.to_thread.run_sync(runtime.close)
 
     app = FastAPI(

@@ -52,7 +52,11 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=10_000, description="largest accepted width x height")
     default_far: str = Field("1e-3", description="false-accept rate whose calibrated threshold is the default")
     store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
-    inference_threads: int = Field(2, ge=1, le=64, description="images processed at once per worker")
+    inference_threads: int = Field(
+        1, ge=1, le=64, description="images processed at once per worker, each on its own OS thread; 1 keeps the "
+        "/verify latency and memory targets on 2 cores, 2 serves ~25% more requests/s under load for ~90 MiB "
+        "(docs/BENCHMARKS.md sections 3 and 6)"
+    )
     log_level: str = Field("info")
 
     @field_validator("api_keys", mode="before")

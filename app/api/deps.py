@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, TypeVar
 
@@ -52,9 +54,12 @@ def require_api_key(
 
 
 async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:
-    """Run blocking model or database work in a worker thread, at most ``inference_threads`` at a time."""
-    limiter: anyio.CapacityLimiter = request.app.state.cpu_limiter
-    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs), limiter=limiter)
+    """Run blocking model work on the app's own ``inference_threads`` OS threads, always the same ones: every
+    thread that runs torch or ONNX Runtime gets its own OpenMP team and malloc arena, and anyio's shared pool
+    would spread the model over many (RSS after 16 concurrent clients: 1,064-1,097 MiB there, 961 MiB here
+    with one inference thread; docs/BENCHMARKS.md section 6)."""
+    pool: ThreadPoolExecutor = request.app.state.cpu_pool
+    return await asyncio.get_running_loop().run_in_executor(pool, partial(func, *args, **kwargs))
 
 
 async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
