@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
     inference_threads: int = Field(
         1, ge=1, le=64, description="images processed at once per worker, each on its own OS thread; 1 keeps the "
-        "/verify latency and memory targets on 2 cores, 2 serves ~25% more requests/s under load for ~90 MiB "
-        "(docs/BENCHMARKS.md sections 3 and 6)"
+        "/verify latency and memory targets on 2 cores; 2 served ~30% more requests/s at 16 clients for ~40 MiB "
+        "more and a slower single request (p50 ~105 ms; docs/BENCHMARKS.md section 6)"
     )
     log_level: str = Field("info")
 
