@@ -1,10 +1,11 @@
 """Held-out verification accuracy of each inference variant (fp32 ONNX Runtime, fused, int8 ...): the rule is that
 a speed-up ships only if accuracy on the held-out LFW folds stays within 0.3 points of the eager network.
 
-Every variant of ``bench/embedder_variants.py`` embeds the images of the held-out pairs (View 2 folds 7-8 of
-``lfw/pairs_dev.txt``; their people never entered training) from the aligned crops ``visage prepare`` made, with
-mirror averaging as the service does; the n-fold LFW protocol (``training.evaluate.verify``) scores them. int8
-calibration uses crops of *training* people only (people outside the evaluated folds), so no test face is seen.
+Every variant of ``bench/embedder_variants.py`` embeds the held-out faces of training's own split
+(``training.loop.load_split``: every image of the people in View 2 folds 7-8 of ``lfw/pairs_dev.txt``, who never
+entered training) from the aligned crops ``visage prepare`` made, with mirror averaging as the service does; the
+n-fold LFW protocol (``training.evaluate.verify``) scores those folds' pairs. int8 calibration uses crops of the
+split's *training* people only, so no test face is seen.
 Speed per face is in docs/BENCHMARKS.md section 1 (``bench/embedder.py --variants``); this table is accuracy only.
 
     VISAGE_WORK_DIR=/work/cache python bench/variant_accuracy.py --out docs/BENCHMARKS.md
@@ -19,10 +20,9 @@ import numpy as np
 from common import command_line, emit, load_default_bundle, machine, machine_line, md_table, parser, progress
 from embedder_variants import build_all
 
-from training.data import load_prepared
+from training.config import load_config
 from training.evaluate import verify
-from training.pairs import people_in_folds, read_pairs
-from training.paths import shared_data, work_dir
+from training.loop import load_split
 
 DEFAULT_VARIANTS = ["eager", "fused", "onnxruntime", "int8_dynamic", "int8_static_fx", "int8_static_ort"]
 TOLERANCE = 0.3  # accuracy points (issue 5)
@@ -39,34 +39,26 @@ def main() -> int:
     args = ap.parse_args()
 
     bundle, source = load_default_bundle(args.weights)
-    folds = {int(f) - 1 for f in args.folds.split(",")}
-    _, pairs = read_pairs(shared_data() / "lfw" / "pairs_dev.txt")
-    held_out = people_in_folds(pairs, folds)
-    pairs = [p for p in pairs if p.fold in folds]
-    faces = load_prepared(work_dir() / "prepared" / "lfw")
-    where = {s: i for i, s in enumerate(faces.sources)}
-    names = sorted({n for p in pairs for n in (p.left, p.right)})
-    crops = faces.crops[[where[n] for n in names]]
-    train_rows = [i for i, s in enumerate(faces.sources) if s.split("/")[0] not in held_out]
-    pick = np.random.default_rng(0).choice(train_rows, size=min(args.calibration, len(train_rows)), replace=False)
-    calibration = faces.crops[np.sort(pick)]
-    same = np.array([p.same for p in pairs])
-    fold = np.array([p.fold for p in pairs])
-    row = {n: i for i, n in enumerate(names)}
-    left, right = np.array([row[p.left] for p in pairs]), np.array([row[p.right] for p in pairs])
+    # training's own split: the same held-out people and pairs as validation during training
+    split = load_split(load_config(None, ['prepared={lfw = "prepared/lfw"}', f"val_folds=[{args.folds}]"]),
+                       need_teacher=False)
+    crops, left, right = split.val.crops, split.val_left, split.val_right
+    pick = np.random.default_rng(0).choice(len(split.train), size=min(args.calibration, len(split.train)),
+                                           replace=False)
+    calibration = split.train.crops[np.sort(pick)]
 
     net = bundle.build()
     variants, failed = build_all(net, calibration, args.threads, only=args.variants)
     results, reference = [], None
     for v in variants:
         v.embedder.flip = not args.no_flip  # as the service embeds
-        progress(f"{v.key}: embedding {len(names)} held-out images")
+        progress(f"{v.key}: embedding {len(crops)} held-out images")
         start = time.perf_counter()
         emb = v.embedder.embed(crops)
         seconds = time.perf_counter() - start
         if reference is None:
             reference = emb
-        result = verify(np.sum(emb[left] * emb[right], axis=1), same, fold)
+        result = verify(np.sum(emb[left] * emb[right], axis=1), split.val_same, split.val_folds)
         name = "eager, channels-last (the reference)" if v.key == "eager" else v.name
         results.append({"key": v.key, "name": name, "accuracy": result.accuracy, "std": result.accuracy_std,
                         "auc": result.auc, "tar_1e-3": result.tar_at_far.get("1e-3"),
@@ -84,7 +76,7 @@ def main() -> int:
     info = machine(args.threads)
     mode = "one pass" if args.no_flip else "flip-averaged"
     md = [f"`{command_line()}`", "", machine_line(info), "",
-          f"{source}; {len(pairs)} held-out pairs (folds {args.folds}), {len(names)} images, {mode}; int8 "
+          f"{source}; {len(left)} held-out pairs (folds {args.folds}), {len(crops)} images, {mode}; int8 "
           f"calibration on {len(calibration)} crops of training people. Delta = accuracy minus the first row's "
           f"(the eager network); a variant may ship only within +-{TOLERANCE} points.", "",
           md_table(["variant", "held-out acc. %", "delta (points)", f"within {TOLERANCE}", "AUC", "TAR@1e-3 %",
