@@ -20,6 +20,12 @@ class TrainConfig:
     val_folds: list[int] = field(default_factory=lambda: [7, 8])  # 1-based; their people are held out of training
     teacher_cache: str = "teacher_cache.npz"  # relative to the work dir
     teacher_center: bool = True  # subtract the mean descriptor before matching by angle (see losses.py)
+    # "cached": targets are the teacher's descriptors of the plain and mirrored photo (teacher_cache);
+    # "online": dlib's network runs in PyTorch on the very view the student sees (training/views.py), which
+    # needs the source photos (``sources``, relative to the shared data folder) and prepare's landmarks
+    teacher_mode: str = "cached"
+    sources: dict[str, str] = field(default_factory=lambda: {"lfw": "lfw/images", "celeba": "celeba/images"})
+    mixup: float = 0.0  # online only: fraction of samples blended with another (the teacher describes the blend)
     # model
     backbone: str = "mobilenet_v1"
     alpha: float = 0.5
@@ -63,6 +69,10 @@ class TrainConfig:
         if not (isinstance(self.val_folds, list) and self.val_folds
                 and all(isinstance(f, int) and f >= 1 for f in self.val_folds)):
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")
+        if self.teacher_mode not in ("cached", "online"):
+            raise ValueError(f"teacher_mode must be cached or online, got {self.teacher_mode!r}")
+        if not 0.0 <= self.mixup < 1.0 or (self.mixup and self.teacher_mode != "online"):
+            raise ValueError("mixup must be in [0, 1) and needs teacher_mode=online (a cached target ignores blends)")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class FaceSet:
     fallback: np.ndarray  # bool: detector found nothing, centred region used
     teacher: np.ndarray | None = None  # (N, 128) float32
     teacher_flip: np.ndarray | None = None
+    landmarks: np.ndarray | None = None  # (N, 5, 2) in source-image pixels, NaN where the manifest has none
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -46,6 +48,7 @@ class FaceSet:
             self.crops[idx], pick(self.identities), pick(self.sources), pick(self.sha256), self.fallback[idx],
             None if self.teacher is None else self.teacher[idx],
             None if self.teacher_flip is None else self.teacher_flip[idx],
+            None if self.landmarks is None else self.landmarks[idx],
         )
 
     def with_teacher(self, cache: TeacherCache) -> FaceSet:
@@ -62,6 +65,7 @@ class FaceSet:
 
 def concat(sets: list[FaceSet]) -> FaceSet:
     has_teacher = all(s.teacher is not None for s in sets)
+    has_landmarks = all(s.landmarks is not None for s in sets)
     return FaceSet(
         np.concatenate([s.crops for s in sets]),
         [i for s in sets for i in s.identities],
@@ -70,6 +74,7 @@ def concat(sets: list[FaceSet]) -> FaceSet:
         np.concatenate([s.fallback for s in sets]),
         np.concatenate([s.teacher for s in sets]) if has_teacher else None,
         np.concatenate([s.teacher_flip for s in sets]) if has_teacher else None,
+        np.concatenate([s.landmarks for s in sets]) if has_landmarks else None,
     )
 
 
@@ -93,7 +98,35 @@ def load_prepared(folder: str | Path, namespace: str = "") -> FaceSet:
         [r.source for r in rows],
         [r.sha256 for r in rows],
         np.array([r.status == "fallback" for r in rows]),
+        landmarks=np.array([_parse_landmarks(r.landmarks) for r in rows]),
     )
+
+
+def _parse_landmarks(text: str) -> np.ndarray:
+    values = [float(v) for v in text.split()]
+    return np.array(values).reshape(5, 2) if len(values) == 10 else np.full((5, 2), np.nan)
+
+
+def load_sources(faces: FaceSet, roots: dict[str, Path], cache: Path) -> np.ndarray:
+    """The source photos of ``faces`` as one (N, H, W, 3) uint8 array (all must share one size, as LFW's and
+    CelebA's 160 px crops do); decoded once and kept in ``cache`` (an .npy keyed by the images' hashes)."""
+    from model.decode import decode_image
+
+    key = hashlib.sha256("".join(faces.sha256).encode()).hexdigest()[:16]
+    path = cache.with_name(f"{cache.stem}-{key}.npy")
+    if path.exists():
+        return np.load(path)
+    images = []
+    for ident, src in zip(faces.identities, faces.sources, strict=True):
+        root = roots[ident.split("/")[0]] if "/" in ident else next(iter(roots.values()))
+        images.append(np.asarray(decode_image((root / src).read_bytes())))
+    sizes = {im.shape for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"source photos differ in size ({sorted(sizes)[:3]}): consistent views need one size")
+    out = np.stack(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, out)
+    return out
 
 
 @dataclass(frozen=True)

@@ -23,14 +23,15 @@ from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.mobilenet import build_model
 from training.config import TrainConfig
-from training.data import Augment, FaceSet, concat, load_prepared
+from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
 from training.losses import distillation_loss, triplet_margin_loss
 from training.miners import MINERS
 from training.pairs import people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
 from training.sampler import PKSampler
-from training.teacher import TeacherCache, reference_cache
+from training.teacher import TeacherCache, reference_cache, teacher_chip_matrices
+from training.views import ViewAugment, ViewSource, student_matrix
 
 FARS = ("1e-2", "1e-3", "1e-4")
 
@@ -78,6 +79,29 @@ def load_split(cfg: TrainConfig, need_teacher: bool) -> Split:
         val_same=np.array([p.same for p in chosen]),
         val_folds=np.array([p.fold for p in chosen]),
     )
+
+
+def load_views(cfg: TrainConfig, faces: FaceSet, progress: bool = True) -> ViewSource:
+    """Source photos, the serving alignment (prepare's landmarks) and the teacher's chip framing of ``faces``."""
+    if faces.landmarks is None or np.isnan(faces.landmarks).any():
+        raise ValueError("teacher_mode=online needs the landmarks `visage prepare` records: re-run it into a new "
+                         "folder (manifests written before they were recorded have none)")
+    roots = {ns: shared_data() / folder for ns, folder in cfg.sources.items()}
+    missing = {i.split("/")[0] for i in faces.identities} - set(roots)
+    if missing:
+        raise ValueError(f"no source folder for data sets {sorted(missing)}: set `sources`")
+    paths = [roots[i.split("/")[0]] / s for i, s in zip(faces.identities, faces.sources, strict=True)]
+    images = load_sources(faces, roots, work_dir() / "cache" / "sources.npy")
+    teacher = teacher_chip_matrices(paths, work_dir() / "cache" / "teacher_chips.npz", progress=progress)
+    return ViewSource(images, np.stack([student_matrix(m) for m in faces.landmarks]), teacher)
+
+
+def load_teacher_net(device: torch.device) -> nn.Module:
+    from training.dlib_resnet import load_dlib_resnet
+    from training.teacher import models_dir
+
+    net = load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")
+    return net.to(device, memory_format=torch.channels_last).requires_grad_(False)
 
 
 def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:
@@ -173,13 +197,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     crops = split.train.crops
     labels_all = torch.as_tensor(split.train.labels)
     teacher = teacher_flip = None
+    centre = torch.zeros(128)
     if split.train.teacher is not None:
         teacher, teacher_flip = torch.as_tensor(split.train.teacher), torch.as_tensor(split.train.teacher_flip)
         if cfg.teacher_center:
             # dlib's descriptors share a large common component (raw pair cosines average 0.89): matched by
             # angle as they are, every face looks alike. Their Euclidean geometry ignores that offset, so remove it.
-            mean = torch.cat([teacher, teacher_flip]).mean(0)
-            teacher, teacher_flip = teacher - mean, teacher_flip - mean
+            centre = torch.cat([teacher, teacher_flip]).mean(0)
+            teacher, teacher_flip = teacher - centre, teacher_flip - centre
+    views = teacher_net = None
+    if cfg.teacher_mode == "online":
+        views, teacher_net = load_views(cfg, split.train, progress and rank == 0), load_teacher_net(device)
+        view_augment, centre = ViewAugment(mixup=cfg.mixup), centre.to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume
     for epoch in range(start_epoch, cfg.epochs):
@@ -190,20 +220,30 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             batches = batches[:max_steps]
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress or rank > 0)
         for idx in bar:
-            x, flipped = augment(crops[idx], cfg.resolution, gen)
-            x = x.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+            mixed = torch.zeros(len(idx), dtype=torch.bool)
+            if views is not None:
+                x, chips, mixed = views.draw(idx, cfg.resolution, view_augment, gen)
+                with torch.no_grad(), autocast:
+                    online_target = teacher_net(chips.to(device, memory_format=torch.channels_last)).float() - centre
+            else:
+                x, flipped = augment(crops[idx], cfg.resolution, gen)
+            x = x.to(device, memory_format=memory_format)
             labels = labels_all[idx].to(device)
             with autocast:
                 emb = net(x).float()
             loss = emb.sum() * 0.0
             stats = {}
             if cfg.w_distill > 0:
-                target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
+                if views is not None:
+                    target = online_target
+                else:
+                    target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
                 d = distillation_loss(emb, target)
                 loss = loss + cfg.w_distill * d
                 stats["distill"] = float(d.detach())
             if cfg.w_triplet > 0:
-                t, active = triplet_margin_loss(emb, miner(emb, labels, cfg.margin), cfg.margin)
+                pure = ~mixed.to(device)  # a blend has no single identity: triplets use the unblended samples
+                t, active = triplet_margin_loss(emb[pure], miner(emb[pure], labels[pure], cfg.margin), cfg.margin)
                 loss = loss + cfg.w_triplet * t
                 stats["triplet"], stats["active"] = float(t.detach()), active
             opt.zero_grad(set_to_none=True)

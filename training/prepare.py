@@ -38,6 +38,9 @@ class ManifestRow:
     status: str  # detected / fallback / failed
     score: float
     reason: str
+    # the 5 landmarks the crop was aligned on, in source-image pixels ("x1 y1 ... x5 y5"): lets training
+    # re-warp the source with extra geometry (augmentation, the teacher's own framing) consistently
+    landmarks: str = ""
 
 
 def list_images(src: Path) -> list[tuple[str, str]]:
@@ -58,6 +61,15 @@ def read_manifest(dst: Path) -> list[ManifestRow]:
         rows = [ManifestRow(**{**r, "score": float(r["score"])}) for r in csv.DictReader(fh)]
     # a resumed run appends a new row when it redoes an image (crop lost): the latest row wins
     return list({r.source: r for r in rows}.values())
+
+
+def _write_manifest(path: Path, rows: list[ManifestRow]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    tmp.replace(path)
 
 
 def _pad(image: Image.Image, pad: float) -> tuple[Image.Image, int, int]:
@@ -84,9 +96,10 @@ def _init_worker() -> None:
     _detector = FaceDetector()
 
 
-def align_or_centre(images: list[Image.Image], detector, pad: float) -> list[tuple[np.ndarray, str, float]]:
-    """Aligned crop, status and score for each image: the detected face nearest the centre, or the centred
-    face region when there is none (the LFW protocol's fallback; counted by every caller)."""
+def align_or_centre(images: list[Image.Image], detector, pad: float) -> list[tuple[np.ndarray, str, float, np.ndarray]]:
+    """Aligned crop, status, score and landmarks (source-image pixels) for each image: the detected face
+    nearest the centre, or the centred face region when there is none (the LFW protocol's fallback; counted
+    by every caller)."""
     from model.align import CROP_SIZE, align_face
 
     padded = [_pad(img, pad) for img in images]
@@ -101,7 +114,9 @@ def align_or_centre(images: list[Image.Image], detector, pad: float) -> list[tup
         else:
             landmarks = CENTRED_LANDMARKS * np.array([w, h]) + np.array([ox, oy])
             status, score = "fallback", 0.0
-        out.append((align_face(canvas, landmarks, CROP_SIZE), status, round(float(score), 4)))
+        landmarks = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+        source_points = landmarks - np.array([ox, oy])
+        out.append((align_face(canvas, landmarks, CROP_SIZE), status, round(float(score), 4), source_points))
     return out
 
 
@@ -120,13 +135,15 @@ def _process_chunk(args: tuple[str, str, list[tuple[str, str]], float]) -> list[
             metas.append((ident, rel, sha))
         except VisageError as exc:
             rows.append(asdict(ManifestRow("", ident, rel, sha, "failed", 0.0, exc.detail)))
-    for (crop, status, score), (ident, rel, sha) in zip(align_or_centre(images, _detector, pad), metas, strict=True):
+    aligned = align_or_centre(images, _detector, pad)
+    for (crop, status, score, points), (ident, rel, sha) in zip(aligned, metas, strict=True):
         crop_rel = str(Path(rel).with_suffix(".png"))
         out = Path(dst) / "crops" / crop_rel
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(crop).save(out)
         reason = "no face detected: centred face region used" if status == "fallback" else ""
-        rows.append(asdict(ManifestRow(f"crops/{crop_rel}", ident, rel, sha, status, score, reason)))
+        marks = " ".join(f"{v:.2f}" for v in points.ravel())
+        rows.append(asdict(ManifestRow(f"crops/{crop_rel}", ident, rel, sha, status, score, reason, marks)))
     return rows
 
 
@@ -155,9 +172,11 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         raise FileNotFoundError(f"source folder not found: {src}")
     dst.mkdir(parents=True, exist_ok=True)
     existing = read_manifest(dst)
+    manifest = dst / MANIFEST
+    if existing and "landmarks" not in manifest.open().readline():
+        _write_manifest(manifest, existing)  # written before the landmarks column: upgrade the header in place
     done = {r.source for r in existing if r.status == "failed" or (dst / r.crop).exists()}
     todo = [it for it in list_images(src) if it[1] not in done]
-    manifest = dst / MANIFEST
     new_file = not manifest.exists() or manifest.stat().st_size == 0
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:

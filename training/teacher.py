@@ -26,7 +26,7 @@ def sha256_file(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _models_dir() -> Path:
+def models_dir() -> Path:
     # ``import face_recognition_models`` needs pkg_resources (gone in setuptools >= 82): find the files instead.
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
@@ -42,7 +42,7 @@ class DlibTeacher:
             import dlib
         except ImportError as exc:
             raise RuntimeError("the dlib teacher needs the optional extra: pip install 'visage[teacher]'") from exc
-        models = _models_dir()
+        models = models_dir()
         self._dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
         self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
@@ -69,6 +69,27 @@ class DlibTeacher:
         rf = dlib.rectangle(w - r.right(), r.top(), w - r.left(), r.bottom())
         desc_flip = np.array(self.rec.compute_face_descriptor(af, self.shape(af, rf), 0), dtype=np.float32)
         return desc, desc_flip, not dets
+
+    def face_rect(self, a: np.ndarray, box: tuple[int, int, int, int] | None = None):
+        """The face box the descriptor is computed in: ``box`` when known, else found as in ``describe_canvas``."""
+        dlib = self._dlib
+        if box is not None:
+            return dlib.rectangle(*(int(v) for v in box))
+        dets = self.detector(a, 1)
+        if not dets:
+            return dlib.rectangle(*FALLBACK_BOX)
+        c = a.shape[1] / 2.0
+        r = min(dets, key=lambda r: (r.center().x - c) ** 2 + (r.center().y - c) ** 2)
+        h, w = a.shape[:2]
+        return dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), w), min(r.bottom(), h))
+
+    def chip_transform(self, a: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """3x3 map from canvas pixels to the 150x150 chip dlib's descriptor would see (5-point alignment)."""
+        from training.views import chip_matrix
+
+        d = self._dlib.get_face_chip_details(self.shape(a, self.face_rect(a, box)), 150, 0.25)
+        r = d.rect
+        return chip_matrix((r.left(), r.top(), r.right(), r.bottom()), d.angle)
 
     def describe_file(self, path: str | Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """A 160x160 LFW/CelebA-style crop file -> (desc, desc_flip, fallback)."""
@@ -148,3 +169,36 @@ def teacher_embed(images: list[Path], cache_path: Path, progress: bool = True) -
         cache = cache.merged(keys, np.stack(d), np.stack(df))
     cache.save(cache_path)
     return cache, len(todo)
+
+
+def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = True) -> np.ndarray:
+    """(N, 3, 3) maps from each source photo's pixels to its teacher chip, cached by path in ``cache_path``.
+
+    The face box comes from the shipped reference descriptors where the photo is one of theirs (so the chip is
+    the one their descriptor was computed on), else from dlib's detector as ``teacher-embed`` would find it.
+    """
+    from tqdm import tqdm
+
+    keys = [str(p.resolve()) for p in paths]
+    cached: dict[str, np.ndarray] = {}
+    if cache_path.exists():
+        with np.load(cache_path) as z:
+            cached = dict(zip(z["keys"], z["matrices"], strict=True))
+    todo = [(k, p) for k, p in zip(keys, paths, strict=True) if k not in cached]
+    if todo:
+        boxes: dict[str, tuple] = {}
+        if teacher_reference().exists():
+            with np.load(teacher_reference()) as z:
+                root = shared_data().resolve()
+                boxes = {str(root / p): tuple(b) for p, b in zip(z["paths"], z["box"], strict=True)}
+        teacher = DlibTeacher()
+        offset = np.array([[1.0, 0, OFFSET], [0, 1.0, OFFSET], [0, 0, 1.0]])  # source -> canvas pixels
+        for key, path in tqdm(todo, desc="teacher chips", unit="img", disable=not progress):
+            with Image.open(path) as img:
+                canvas = teacher.canvas(img)
+            cached[key] = teacher.chip_transform(canvas, boxes.get(key)) @ offset
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
+        np.savez(tmp, keys=np.array(list(cached)), matrices=np.stack(list(cached.values())))
+        tmp.replace(cache_path)
+    return np.stack([cached[k] for k in keys])

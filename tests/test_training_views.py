@@ -1,0 +1,125 @@
+"""training.views: the student's and the teacher's views of one augmented photo, checked on real photos
+against what ``visage prepare`` and dlib produce for the un-augmented photo."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from model.preprocess import crops_to_tensor
+from training.data import load_prepared, load_sources
+from training.dlib_resnet import CHIP_SIZE, load_dlib_resnet
+from training.paths import shared_data, teacher_reference
+from training.prepare import prepare
+from training.teacher import DlibTeacher, models_dir, teacher_chip_matrices
+from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix
+
+LFW = shared_data() / "lfw" / "images"
+PEOPLE = ["Colin_Powell", "Serena_Williams", "Abdoulaye_Wade"]  # Wade_0003: dlib's fallback box
+STILL = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
+MIRROR = ViewAugment(flip=1, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("views")
+    for name in PEOPLE:
+        shutil.copytree(LFW / name, root / "src" / name)
+    prepare(root / "src", root / "prepared", workers=1, progress=False)
+    faces = load_prepared(root / "prepared", "lfw")
+    faces = faces.subset(np.arange(len(faces)) < 12)
+    paths = [root / "src" / s for s in faces.sources]
+    views = ViewSource(
+        load_sources(faces, {"lfw": root / "src"}, root / "cache" / "sources.npy"),
+        np.stack([student_matrix(m) for m in faces.landmarks]),
+        teacher_chip_matrices(paths, root / "cache" / "chips.npz", progress=False),
+    )
+    with np.load(teacher_reference()) as z:
+        rows = {p: i for i, p in enumerate(z["paths"])}
+        idx = [rows[f"lfw/images/{s}"] for s in faces.sources]
+        ref, ref_flip = z["desc"][idx], z["desc_flip"][idx]
+    return faces, views, ref, ref_flip
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def teacher_of(chips: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")(chips).numpy()
+
+
+def test_prepare_records_the_landmarks_it_aligned_on(setup):
+    faces, _, _, _ = setup
+    assert faces.landmarks.shape == (12, 5, 2) and not np.isnan(faces.landmarks).any()
+    assert (faces.landmarks > 0).all() and (faces.landmarks < 160).all()  # source pixels, not the padded canvas
+
+
+def test_unaugmented_views_are_the_serving_crop_and_dlibs_own_chip(setup):
+    faces, views, ref, _ = setup
+    x, chips, mixed = views.draw(np.arange(12), 112, STILL, torch.Generator().manual_seed(0))
+    assert x.shape == (12, 3, 112, 112) and chips.shape == (12, 3, CHIP_SIZE, CHIP_SIZE) and not mixed.any()
+    # the same alignment as prepare's crop (bilinear resampling differs by about one grey level)
+    assert float((x - crops_to_tensor(faces.crops, 112)).abs().mean()) * 128 < 2.0
+    # and the teacher's answer for the chip is the shipped reference descriptor of the photo
+    assert cosine(teacher_of(chips), ref).min() > 0.9999
+
+
+def test_a_mirrored_view_is_mirrored_for_both(setup):
+    faces, views, _, ref_flip = setup
+    x, chips, _ = views.draw(np.arange(12), 112, MIRROR, torch.Generator().manual_seed(0))
+    assert float((x - crops_to_tensor(faces.crops, 112).flip(3)).abs().mean()) * 128 < 2.0
+    # dlib re-detects on the mirrored photo; our chip mirrors its framing: close, not identical
+    assert cosine(teacher_of(chips), ref_flip).mean() > 0.98
+
+
+def test_chip_matrix_is_dlibs_chip_mapping():
+    import dlib
+    from PIL import Image
+
+    teacher = DlibTeacher()
+    with Image.open(LFW / "Colin_Powell" / "Colin_Powell_0001.jpg") as img:
+        canvas = teacher.canvas(img)
+    shape = teacher.shape(canvas, teacher.face_rect(canvas))
+    d = dlib.get_face_chip_details(shape, CHIP_SIZE, 0.25)
+    m = chip_matrix((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.angle)
+    chip = dlib.get_face_chip(canvas, shape, CHIP_SIZE, 0.25).astype(np.float32)
+    inv = np.linalg.inv(m)
+    ys, xs = np.mgrid[0:CHIP_SIZE, 0:CHIP_SIZE]
+    src = inv @ np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size)])
+    xi, yi = np.round(src[0]).astype(int), np.round(src[1]).astype(int)  # nearest pixel is enough to compare
+    diff = np.abs(canvas[yi, xi].astype(np.float32) - chip.reshape(-1, 3))
+    assert diff.mean() < 6.0
+
+
+def test_augmented_views_match_each_other_and_vary(setup):
+    _, views, ref, _ = setup
+    gen = torch.Generator().manual_seed(1)
+    x1, chips1, _ = views.draw(np.arange(12), 112, ViewAugment(), gen)
+    x2, chips2, _ = views.draw(np.arange(12), 112, ViewAugment(), gen)
+    assert float((x1 - x2).abs().mean()) > 0.02  # fresh randomness each batch
+    # the teacher still recognises each augmented face as the photo's own (jitter is small)...
+    d1 = teacher_of(chips1)
+    assert cosine(d1, ref).mean() > 0.9
+    # ... and the student view is the same picture: its grey level tracks the chip's
+    s_mean = (x1.mean(dim=(1, 2, 3)) * 128 + 127.5).numpy()
+    t_mean = chips1.mean(dim=(1, 2, 3)).numpy()
+    assert np.corrcoef(s_mean, t_mean)[0, 1] > 0.9
+
+
+def test_mixup_blends_the_same_pairs_in_both_views(setup):
+    _, views, _, _ = setup
+    base = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
+    plain_x, plain_chips, _ = views.draw(np.arange(12), 112, base, torch.Generator().manual_seed(2))
+    mix = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0, mixup=0.5)
+    x, chips, mixed = views.draw(np.arange(12), 112, mix, torch.Generator().manual_seed(2))
+    assert 0 < int(mixed.sum()) < 12
+    assert torch.allclose(x[~mixed], plain_x[~mixed], atol=1e-5)
+    assert torch.allclose(chips[~mixed], plain_chips[~mixed], atol=1e-3)
+    changed_s = (x - plain_x).abs().mean(dim=(1, 2, 3)) > 1e-3
+    changed_t = (chips - plain_chips).abs().mean(dim=(1, 2, 3)) > 1e-2
+    assert torch.equal(changed_s, changed_t) and changed_s[mixed].all()

@@ -1,0 +1,151 @@
+"""Consistent teaching: the student and the teacher look at the *same* augmented face.
+
+The cached-teacher recipe augments the student's crop but keeps the target of the un-augmented image, so every
+rotated, shifted or recoloured view is taught a slightly wrong answer, and the student can only learn ~2 targets
+per image (plain and mirrored). Here both views are drawn from the source photo in one step:
+
+- the student's view: the photo warped onto the 112x112 ArcFace template by the MTCNN landmarks that
+  ``visage prepare`` recorded (the serving alignment), then through a random similarity G (mirror, rotation,
+  scale, shift);
+- the teacher's view: the same augmented photo, framed as dlib frames its 150x150 chip (dlib's 5-point shape
+  model on the face box the teacher used), so the teacher answers for exactly what the student sees;
+- colour jitter is applied to the photo before either warp; optional mixup blends two aligned views of each
+  kind with the same weight, and the teacher describes the blend ("function matching").
+
+All matrices map pixel coordinates with integer pixel centres (dlib's convention), source -> output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from model.align import CROP_SIZE, similarity_to_template
+from model.preprocess import MEAN, STD
+from training.dlib_resnet import CHIP_SIZE
+
+GREY = 128.0
+
+
+def student_matrix(landmarks: np.ndarray) -> np.ndarray:
+    """Source pixels -> the 112x112 aligned crop's pixels (the same similarity ``align_face`` uses)."""
+    return similarity_to_template(np.asarray(landmarks, dtype=np.float64).reshape(5, 2)).params
+
+
+def chip_matrix(rect: tuple[float, float, float, float], angle: float, size: int = CHIP_SIZE) -> np.ndarray:
+    """dlib's chip_details (rect left/top/right/bottom, angle) -> image pixels to chip pixels.
+
+    dlib maps the rect's corners, rotated by ``angle`` about its centre, onto the chip's corners.
+    """
+    left, top, right, bottom = rect
+    cx, cy, c, s = (left + right) / 2, (top + bottom) / 2, math.cos(angle), math.sin(angle)
+
+    def rot(x: float, y: float) -> tuple[float, float]:
+        return cx + c * (x - cx) - s * (y - cy), cy + s * (x - cx) + c * (y - cy)
+
+    src = np.array([rot(left, top), rot(right, top), rot(right, bottom)])
+    dst = np.array([[0, 0], [size - 1, 0], [size - 1, size - 1]], dtype=np.float64)
+    m = np.linalg.solve(np.c_[src, np.ones(3)], dst).T
+    return np.vstack([m, [0.0, 0.0, 1.0]])
+
+
+def translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """The random geometry and colour of one batch of views (ranges as in ``training.data.Augment``)."""
+
+    flip: float = 0.5
+    max_shift: float = 0.06  # fraction of the crop
+    max_scale: float = 0.08
+    max_rotate_deg: float = 8.0
+    colour: float = 0.2
+    grey: float = 0.1
+    mixup: float = 0.0  # fraction of samples blended with another sample of the batch
+    mixup_alpha: float = 0.4  # Beta(a, a) for the blend weight
+
+    def geometry(self, n: int, gen: torch.Generator) -> np.ndarray:
+        """(n, 3, 3) maps from augmented-crop pixels to aligned-crop pixels (applied as output -> source)."""
+        u = (torch.rand(n, 5, generator=gen, dtype=torch.float64) * 2 - 1).numpy()
+        flip = (torch.rand(n, generator=gen) < self.flip).numpy()
+        c = (CROP_SIZE - 1) / 2
+        out = np.empty((n, 3, 3))
+        for i in range(n):
+            ang, scale = u[i, 0] * math.radians(self.max_rotate_deg), 1.0 + u[i, 1] * self.max_scale
+            ca, sa = math.cos(ang) / scale, math.sin(ang) / scale
+            rot = np.array([[ca, -sa, 0.0], [sa, ca, 0.0], [0.0, 0.0, 1.0]])
+            mirror = np.diag([-1.0 if flip[i] else 1.0, 1.0, 1.0])
+            shift = translation(*(u[i, 2:4] * self.max_shift * CROP_SIZE))
+            out[i] = translation(c, c) @ shift @ rot @ mirror @ translation(-c, -c)
+        return out
+
+    def colour_jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Contrast, brightness, saturation and greyscale on (n, 3, H, W) pixels in 0..255, grey = 128."""
+        n = x.shape[0]
+
+        def u() -> torch.Tensor:
+            return (torch.rand(n, generator=gen) * 2 - 1)[:, None, None, None]
+
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + u() * self.colour) + mean + u() * self.colour * STD
+        grey = x.mean(1, keepdim=True)
+        x = grey + (x - grey) * (1 + u() * self.colour)
+        to_grey = (torch.rand(n, generator=gen) < self.grey)[:, None, None, None]
+        return torch.where(to_grey, grey.expand_as(x), x).clamp_(0, 255)
+
+
+def _warp(src: torch.Tensor, out_to_src: np.ndarray, size: int) -> torch.Tensor:
+    """Sample (n, 3, H, W) ``src`` (grey-centred) at ``out_to_src`` of each output pixel; outside is grey."""
+    h, w = src.shape[2:]
+    # normalised output coords -> output pixels -> source pixels -> normalised source coords (align_corners=False)
+    to_pix = np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])
+    to_norm = np.array([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])
+    theta = torch.as_tensor(to_norm @ out_to_src @ to_pix, dtype=torch.float32)[:, :2]
+    grid = F.affine_grid(theta, [src.shape[0], 3, size, size], align_corners=False)
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def draw_views(
+    images: np.ndarray, student: np.ndarray, teacher: np.ndarray, resolution: int, augment: ViewAugment,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source photos (n, H, W, 3) uint8 with their two alignments -> (student input normalised as in serving,
+    teacher chips in 0..255, bool mask of mixed samples)."""
+    n = len(images)
+    src = torch.as_tensor(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+    src = augment.colour_jitter(src, gen) - GREY
+    g = augment.geometry(n, gen)
+    to_res = np.diag([resolution / CROP_SIZE, resolution / CROP_SIZE, 1.0])
+    s_inv = np.linalg.inv(student)
+    # student: output px -> (scale back to 112) -> G -> aligned crop px -> source px
+    s_view = _warp(src, s_inv @ g @ np.linalg.inv(to_res), resolution) + GREY
+    # teacher: chip px -> source px of the un-augmented photo -> aligned crop px -> G -> source px
+    t_view = _warp(src, s_inv @ g @ student @ np.linalg.inv(teacher), CHIP_SIZE) + GREY
+    mixed = torch.rand(n, generator=gen) < augment.mixup
+    if mixed.any():
+        partner = torch.randperm(n, generator=gen)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+        lam = torch.as_tensor(np.random.default_rng(seed).beta(augment.mixup_alpha, augment.mixup_alpha, n),
+                              dtype=torch.float32)
+        lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones(n))[:, None, None, None]
+        s_view = lam * s_view + (1 - lam) * s_view[partner]
+        t_view = lam * t_view + (1 - lam) * t_view[partner]
+    return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
+
+
+@dataclass
+class ViewSource:
+    """The training photos with both alignments, ready to draw consistent batches from."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8 source photos
+    student: np.ndarray  # (N, 3, 3) source px -> aligned crop px
+    teacher: np.ndarray  # (N, 3, 3) source px -> teacher chip px
+
+    def draw(self, idx: np.ndarray, resolution: int, augment: ViewAugment, gen: torch.Generator):
+        return draw_views(self.images[idx], self.student[idx], self.teacher[idx], resolution, augment, gen)
