@@ -160,3 +160,30 @@ def test_every_listed_suffix_can_be_decoded(suffix):
     buf = io.BytesIO()
     face.save(buf, fmt)
     assert decode_image(buf.getvalue()).size == face.size
+
+
+def test_landmarks_are_recorded_in_source_pixels(prepared):
+    """The manifest's landmarks, mapped by the alignment they define, land on the template: training can
+    re-warp the source photo exactly as the crop was made (training/views.py)."""
+    from model.align import project_landmarks
+
+    _, dst, _ = prepared
+    for row in read_manifest(dst):
+        if row.status == "failed":
+            assert row.landmarks == ""
+            continue
+        points = np.array([float(v) for v in row.landmarks.split()]).reshape(5, 2)
+        if row.status == "detected":  # fallback rows hold the centred template, in source pixels too
+            assert np.abs(project_landmarks(points) - ARCFACE_TEMPLATE).max() < 3.0, row.source
+
+
+def test_a_manifest_from_before_landmarks_is_upgraded_in_place(prepared, tmp_path):
+    src, dst, _ = prepared
+    old = tmp_path / "old"
+    shutil.copytree(dst, old)
+    lines = (old / MANIFEST).read_text().splitlines()
+    (old / MANIFEST).write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    again = prepare(src, old, workers=1, progress=False)
+    assert again.done_before == 8  # nothing redone
+    assert (old / MANIFEST).read_text().splitlines()[0].endswith(",landmarks")
+    assert all(r.landmarks == "" for r in read_manifest(old))
