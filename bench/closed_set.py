@@ -7,8 +7,6 @@ teacher with --teacher). Faces go through ``visage prepare`` (the same detection
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 from common import (
     command_line,
@@ -40,7 +38,7 @@ def main() -> None:
     from model.embedder import Embedder
     from training.data import load_prepared
     from training.prepare import prepare
-    from training.teacher import teacher_embed
+    from training.teacher import teacher_vectors
 
     bundle, desc = load_default_bundle(args.weights)
     embedder = Embedder(bundle, backend="onnx")
@@ -55,10 +53,8 @@ def main() -> None:
                "student_rank1": student}
         if args.teacher:
             paths = [src / s for s in faces.sources]
-            cache, _ = teacher_embed(paths, work_dir() / "teacher_cache.npz", progress=False)
-            index = cache.index()
-            idx = [index[hashlib.sha256(p.read_bytes()).hexdigest()] for p in paths]
-            teacher = 0.5 * (cache.desc[idx] + cache.desc_flip[idx])
+            plain, mirrored = teacher_vectors(paths, work_dir() / "teacher_cache.npz", progress=False)
+            teacher = 0.5 * (plain + mirrored)
             res["teacher_rank1"] = rank1(teacher, labels, metric="euclidean")
         results[name] = res
         rows.append([title, res["images"], res["people"], res["fallbacks"], f"{100 * student:.1f} %",

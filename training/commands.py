@@ -137,13 +137,11 @@ def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
 
 def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, str]:
     from training.paths import work_dir
-    from training.teacher import teacher_embed
+    from training.teacher import teacher_vectors
 
     paths = [args.images / n for n in names]
-    cache, _ = teacher_embed(paths, work_dir() / "teacher_cache.npz", progress=not args.json)
-    index = cache.index()
-    rows = np.array([index[hashlib.sha256(p.read_bytes()).hexdigest()] for p in paths])
-    desc = cache.desc[rows] if args.no_flip else 0.5 * (cache.desc[rows] + cache.desc_flip[rows])
+    plain, mirrored = teacher_vectors(paths, work_dir() / "teacher_cache.npz", progress=not args.json)
+    desc = plain if args.no_flip else 0.5 * (plain + mirrored)
     return dict(zip(names, desc, strict=True)), 0, "dlib_resnet_v1"
 
 

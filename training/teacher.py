@@ -35,7 +35,9 @@ def models_dir() -> Path:
 
 
 class DlibTeacher:
-    """dlib's 128-d descriptor (about 100 ms a face on these CPUs): plain and mirrored."""
+    """dlib's 128-d descriptor, plain and mirrored: dlib finds the face and its 5 landmarks and cuts the chip;
+    the descriptor network runs in PyTorch (``training.dlib_resnet``, dlib's weights, the same numbers to
+    1e-5), batched: ~6 ms a chip instead of dlib's ~100 ms on these CPUs."""
 
     def __init__(self) -> None:
         try:
@@ -47,41 +49,63 @@ class DlibTeacher:
         self.detector = dlib.get_frontal_face_detector()
         self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
         self.rec = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
+        self._net = None
+
+    @property
+    def net(self):
+        if self._net is None:
+            from training.dlib_resnet import load_dlib_resnet
+
+            self._net = load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")
+        return self._net
 
     def canvas(self, image: Image.Image) -> np.ndarray:
         canvas = Image.new("RGB", (CANVAS, CANVAS), GREY)
         canvas.paste(image.convert("RGB"), (OFFSET, OFFSET))
         return np.ascontiguousarray(np.asarray(canvas, dtype=np.uint8))
 
-    def describe_canvas(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    def chips(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The 150x150 chips dlib describes for a canvas and its mirror image, and whether the box is the
+        fallback (no face detected)."""
         dlib = self._dlib
-        dets = self.detector(a, 1)
-        c = a.shape[1] / 2.0
-        if dets:
-            r = min(dets, key=lambda r: (r.center().x - c) ** 2 + (r.center().y - c) ** 2)
-            h, w = a.shape[:2]
-            r = dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), w), min(r.bottom(), h))
-        else:
-            r = dlib.rectangle(*FALLBACK_BOX)
-        desc = np.array(self.rec.compute_face_descriptor(a, self.shape(a, r), 0), dtype=np.float32)
+        r, fallback = self.locate(a)
+        chip = dlib.get_face_chip(a, self.shape(a, r), 150, 0.25)
         af = np.ascontiguousarray(a[:, ::-1, :])
         w = a.shape[1] - 1
         rf = dlib.rectangle(w - r.right(), r.top(), w - r.left(), r.bottom())
-        desc_flip = np.array(self.rec.compute_face_descriptor(af, self.shape(af, rf), 0), dtype=np.float32)
-        return desc, desc_flip, not dets
+        return chip, dlib.get_face_chip(af, self.shape(af, rf), 150, 0.25), fallback
 
-    def face_rect(self, a: np.ndarray, box: tuple[int, int, int, int] | None = None):
-        """The face box the descriptor is computed in: ``box`` when known, else found as in ``describe_canvas``."""
+    def describe_chips(self, chips: np.ndarray, batch: int = 64) -> np.ndarray:
+        """(n, 150, 150, 3) uint8 chips -> (n, 128) float32 descriptors."""
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(chips), batch):
+                x = torch.from_numpy(np.ascontiguousarray(chips[i : i + batch])).permute(0, 3, 1, 2).float()
+                out.append(self.net(x.contiguous(memory_format=torch.channels_last)).numpy())
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 128), np.float32)
+
+    def describe_canvas(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        chip, chip_flip, fallback = self.chips(a)
+        desc, desc_flip = self.describe_chips(np.stack([chip, chip_flip]))
+        return desc, desc_flip, fallback
+
+    def locate(self, a: np.ndarray) -> tuple[object, bool]:
+        """(dlib rectangle, fallback): the HOG face nearest the centre (one upsampling), clipped to the canvas,
+        or the fixed fallback box when there is none."""
         dlib = self._dlib
-        if box is not None:
-            return dlib.rectangle(*(int(v) for v in box))
         dets = self.detector(a, 1)
         if not dets:
-            return dlib.rectangle(*FALLBACK_BOX)
+            return dlib.rectangle(*FALLBACK_BOX), True
         c = a.shape[1] / 2.0
         r = min(dets, key=lambda r: (r.center().x - c) ** 2 + (r.center().y - c) ** 2)
         h, w = a.shape[:2]
-        return dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), w), min(r.bottom(), h))
+        return dlib.rectangle(max(r.left(), 0), max(r.top(), 0), min(r.right(), w), min(r.bottom(), h)), False
+
+    def face_rect(self, a: np.ndarray, box: tuple[int, int, int, int] | None = None):
+        """The face box the descriptor is computed in: ``box`` when known, else ``locate``'s."""
+        return self._dlib.rectangle(*(int(v) for v in box)) if box is not None else self.locate(a)[0]
 
     def chip_transform(self, a: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """3x3 map from canvas pixels to the 150x150 chip dlib's descriptor would see (5-point alignment)."""
@@ -149,6 +173,18 @@ def teacher_embed(images: list[Path], cache_path: Path, progress: bool = True) -
 
     The cache starts from the shipped reference rows when it does not exist yet, so only new images cost dlib time.
     """
+    cache, computed, _ = _embed(images, cache_path, progress)
+    return cache, computed
+
+
+def teacher_vectors(images: list[Path], cache_path: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(desc, desc_flip) of each image, in order, computing and caching only what the cache lacks."""
+    cache, _, hashes = _embed(images, cache_path, progress)
+    rows = np.array([cache.index()[h] for h in hashes], dtype=np.int64)
+    return cache.desc[rows], cache.desc_flip[rows]
+
+
+def _embed(images: list[Path], cache_path: Path, progress: bool) -> tuple[TeacherCache, int, list[str]]:
     from tqdm import tqdm
 
     if cache_path.exists():
@@ -163,12 +199,19 @@ def teacher_embed(images: list[Path], cache_path: Path, progress: bool = True) -
     if todo:
         teacher = DlibTeacher()
         keys, d, df = [], [], []
-        for p, h in tqdm(todo, desc="teacher (dlib)", unit="img", disable=not progress):
-            a, b, _ = teacher.describe_file(p)
-            keys.append(h), d.append(a), df.append(b)
-        cache = cache.merged(keys, np.stack(d), np.stack(df))
+        with tqdm(total=len(todo), desc="teacher (dlib)", unit="img", disable=not progress) as bar:
+            for start in range(0, len(todo), 64):
+                chunk = todo[start : start + 64]
+                chips = []
+                for p, _ in chunk:
+                    with Image.open(p) as img:
+                        chips.extend(teacher.chips(teacher.canvas(img))[:2])
+                desc = teacher.describe_chips(np.stack(chips))
+                keys.extend(h for _, h in chunk), d.append(desc[0::2]), df.append(desc[1::2])
+                bar.update(len(chunk))
+        cache = cache.merged(keys, np.concatenate(d), np.concatenate(df))
     cache.save(cache_path)
-    return cache, len(todo)
+    return cache, len(todo), hashes
 
 
 def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = True) -> np.ndarray:
