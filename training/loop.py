@@ -223,7 +223,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             mixed = torch.zeros(len(idx), dtype=torch.bool)
             if views is not None:
                 x, chips, mixed = views.draw(idx, cfg.resolution, view_augment, gen)
-                with torch.no_grad(), autocast:
+                with torch.no_grad():  # full precision: the targets' small differences are the signal
                     online_target = teacher_net(chips.to(device, memory_format=torch.channels_last)).float() - centre
             else:
                 x, flipped = augment(crops[idx], cfg.resolution, gen)
