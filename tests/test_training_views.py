@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.preprocess import crops_to_tensor
-from training.data import load_prepared, load_sources
+from training.data import Augment, load_prepared, load_sources
 from training.dlib_resnet import CHIP_SIZE, load_dlib_resnet
 from training.paths import shared_data, teacher_reference
 from training.prepare import prepare
@@ -19,8 +19,8 @@ from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix
 
 LFW = shared_data() / "lfw" / "images"
 PEOPLE = ["Colin_Powell", "Serena_Williams", "Abdoulaye_Wade"]  # Wade_0003: dlib's fallback box
-STILL = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
-MIRROR = ViewAugment(flip=1, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
+STILL = ViewAugment(Augment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0))
+MIRROR = ViewAugment(Augment(flip=1, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0))
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,8 @@ def test_augmented_views_match_each_other_and_vary(setup):
 
 def test_mixup_blends_the_same_pairs_in_both_views(setup):
     _, views, _, _ = setup
-    base = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0)
-    plain_x, plain_chips, _ = views.draw(np.arange(12), 112, base, torch.Generator().manual_seed(2))
-    mix = ViewAugment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, colour=0, grey=0, mixup=0.5)
+    plain_x, plain_chips, _ = views.draw(np.arange(12), 112, STILL, torch.Generator().manual_seed(2))
+    mix = ViewAugment(STILL.base, mixup=0.5)
     x, chips, mixed = views.draw(np.arange(12), 112, mix, torch.Generator().manual_seed(2))
     assert 0 < int(mixed.sum()) < 12
     assert torch.allclose(x[~mixed], plain_x[~mixed], atol=1e-5)

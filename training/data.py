@@ -158,11 +158,20 @@ class Augment:
         theta = torch.stack([row0, row1], 1)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * (1 + u()[:, None, None, None] * self.colour) + mean + u()[:, None, None, None] * self.colour
-        grey = x.mean(1, keepdim=True)
-        sat = (1 + u() * self.colour)[:, None, None, None]
-        x = grey + (x - grey) * sat
-        to_grey = (torch.rand(n, generator=gen) < self.grey)[:, None, None, None]
-        x = torch.where(to_grey, grey.expand_as(x), x)
-        return x.contiguous(), flipped
+        return colour_jitter(x, self.colour, self.grey, gen).contiguous(), flipped
+
+
+def colour_jitter(x: torch.Tensor, colour: float, grey: float, gen: torch.Generator, unit: float = 1.0) -> torch.Tensor:
+    """Per-image contrast, brightness (+-``colour`` x ``unit``), saturation, and greyscale with probability
+    ``grey`` on an (n, 3, H, W) batch; ``unit`` is one normalised step in the batch's scale (128 for pixels)."""
+    n = x.shape[0]
+
+    def u() -> torch.Tensor:
+        return (torch.rand(n, generator=gen) * 2 - 1)[:, None, None, None]
+
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * (1 + u() * colour) + mean + u() * colour * unit
+    grey_x = x.mean(1, keepdim=True)
+    x = grey_x + (x - grey_x) * (1 + u() * colour)
+    to_grey = (torch.rand(n, generator=gen) < grey)[:, None, None, None]
+    return torch.where(to_grey, grey_x.expand_as(x), x)

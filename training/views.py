@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from model.align import CROP_SIZE, similarity_to_template
 from model.preprocess import MEAN, STD
+from training.data import Augment, colour_jitter
 from training.dlib_resnet import CHIP_SIZE
 
 GREY = 128.0
@@ -59,45 +60,27 @@ def translation(dx: float, dy: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewAugment:
-    """The random geometry and colour of one batch of views (ranges as in ``training.data.Augment``)."""
+    """The random geometry and colour of a batch of views (``Augment``'s ranges), and optional mixup."""
 
-    flip: float = 0.5
-    max_shift: float = 0.06  # fraction of the crop
-    max_scale: float = 0.08
-    max_rotate_deg: float = 8.0
-    colour: float = 0.2
-    grey: float = 0.1
+    base: Augment = Augment()
     mixup: float = 0.0  # fraction of samples blended with another sample of the batch
     mixup_alpha: float = 0.4  # Beta(a, a) for the blend weight
 
     def geometry(self, n: int, gen: torch.Generator) -> np.ndarray:
         """(n, 3, 3) maps from augmented-crop pixels to aligned-crop pixels (applied as output -> source)."""
+        a = self.base
         u = (torch.rand(n, 5, generator=gen, dtype=torch.float64) * 2 - 1).numpy()
-        flip = (torch.rand(n, generator=gen) < self.flip).numpy()
+        flip = (torch.rand(n, generator=gen) < a.flip).numpy()
         c = (CROP_SIZE - 1) / 2
         out = np.empty((n, 3, 3))
         for i in range(n):
-            ang, scale = u[i, 0] * math.radians(self.max_rotate_deg), 1.0 + u[i, 1] * self.max_scale
+            ang, scale = u[i, 0] * math.radians(a.max_rotate_deg), 1.0 + u[i, 1] * a.max_scale
             ca, sa = math.cos(ang) / scale, math.sin(ang) / scale
             rot = np.array([[ca, -sa, 0.0], [sa, ca, 0.0], [0.0, 0.0, 1.0]])
             mirror = np.diag([-1.0 if flip[i] else 1.0, 1.0, 1.0])
-            shift = translation(*(u[i, 2:4] * self.max_shift * CROP_SIZE))
+            shift = translation(*(u[i, 2:4] * a.max_shift * CROP_SIZE))
             out[i] = translation(c, c) @ shift @ rot @ mirror @ translation(-c, -c)
         return out
-
-    def colour_jitter(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Contrast, brightness, saturation and greyscale on (n, 3, H, W) pixels in 0..255, grey = 128."""
-        n = x.shape[0]
-
-        def u() -> torch.Tensor:
-            return (torch.rand(n, generator=gen) * 2 - 1)[:, None, None, None]
-
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = (x - mean) * (1 + u() * self.colour) + mean + u() * self.colour * STD
-        grey = x.mean(1, keepdim=True)
-        x = grey + (x - grey) * (1 + u() * self.colour)
-        to_grey = (torch.rand(n, generator=gen) < self.grey)[:, None, None, None]
-        return torch.where(to_grey, grey.expand_as(x), x).clamp_(0, 255)
 
 
 def _warp(src: torch.Tensor, out_to_src: np.ndarray, size: int) -> torch.Tensor:
@@ -119,7 +102,7 @@ def draw_views(
     teacher chips in 0..255, bool mask of mixed samples)."""
     n = len(images)
     src = torch.as_tensor(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
-    src = augment.colour_jitter(src, gen) - GREY
+    src = colour_jitter(src, augment.base.colour, augment.base.grey, gen, unit=STD).clamp_(0, 255) - GREY
     g = augment.geometry(n, gen)
     to_res = np.diag([resolution / CROP_SIZE, resolution / CROP_SIZE, 1.0])
     s_inv = np.linalg.inv(student)
