@@ -33,7 +33,7 @@ def rank1(emb: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> float:
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--weights", help="student bundle (default: the shipped one)")
-    ap.add_argument("--teacher", action="store_true", help="also the dlib teacher (about 0.25 s per image)")
+    ap.add_argument("--teacher", action="store_true", help="also the dlib teacher (about 60 ms per image)")
     args = ap.parse_args()
     from model.embedder import Embedder
     from training.data import load_prepared
