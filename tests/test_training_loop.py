@@ -16,7 +16,7 @@ from model.bundle import bundle_from_model
 from model.cost import mobilenet_v1_cost
 from model.mobilenet import build_model
 from training.config import TrainConfig
-from training.loop import FARS, calibrate, finished_metadata, lr_factor
+from training.loop import FARS, all_pairs_tar, calibrate, finished_metadata, lr_factor
 
 
 def test_warmup_then_cosine_to_zero():
@@ -52,6 +52,19 @@ def test_calibrate_thresholds_on_impostor_pairs_only():
         assert thr == pytest.approx(np.quantile(impostor, 1 - float(far)), abs=1e-4)
         assert np.mean(impostor > thr) <= float(far) + 1 / len(impostor)
     assert thresholds["1e-4"] >= thresholds["1e-3"]
+
+
+def test_all_pairs_tar_counts_every_genuine_pair_above_each_threshold():
+    """Hand-made: 3 people x 3 faces. Person a's faces agree (cos 1), b's are orthogonal to each other (cos 0),
+    c's pairwise cos is 0.5: at threshold 0.4, a's 3 and c's 3 genuine pairs pass, b's 3 do not."""
+    e = np.eye(8)
+    c_faces = [np.sqrt(0.5) * (e[4] + e[5 + i]) for i in range(3)]  # pairwise cos 0.5
+    emb = np.stack([e[0], e[0], e[0], e[1], e[2], e[3], *c_faces])
+    identities = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    out = all_pairs_tar(emb, identities, {"1e-3": 0.4, "1e-4": 0.6})
+    assert (out["genuine_pairs"], out["impostor_pairs"]) == (9, 27)
+    assert out["tar_at_far_1e-3"] == pytest.approx(6 / 9, abs=1e-4)
+    assert out["tar_at_far_1e-4"] == pytest.approx(3 / 9, abs=1e-4)
 
 
 def test_finished_metadata_matches_the_cost_model():

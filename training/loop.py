@@ -111,13 +111,28 @@ def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:
     return result.to_dict(), emb
 
 
-def calibrate(emb: np.ndarray, identities: list[str]) -> dict[str, float]:
-    """Thresholds at FAR 1e-3 and 1e-4 from every impostor pair among held-out faces (about a million)."""
+def _all_pairs(emb: np.ndarray, identities: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine of every pair of faces, and whether the pair is genuine (same identity)."""
     labels = np.unique(identities, return_inverse=True)[1]
-    sims = emb @ emb.T
     iu = np.triu_indices(len(emb), 1)
-    impostor = sims[iu][labels[iu[0]] != labels[iu[1]]]
-    return {far: round(threshold_at_far(impostor, float(far)), 4) for far in FARS}
+    return (emb @ emb.T)[iu], labels[iu[0]] == labels[iu[1]]
+
+
+def calibrate(emb: np.ndarray, identities: list[str]) -> dict[str, float]:
+    """Thresholds at FAR 1e-2, 1e-3 and 1e-4 from every impostor pair among held-out faces (millions)."""
+    scores, same = _all_pairs(emb, identities)
+    return {far: round(threshold_at_far(scores[~same], float(far)), 4) for far in FARS}
+
+
+def all_pairs_tar(emb: np.ndarray, identities: list[str], thresholds: dict[str, float]) -> dict:
+    """The share of *every* genuine pair among the held-out faces accepted at each calibrated threshold.
+
+    Tens of thousands of genuine pairs instead of the protocol's 600: a much steadier yardstick for comparing
+    models than the 1,200-pair accuracy (+-0.8 points between runs of the same recipe)."""
+    scores, same = _all_pairs(emb, identities)
+    genuine = scores[same]
+    return {"genuine_pairs": int(same.sum()), "impostor_pairs": int((~same).sum()),
+            **{f"tar_at_far_{far}": round(float(np.mean(genuine > thr)), 4) for far, thr in thresholds.items()}}
 
 
 def _dist() -> tuple[int, int]:
@@ -303,7 +318,9 @@ def finish(model: nn.Module, cfg: TrainConfig, split: Split, history: list[dict]
     """Validate, calibrate thresholds on held-out impostor pairs and write the weights bundle."""
     bundle = bundle_from_model(model.to(memory_format=torch.contiguous_format), cfg.model)
     val, emb = validate(bundle, split)
-    bundle.metadata = finished_metadata(cfg, bundle, val, calibrate(emb, split.val.identities), history, seconds,
+    thresholds = calibrate(emb, split.val.identities)
+    val["all_pairs"] = all_pairs_tar(emb, split.val.identities, thresholds)
+    bundle.metadata = finished_metadata(cfg, bundle, val, thresholds, history, seconds,
                                         next(model.parameters()).device)
     return save_bundle(bundle, out)
 
