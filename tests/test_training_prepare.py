@@ -163,18 +163,21 @@ def test_every_listed_suffix_can_be_decoded(suffix):
 
 
 def test_landmarks_are_recorded_in_source_pixels(prepared):
-    """The manifest's landmarks, mapped by the alignment they define, land on the template: training can
-    re-warp the source photo exactly as the crop was made (training/views.py)."""
-    from model.align import project_landmarks
+    """Aligning the source photo (on prepare's grey canvas) by the manifest's landmarks reproduces the crop:
+    training can re-warp the source exactly as the crop was made (training/views.py)."""
+    from model.align import align_face
+    from training.prepare import _pad
 
-    _, dst, _ = prepared
+    src, dst, _ = prepared
     for row in read_manifest(dst):
         if row.status == "failed":
             assert row.landmarks == ""
             continue
         points = np.array([float(v) for v in row.landmarks.split()]).reshape(5, 2)
-        if row.status == "detected":  # fallback rows hold the centred template, in source pixels too
-            assert np.abs(project_landmarks(points) - ARCFACE_TEMPLATE).max() < 3.0, row.source
+        canvas, ox, oy = _pad(decode_image((src / row.source).read_bytes()), 0.28)
+        again = align_face(canvas, points + [ox, oy]).astype(np.float32)
+        crop = np.asarray(Image.open(dst / row.crop), dtype=np.float32)
+        assert np.abs(again - crop).mean() < 1.0, row.source  # landmarks are stored to 0.01 px
 
 
 def test_a_manifest_from_before_landmarks_is_upgraded_in_place(prepared, tmp_path):
