@@ -11,10 +11,10 @@ import torch
 
 from model.preprocess import crops_to_tensor
 from training.data import Augment, load_prepared, load_sources
-from training.dlib_resnet import CHIP_SIZE, load_dlib_resnet
+from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 from training.prepare import prepare
-from training.teacher import DlibTeacher, models_dir, teacher_chip_matrices
+from training.teacher import DlibTeacher, teacher_chip_matrices, teacher_network
 from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix
 
 LFW = shared_data() / "lfw" / "images"
@@ -50,7 +50,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def teacher_of(chips: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
-        return load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")(chips).numpy()
+        return teacher_network()(chips).numpy()
 
 
 def test_prepare_records_the_landmarks_it_aligned_on(setup):

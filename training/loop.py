@@ -30,7 +30,7 @@ from training.miners import MINERS
 from training.pairs import people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
 from training.sampler import PKSampler
-from training.teacher import TeacherCache, reference_cache, teacher_chip_matrices
+from training.teacher import TeacherCache, reference_cache, teacher_chip_matrices, teacher_network
 from training.views import ViewAugment, ViewSource, student_matrix
 
 FARS = ("1e-2", "1e-3", "1e-4")
@@ -97,11 +97,7 @@ def load_views(cfg: TrainConfig, faces: FaceSet, progress: bool = True) -> ViewS
 
 
 def load_teacher_net(device: torch.device) -> nn.Module:
-    from training.dlib_resnet import load_dlib_resnet
-    from training.teacher import models_dir
-
-    net = load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")
-    return net.to(device, memory_format=torch.channels_last).requires_grad_(False)
+    return teacher_network().to(device, memory_format=torch.channels_last).requires_grad_(False)
 
 
 def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:

@@ -16,9 +16,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 
 CANVAS, OFFSET, GREY = 250, 45, (128, 128, 128)
+CHIP_PADDING = 0.25  # dlib's default for its 150 px descriptor chips
+RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 FALLBACK_BOX = (50, 50, 200, 200)
 
 
@@ -32,6 +35,13 @@ def models_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the dlib teacher needs the optional extra: pip install 'visage[teacher]'")
     return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+def teacher_network():
+    """dlib's descriptor network as a PyTorch module in eval mode (``training.dlib_resnet``), from dlib's file."""
+    from training.dlib_resnet import load_dlib_resnet
+
+    return load_dlib_resnet(models_dir() / RESNET_FILE)
 
 
 class DlibTeacher:
@@ -48,15 +58,12 @@ class DlibTeacher:
         self._dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
         self.shape = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
-        self.rec = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
         self._net = None
 
     @property
     def net(self):
         if self._net is None:
-            from training.dlib_resnet import load_dlib_resnet
-
-            self._net = load_dlib_resnet(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")
+            self._net = teacher_network()
         return self._net
 
     def canvas(self, image: Image.Image) -> np.ndarray:
@@ -69,11 +76,11 @@ class DlibTeacher:
         fallback (no face detected)."""
         dlib = self._dlib
         r, fallback = self.locate(a)
-        chip = dlib.get_face_chip(a, self.shape(a, r), 150, 0.25)
+        chip = dlib.get_face_chip(a, self.shape(a, r), CHIP_SIZE, CHIP_PADDING)
         af = np.ascontiguousarray(a[:, ::-1, :])
         w = a.shape[1] - 1
         rf = dlib.rectangle(w - r.right(), r.top(), w - r.left(), r.bottom())
-        return chip, dlib.get_face_chip(af, self.shape(af, rf), 150, 0.25), fallback
+        return chip, dlib.get_face_chip(af, self.shape(af, rf), CHIP_SIZE, CHIP_PADDING), fallback
 
     def describe_chips(self, chips: np.ndarray, batch: int = 64) -> np.ndarray:
         """(n, 150, 150, 3) uint8 chips -> (n, 128) float32 descriptors."""
@@ -111,7 +118,7 @@ class DlibTeacher:
         """3x3 map from canvas pixels to the 150x150 chip dlib's descriptor would see (5-point alignment)."""
         from training.views import chip_matrix
 
-        d = self._dlib.get_face_chip_details(self.shape(a, self.face_rect(a, box)), 150, 0.25)
+        d = self._dlib.get_face_chip_details(self.shape(a, self.face_rect(a, box)), CHIP_SIZE, CHIP_PADDING)
         r = d.rect
         return chip_matrix((r.left(), r.top(), r.right(), r.bottom()), d.angle)
 
