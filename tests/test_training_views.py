@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     faces = faces.subset(np.arange(len(faces)) < 12)
     paths = [root / "src" / s for s in faces.sources]
     views = ViewSource(
-        load_sources(faces, {"lfw": root / "src"}, root / "cache" / "sources.npy"),
+        load_sources(paths, faces.sha256, root / "cache" / "sources.npy"),
         np.stack([student_matrix(m) for m in faces.landmarks]),
         teacher_chip_matrices(paths, root / "cache" / "chips.npz", progress=False),
     )

@@ -107,19 +107,16 @@ def _parse_landmarks(text: str) -> np.ndarray:
     return np.array(values).reshape(5, 2) if len(values) == 10 else np.full((5, 2), np.nan)
 
 
-def load_sources(faces: FaceSet, roots: dict[str, Path], cache: Path) -> np.ndarray:
-    """The source photos of ``faces`` as one (N, H, W, 3) uint8 array (all must share one size, as LFW's and
+def load_sources(paths: list[Path], sha256: list[str], cache: Path) -> np.ndarray:
+    """The source photos at ``paths`` as one (N, H, W, 3) uint8 array (all must share one size, as LFW's and
     CelebA's 160 px crops do); decoded once and kept in ``cache`` (an .npy keyed by the images' hashes)."""
     from model.decode import decode_image
 
-    key = hashlib.sha256("".join(faces.sha256).encode()).hexdigest()[:16]
+    key = hashlib.sha256("".join(sha256).encode()).hexdigest()[:16]
     path = cache.with_name(f"{cache.stem}-{key}.npy")
     if path.exists():
         return np.load(path, mmap_mode="r")  # batches read only their rows: ~1 GB stays on disk, not in RSS
-    images = []
-    for ident, src in zip(faces.identities, faces.sources, strict=True):
-        root = roots[ident.split("/")[0]] if "/" in ident else next(iter(roots.values()))
-        images.append(np.asarray(decode_image((root / src).read_bytes())))
+    images = [np.asarray(decode_image(p.read_bytes())) for p in paths]
     sizes = {im.shape for im in images}
     if len(sizes) != 1:
         raise ValueError(f"source photos differ in size ({sorted(sizes)[:3]}): consistent views need one size")

@@ -91,7 +91,7 @@ def load_views(cfg: TrainConfig, faces: FaceSet, progress: bool = True) -> ViewS
     if missing:
         raise ValueError(f"no source folder for data sets {sorted(missing)}: set `sources`")
     paths = [roots[i.split("/")[0]] / s for i, s in zip(faces.identities, faces.sources, strict=True)]
-    images = load_sources(faces, roots, work_dir() / "cache" / "sources.npy")
+    images = load_sources(paths, faces.sha256, work_dir() / "cache" / "sources.npy")
     teacher = teacher_chip_matrices(paths, work_dir() / "cache" / "teacher_chips.npz", progress=progress)
     return ViewSource(images, np.stack([student_matrix(m) for m in faces.landmarks]), teacher)
 

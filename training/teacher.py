@@ -229,6 +229,8 @@ def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = 
     """
     from tqdm import tqdm
 
+    from training.views import translation
+
     keys = [str(p.resolve()) for p in paths]
     cached: dict[str, np.ndarray] = {}
     if cache_path.exists():
@@ -242,7 +244,7 @@ def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = 
                 root = shared_data().resolve()
                 boxes = {str(root / p): tuple(b) for p, b in zip(z["paths"], z["box"], strict=True)}
         teacher = DlibTeacher()
-        offset = np.array([[1.0, 0, OFFSET], [0, 1.0, OFFSET], [0, 0, 1.0]])  # source -> canvas pixels
+        offset = translation(OFFSET, OFFSET)  # source -> canvas pixels
         for key, path in tqdm(todo, desc="teacher chips", unit="img", disable=not progress):
             with Image.open(path) as img:
                 canvas = teacher.canvas(img)
