@@ -32,6 +32,7 @@ from training.paths import shared_data, work_dir
 from training.sampler import PKSampler
 from training.teacher import TeacherCache, reference_cache, teacher_chip_matrices, teacher_network
 from training.views import ViewAugment, ViewSource, student_matrix
+from training.widen import widen_state_dict
 
 FARS = ("1e-2", "1e-3", "1e-4")
 
@@ -289,7 +290,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
 
 
 def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The state dict a fine-tune starts from: a weights bundle or a ``last.pt`` checkpoint of the same network."""
+    """The state dict a fine-tune starts from: a weights bundle or a ``last.pt`` checkpoint of the same network,
+    or of a narrower MobileNet v1, widened (``training.widen``)."""
     path = Path(cfg.init_weights)
     if not path.exists():
         raise FileNotFoundError(f"init_weights: {path} does not exist")
@@ -300,9 +302,15 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     else:
         bundle = load_bundle(path)
         saved, state = bundle.config, bundle.state_dict
-    if saved != cfg.model:
-        raise ValueError(f"init_weights {path} holds {saved}, but this run trains {cfg.model}")
-    return state
+    if saved == cfg.model:
+        return state
+    if saved.backbone == cfg.backbone == "mobilenet_v1" and saved.embedding_dim == cfg.embedding_dim \
+            and saved.alpha <= cfg.alpha:
+        # a wider student (or another input size) starts from the narrow one's function, not from scratch
+        print(f"init_weights: widening {saved} to {cfg.model} (function-preserving)", flush=True)
+        return widen_state_dict(state, saved, cfg.model, seed=cfg.seed)
+    raise ValueError(f"init_weights {path} holds {saved}, but this run trains {cfg.model}; only a wider "
+                     "mobilenet_v1 with the same embedding size (any input size) can start from it")
 
 
 def _previous_seconds(history: list[dict], start_epoch: int) -> float:
