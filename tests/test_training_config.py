@@ -36,6 +36,17 @@ def test_the_shipped_recipe_loads_and_builds_the_default_model():
     assert cfg.prepared == {"lfw": "prepared/lfw", "celeba": "prepared/celeba"}
 
 
+@pytest.mark.parametrize("path", sorted(DEFAULT_TOML.parent.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_start_weights_fit(path):
+    """Each stage's config validates, and a fine-tune's ``init_weights`` in the repo loads into its network."""
+    cfg = load_config(path)
+    if cfg.init_weights.startswith("model/weights/"):
+        from model.mobilenet import build_model
+        from training.loop import initial_weights
+
+        build_model(cfg.model).load_state_dict(initial_weights(cfg))
+
+
 def test_no_file_gives_the_defaults():
     assert load_config() == TrainConfig()
 

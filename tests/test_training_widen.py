@@ -26,7 +26,7 @@ def crops(pipeline) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def shipped() -> Bundle:
-    return load_bundle(DEFAULT_WEIGHTS)
+    return load_bundle(DEFAULT_WEIGHTS)  # alpha 0.5
 
 
 def _embed(config: ModelConfig, state: dict, crops: np.ndarray) -> np.ndarray:
