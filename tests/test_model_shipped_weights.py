@@ -74,3 +74,23 @@ def test_same_person_passes_the_far_1e_2_threshold(pipeline, obama, rel):
 def test_different_people_are_below_every_calibrated_threshold(pipeline, obama, rel):
     bundle = pipeline.embedder.bundle
     assert cosine(obama, largest_face_embedding(pipeline, rel)) < min(bundle.thresholds.values())
+
+
+WIDE_WEIGHTS = DEFAULT_WEIGHTS.with_name("visage-mobilenet_v1-a1.0-r112.pt")
+
+
+def test_the_wider_bundle_is_calibrated_and_tells_obama_from_biden():
+    """The optional alpha 1.0 bundle (model card, "The wider bundle"): its own thresholds, and on real photos every
+    Obama photo closer to obama.jpg than any Biden photo, Bidens below every threshold."""
+    from model.faces import load_pipeline
+
+    wide = load_pipeline(str(WIDE_WEIGHTS), backend="torch")  # its ONNX graph is not shipped
+    bundle = wide.embedder.bundle
+    assert bundle.config == ModelConfig("mobilenet_v1", 1.0, 112, 128)
+    assert bundle.metadata["validation"]["all_pairs"]["genuine_pairs"] > 20_000
+    assert bundle.thresholds["1e-2"] < bundle.thresholds["1e-3"] < bundle.thresholds["1e-4"]
+    obama = largest_face_embedding(wide, "obama.jpg")
+    same = [cosine(obama, largest_face_embedding(wide, r)) for r in ("obama2.jpg", "obama3.jpg", "obama4.jpg")]
+    other = [cosine(obama, largest_face_embedding(wide, r)) for r in ("biden.jpg", "biden2.jpg")]
+    assert min(same) > max(other), (same, other)
+    assert max(other) < min(bundle.thresholds.values())
