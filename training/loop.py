@@ -304,13 +304,12 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         saved, state = bundle.config, bundle.state_dict
     if saved == cfg.model:
         return state
-    if saved.backbone == cfg.backbone == "mobilenet_v1" and saved.embedding_dim == cfg.embedding_dim \
-            and saved.alpha <= cfg.alpha:
-        # a wider student (or another input size) starts from the narrow one's function, not from scratch
-        print(f"init_weights: widening {saved} to {cfg.model} (function-preserving)", flush=True)
-        return widen_state_dict(state, saved, cfg.model, seed=cfg.seed)
-    raise ValueError(f"init_weights {path} holds {saved}, but this run trains {cfg.model}; only a wider "
-                     "mobilenet_v1 with the same embedding size (any input size) can start from it")
+    try:  # a wider student (or another input size) starts from the narrow one's function, not from scratch
+        widened = widen_state_dict(state, saved, cfg.model, seed=cfg.seed)
+    except ValueError as err:
+        raise ValueError(f"init_weights {path} holds {saved}, but this run trains {cfg.model}: {err}") from None
+    print(f"init_weights: widened {saved} to {cfg.model} (function-preserving)", flush=True)
+    return widened
 
 
 def _previous_seconds(history: list[dict], start_epoch: int) -> float:
