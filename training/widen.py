@@ -77,6 +77,5 @@ def widen_state_dict(
             _copy_bn(state, out, f"{pw}.1", mapping)
         prev = mapping
     out["head.0.weight"] = state["head.0.weight"][:, prev] * _fan_in_share(prev).view(1, -1)
-    for name in (*_BN, "num_batches_tracked"):
-        out[f"head.1.{name}"] = state[f"head.1.{name}"].clone()
+    _copy_bn(state, out, "head.1", torch.arange(new.embedding_dim))  # the embedding itself is not widened
     return out
