@@ -63,18 +63,14 @@ def widen_state_dict(
     for i, (kind, _, channels) in enumerate(MOBILENET_V1_LAYERS):
         n_old = scaled_channels(channels, old.alpha)
         mapping = channel_map(n_old, scaled_channels(channels, new.alpha), gen)
-        share = _fan_in_share(prev)
-        if kind == "conv":
-            w = state[f"body.features.{i}.0.weight"][mapping][:, prev] * share.view(1, -1, 1, 1)
-            out[f"body.features.{i}.0.weight"] = _noisy(w, n_old, noise, gen)
-            _copy_bn(state, out, f"body.features.{i}.1", mapping)
-        else:
-            dw, pw = f"body.features.{i}.depthwise", f"body.features.{i}.pointwise"
-            out[f"{dw}.0.weight"] = state[f"{dw}.0.weight"][prev].clone()
+        full = f"body.features.{i}"  # the standard conv's ConvBNReLU, or the block's pointwise one
+        if kind != "conv":
+            dw, full = f"body.features.{i}.depthwise", f"body.features.{i}.pointwise"
+            out[f"{dw}.0.weight"] = state[f"{dw}.0.weight"][prev].clone()  # per channel: copies copy their filter
             _copy_bn(state, out, f"{dw}.1", prev)
-            w = state[f"{pw}.0.weight"][mapping][:, prev] * share.view(1, -1, 1, 1)
-            out[f"{pw}.0.weight"] = _noisy(w, n_old, noise, gen)
-            _copy_bn(state, out, f"{pw}.1", mapping)
+        w = state[f"{full}.0.weight"][mapping][:, prev] * _fan_in_share(prev).view(1, -1, 1, 1)
+        out[f"{full}.0.weight"] = _noisy(w, n_old, noise, gen)
+        _copy_bn(state, out, f"{full}.1", mapping)
         prev = mapping
     out["head.0.weight"] = state["head.0.weight"][:, prev] * _fan_in_share(prev).view(1, -1)
     _copy_bn(state, out, "head.1", torch.arange(new.embedding_dim))  # the embedding itself is not widened
