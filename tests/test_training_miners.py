@@ -193,3 +193,12 @@ def test_miners_do_not_track_gradients_and_are_registered():
         out = miner(emb, labels, 0.2)
         assert all(not t.requires_grad and t.dtype == torch.int64 for t in out), name
     assert set(MINERS) == {"batch_all", "batch_hard", "semi_hard"}
+
+
+@pytest.mark.parametrize("name", sorted(MINERS))
+def test_miners_return_no_triplets_for_an_empty_or_single_sample_batch(name):
+    """With blends kept out of the triplet term, a small batch can leave no unblended sample at all."""
+    for n in (0, 1):
+        emb = F.normalize(torch.randn(n, 8), dim=1)
+        a, p, neg = MINERS[name](emb, torch.arange(n), 0.2)
+        assert len(a) == len(p) == len(neg) == 0

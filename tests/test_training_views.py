@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.align import ARCFACE_TEMPLATE
 from model.preprocess import crops_to_tensor
 from training.data import Augment, load_prepared, load_sources
 from training.dlib_resnet import CHIP_SIZE
@@ -122,3 +123,27 @@ def test_mixup_blends_the_same_pairs_in_both_views(setup):
     changed_s = (x - plain_x).abs().mean(dim=(1, 2, 3)) > 1e-3
     changed_t = (chips - plain_chips).abs().mean(dim=(1, 2, 3)) > 1e-2
     assert torch.equal(changed_s, changed_t) and changed_s[mixed].all()
+
+
+def test_cutmix_swaps_the_same_facial_points_in_both_views(setup):
+    """A CutMix rectangle is drawn once, in the aligned crop: each of the 5 landmarks (eyes, nose, mouth corners)
+    is either taken from the partner face in both views or in neither, so the teacher describes the very
+    chimera the student sees."""
+    _, views, _, _ = setup
+    idx = np.arange(12)
+    plain_x, plain_chips, _ = views.draw(idx, 112, STILL, torch.Generator().manual_seed(3))
+    cut = ViewAugment(STILL.base, cutmix=1.0)
+    agree = swapped = 0
+    for seed in range(4):
+        x, chips, mixed = views.draw(idx, 112, cut, torch.Generator().manual_seed(seed))
+        assert mixed.all()  # blended samples are kept out of the triplet term
+        for i in idx:
+            crop_pts = ARCFACE_TEMPLATE  # STILL: the student's 112 px view is the aligned crop itself
+            chip_pts = (views.teacher[i] @ np.linalg.inv(views.student[i]) @ np.c_[crop_pts, np.ones(5)].T).T[:, :2]
+            for (sx, sy), (tx, ty) in zip(np.rint(crop_pts).astype(int), np.rint(chip_pts).astype(int), strict=True):
+                s_changed = float((x[i, :, sy, sx] - plain_x[i, :, sy, sx]).abs().max()) > 0.05
+                t_changed = float((chips[i, :, ty, tx] - plain_chips[i, :, ty, tx]).abs().max()) > 6.0
+                agree += s_changed == t_changed
+                swapped += s_changed
+    assert 0.2 * 240 < swapped < 0.8 * 240  # rectangles cover part of the face, not all or nothing
+    assert agree >= 0.95 * 240

@@ -26,6 +26,7 @@ class TrainConfig:
     teacher_mode: str = "cached"
     sources: dict[str, str] = field(default_factory=lambda: {"lfw": "lfw/images", "celeba": "celeba/images"})
     mixup: float = 0.0  # online only: fraction of samples blended with another (the teacher describes the blend)
+    cutmix: float = 0.0  # online only: fraction of the rest given a rectangle of another aligned face (views.py)
     # model
     backbone: str = "mobilenet_v1"
     alpha: float = 0.5
@@ -71,8 +72,11 @@ class TrainConfig:
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")
         if self.teacher_mode not in ("cached", "online"):
             raise ValueError(f"teacher_mode must be cached or online, got {self.teacher_mode!r}")
-        if not 0.0 <= self.mixup < 1.0 or (self.mixup and self.teacher_mode != "online"):
-            raise ValueError("mixup must be in [0, 1) and needs teacher_mode=online (a cached target ignores blends)")
+        for name in ("mixup", "cutmix"):
+            share = getattr(self, name)
+            if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
+                raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
+                                 "ignores blends)")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     views = teacher_net = None
     if cfg.teacher_mode == "online":
         views, teacher_net = load_views(cfg, split.train, progress and rank == 0), load_teacher_net(device)
-        view_augment, centre = ViewAugment(mixup=cfg.mixup), centre.to(device)
+        view_augment, centre = ViewAugment(mixup=cfg.mixup, cutmix=cfg.cutmix), centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume

@@ -23,6 +23,12 @@ def _masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return same & ~eye, ~same  # positive pairs (not self), negative pairs
 
 
+def _no_triplets(labels: torch.Tensor) -> Triplets:
+    """An empty batch (every sample blended, say) has no triplets; argmax over nothing would raise."""
+    none = labels.new_zeros(0, dtype=torch.long)
+    return none, none, none
+
+
 def _all_valid(labels: torch.Tensor) -> torch.Tensor:
     """(a, p, n) boolean cube of every valid triplet."""
     pos, neg = _masks(labels)
@@ -40,6 +46,8 @@ def batch_all(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> T
 
 def batch_hard(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> Triplets:
     """For each anchor: its farthest positive and nearest negative (Hermans et al. 2017)."""
+    if len(labels) == 0:
+        return _no_triplets(labels)
     with torch.no_grad():
         d = pairwise_distances(emb)
         pos, neg = _masks(labels)
@@ -54,6 +62,8 @@ def semi_hard(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> T
     """FaceNet's semi-hard negatives: for each (anchor, positive), the nearest negative farther than the
     positive but inside the margin; where none exists, the hardest negative farther than the positive
     (else the farthest negative overall), so every positive pair keeps a triplet."""
+    if len(labels) == 0:
+        return _no_triplets(labels)
     with torch.no_grad():
         d = pairwise_distances(emb)
         pos, neg = _masks(labels)

@@ -10,7 +10,11 @@ per image (plain and mirrored). Here both views are drawn from the source photo 
 - the teacher's view: the same augmented photo, framed as dlib frames its 150x150 chip (dlib's 5-point shape
   model on the face box the teacher used), so the teacher answers for exactly what the student sees;
 - colour jitter is applied to the photo before either warp; optional mixup blends two aligned views of each
-  kind with the same weight, and the teacher describes the blend ("function matching").
+  kind with the same weight, and the teacher describes the blend ("function matching");
+- optional CutMix pastes a rectangle of another sample's face into a sample. Faces here are aligned, so the
+  rectangle covers the same facial region (eyes, nose, mouth...) of both: the result is a new, plausible face
+  whose identity nobody labelled, and the teacher says who it looks like. The rectangle is drawn in the
+  augmented 112 px crop and mapped into each view by that view's own transform.
 
 All matrices map pixel coordinates with integer pixel centres (dlib's convention), source -> output.
 """
@@ -65,6 +69,21 @@ class ViewAugment:
     base: Augment = Augment()
     mixup: float = 0.0  # fraction of samples blended with another sample of the batch
     mixup_alpha: float = 0.4  # Beta(a, a) for the blend weight
+    cutmix: float = 0.0  # fraction of the samples mixup left alone that get a rectangle of another face
+    cutmix_area: tuple[float, float] = (0.15, 0.5)  # the rectangle's share of the crop, drawn uniformly
+
+    def rectangles(self, n: int, gen: torch.Generator) -> np.ndarray:
+        """(n, 112, 112) masks, 1 inside a random rectangle of the augmented crop (aspect 1:2 to 2:1, clipped)."""
+        u = torch.rand(n, 4, generator=gen, dtype=torch.float64).numpy()
+        lo, hi = self.cutmix_area
+        area = (lo + u[:, 0] * (hi - lo)) * CROP_SIZE**2
+        aspect = np.exp((u[:, 1] * 2 - 1) * math.log(2.0))
+        w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
+        cx, cy = u[:, 2] * (CROP_SIZE - 1), u[:, 3] * (CROP_SIZE - 1)
+        px = np.arange(CROP_SIZE)  # integer pixel centres, as everywhere here
+        inside_x = np.abs(px[None, :] - cx[:, None]) <= w[:, None] / 2
+        inside_y = np.abs(px[None, :] - cy[:, None]) <= h[:, None] / 2
+        return (inside_y[:, :, None] & inside_x[:, None, :]).astype(np.float32)
 
     def geometry(self, n: int, gen: torch.Generator) -> np.ndarray:
         """(n, 3, 3) maps from augmented-crop pixels to aligned-crop pixels (applied as output -> source)."""
@@ -90,8 +109,14 @@ def _warp(src: torch.Tensor, out_to_src: np.ndarray, size: int) -> torch.Tensor:
     to_pix = np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])
     to_norm = np.array([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])
     theta = torch.as_tensor(to_norm @ out_to_src @ to_pix, dtype=torch.float32)[:, :2]
-    grid = F.affine_grid(theta, [src.shape[0], 3, size, size], align_corners=False)
+    grid = F.affine_grid(theta, [src.shape[0], src.shape[1], size, size], align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _paste(view: torch.Tensor, partner: torch.Tensor, masks: torch.Tensor, view_to_crop: np.ndarray) -> torch.Tensor:
+    """``view`` with ``partner`` inside each crop-frame mask, the masks sampled through ``view_to_crop``."""
+    m = _warp(masks[:, None], view_to_crop, view.shape[-1])
+    return view * (1 - m) + partner * m
 
 
 def draw_views(
@@ -119,6 +144,15 @@ def draw_views(
         lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones(n))[:, None, None, None]
         s_view = lam * s_view + (1 - lam) * s_view[partner]
         t_view = lam * t_view + (1 - lam) * t_view[partner]
+    cut = (torch.rand(n, generator=gen) < augment.cutmix) & ~mixed
+    if cut.any():
+        i = cut.nonzero()[:, 0]
+        other = (i + torch.randint(1, n, (len(i),), generator=gen)) % n  # never the sample itself
+        masks = torch.as_tensor(augment.rectangles(len(i), gen))
+        k = i.numpy()
+        s_view[i] = _paste(s_view[i], s_view[other], masks, np.broadcast_to(np.linalg.inv(to_res), (len(k), 3, 3)))
+        t_view[i] = _paste(t_view[i], t_view[other], masks, student[k] @ np.linalg.inv(teacher[k]))
+        mixed = mixed | cut
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
 
