@@ -16,7 +16,7 @@ from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 from training.prepare import prepare
 from training.teacher import DlibTeacher, teacher_chip_matrices, teacher_network
-from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix
+from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix, student_view_as_chip
 
 LFW = shared_data() / "lfw" / "images"
 PEOPLE = ["Colin_Powell", "Serena_Williams", "Abdoulaye_Wade"]  # Wade_0003: dlib's fallback box
@@ -147,3 +147,18 @@ def test_cutmix_swaps_the_same_facial_points_in_both_views(setup):
                 swapped += s_changed
     assert 0.2 * 240 < swapped < 0.8 * 240  # rectangles cover part of the face, not all or nothing
     assert agree >= 0.95 * 240
+
+
+def test_the_students_view_warped_into_the_chip_frame_still_shows_the_teacher_the_same_face(setup):
+    """bench/distill_gap.py's input ceiling: the teacher on only the student's pixels (its crop, at 112 or 96 px)
+    still describes each photo as the reference does, and a wrong frame would not (dlib's Euclidean distance;
+    its same-person threshold is 0.6)."""
+    _, views, ref, _ = setup
+    idx = np.arange(12)
+    for res in (112, 96):
+        x, _, _ = views.draw(idx, res, STILL, torch.Generator().manual_seed(0))
+        chips = student_view_as_chip(x, views.student, views.teacher)
+        assert chips.shape == (12, 3, CHIP_SIZE, CHIP_SIZE)
+        assert np.linalg.norm(teacher_of(chips) - ref, axis=1).max() < 0.13
+    wrong = student_view_as_chip(x, views.student, views.teacher[::-1].copy())
+    assert np.linalg.norm(teacher_of(wrong) - ref, axis=1).mean() > 0.2

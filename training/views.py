@@ -156,6 +156,14 @@ def draw_views(
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
 
+def student_view_as_chip(x: torch.Tensor, student: np.ndarray, teacher: np.ndarray) -> torch.Tensor:
+    """The student's input (normalised, any resolution) warped into the teacher's chip frame, grey outside:
+    what the teacher sees when it only gets the student's framing and pixels (bench/distill_gap.py)."""
+    res = x.shape[-1]
+    to_res = np.diag([res / CROP_SIZE, res / CROP_SIZE, 1.0])
+    return _warp(x * STD + MEAN - GREY, to_res @ student @ np.linalg.inv(teacher), CHIP_SIZE) + GREY
+
+
 @dataclass
 class ViewSource:
     """The training photos with both alignments, ready to draw consistent batches from."""
