@@ -141,3 +141,24 @@ def test_online_teacher_trains_on_consistent_views_with_mixup_and_cutmix(work):
     for blend in ("mixup=0.2", "cutmix=0.2"):
         with pytest.raises(ValueError, match="teacher_mode=online"):
             load_config(None, [blend])
+
+
+def test_torchrun_trains_with_the_same_command_on_two_cpu_processes(work):
+    """DistributedDataParallel through torchrun (gloo on CPU, as NCCL on GPUs) with gpu.toml's recipe (online
+    teacher, blends): two ranks share the batches, rank 0 alone writes the caches and validates, checkpoints and
+    ships the bundle, and the result loads like any other."""
+    root, src, pairs = work
+    run = root / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "model.console", "train", "--run-dir", str(run), "--max-steps", "2",
+         'prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2", "k=2", "epochs=2",
+         "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}', "mixup=0.3", "cutmix=0.3",
+         "teacher_cache=ddp_teacher_cache.npz"],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]  # one line per epoch: only rank 0 writes
+    bundle = load_bundle(run / "bundle.pt")
+    assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
+    assert f"weights bundle: {run / 'bundle.pt'}" in result.stdout

@@ -140,6 +140,17 @@ def _dist() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
+def rank_zero_first(rank: int, world: int, load):
+    """``load()`` on rank 0 first, then on the other ranks: what it caches on disk (teacher targets, decoded
+    photos, chip framings) is written by one process, and read by the rest."""
+    if world > 1 and rank > 0:
+        torch.distributed.barrier()
+    out = load()
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    return out
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -178,7 +189,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    split = load_split(cfg, need_teacher=cfg.w_distill > 0)
+    split = rank_zero_first(rank, world, lambda: load_split(cfg, need_teacher=cfg.w_distill > 0))
     sampler = PKSampler(split.train.labels, cfg.p, cfg.k, seed=cfg.seed)
     model = build_model(cfg.model).to(device)
     if cfg.channels_last:
@@ -219,7 +230,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             teacher, teacher_flip = teacher - centre, teacher_flip - centre
     views = teacher_net = None
     if cfg.teacher_mode == "online":
-        views, teacher_net = load_views(cfg, split.train, progress and rank == 0), load_teacher_net(device)
+        views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
+        teacher_net = load_teacher_net(device)
         view_augment, centre = ViewAugment(mixup=cfg.mixup, cutmix=cfg.cutmix), centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
