@@ -16,7 +16,14 @@ from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 from training.prepare import prepare
 from training.teacher import DlibTeacher, teacher_chip_matrices, teacher_network
-from training.views import ViewAugment, ViewSource, chip_matrix, student_matrix, student_view_as_chip
+from training.views import (
+    ViewAugment,
+    ViewSource,
+    chip_matrix,
+    chip_to_crop,
+    student_matrix,
+    student_view_as_chip,
+)
 
 LFW = shared_data() / "lfw" / "images"
 PEOPLE = ["Colin_Powell", "Serena_Williams", "Abdoulaye_Wade"]  # Wade_0003: dlib's fallback box
@@ -139,7 +146,8 @@ def test_cutmix_swaps_the_same_facial_points_in_both_views(setup):
         assert mixed.all()  # blended samples are kept out of the triplet term
         for i in idx:
             crop_pts = ARCFACE_TEMPLATE  # STILL: the student's 112 px view is the aligned crop itself
-            chip_pts = (views.teacher[i] @ np.linalg.inv(views.student[i]) @ np.c_[crop_pts, np.ones(5)].T).T[:, :2]
+            crop_to_chip = np.linalg.inv(chip_to_crop(views.student[i], views.teacher[i]))
+            chip_pts = (crop_to_chip @ np.c_[crop_pts, np.ones(5)].T).T[:, :2]
             for (sx, sy), (tx, ty) in zip(np.rint(crop_pts).astype(int), np.rint(chip_pts).astype(int), strict=True):
                 s_changed = float((x[i, :, sy, sx] - plain_x[i, :, sy, sx]).abs().max()) > 0.05
                 t_changed = float((chips[i, :, ty, tx] - plain_chips[i, :, ty, tx]).abs().max()) > 6.0

@@ -113,6 +113,16 @@ def _warp(src: torch.Tensor, out_to_src: np.ndarray, size: int) -> torch.Tensor:
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def crop_to_view(resolution: int) -> np.ndarray:
+    """Aligned-crop pixels (112 px) -> the student's input pixels at ``resolution``."""
+    return np.diag([resolution / CROP_SIZE, resolution / CROP_SIZE, 1.0])
+
+
+def chip_to_crop(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) teacher-chip pixels -> aligned-crop pixels of the same photo (through its source pixels)."""
+    return student @ np.linalg.inv(teacher)
+
+
 def _paste(view: torch.Tensor, partner: torch.Tensor, masks: torch.Tensor, view_to_crop: np.ndarray) -> torch.Tensor:
     """``view`` with ``partner`` inside each crop-frame mask, the masks sampled through ``view_to_crop``."""
     m = _warp(masks[:, None], view_to_crop, view.shape[-1])
@@ -129,12 +139,13 @@ def draw_views(
     src = torch.as_tensor(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
     src = colour_jitter(src, augment.base.colour, augment.base.grey, gen, unit=STD).clamp_(0, 255) - GREY
     g = augment.geometry(n, gen)
-    to_res = np.diag([resolution / CROP_SIZE, resolution / CROP_SIZE, 1.0])
+    view_to_crop = np.linalg.inv(crop_to_view(resolution))
+    chip_crop = chip_to_crop(student, teacher)
     s_inv = np.linalg.inv(student)
     # student: output px -> (scale back to 112) -> G -> aligned crop px -> source px
-    s_view = _warp(src, s_inv @ g @ np.linalg.inv(to_res), resolution) + GREY
+    s_view = _warp(src, s_inv @ g @ view_to_crop, resolution) + GREY
     # teacher: chip px -> source px of the un-augmented photo -> aligned crop px -> G -> source px
-    t_view = _warp(src, s_inv @ g @ student @ np.linalg.inv(teacher), CHIP_SIZE) + GREY
+    t_view = _warp(src, s_inv @ g @ chip_crop, CHIP_SIZE) + GREY
     mixed = torch.rand(n, generator=gen) < augment.mixup
     if mixed.any():
         partner = torch.randperm(n, generator=gen)
@@ -150,8 +161,8 @@ def draw_views(
         other = (i + torch.randint(1, n, (len(i),), generator=gen)) % n  # never the sample itself
         masks = torch.as_tensor(augment.rectangles(len(i), gen))
         k = i.numpy()
-        s_view[i] = _paste(s_view[i], s_view[other], masks, np.broadcast_to(np.linalg.inv(to_res), (len(k), 3, 3)))
-        t_view[i] = _paste(t_view[i], t_view[other], masks, student[k] @ np.linalg.inv(teacher[k]))
+        s_view[i] = _paste(s_view[i], s_view[other], masks, np.broadcast_to(view_to_crop, (len(k), 3, 3)))
+        t_view[i] = _paste(t_view[i], t_view[other], masks, chip_crop[k])
         mixed = mixed | cut
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
@@ -159,9 +170,8 @@ def draw_views(
 def student_view_as_chip(x: torch.Tensor, student: np.ndarray, teacher: np.ndarray) -> torch.Tensor:
     """The student's input (normalised, any resolution) warped into the teacher's chip frame, grey outside:
     what the teacher sees when it only gets the student's framing and pixels (bench/distill_gap.py)."""
-    res = x.shape[-1]
-    to_res = np.diag([res / CROP_SIZE, res / CROP_SIZE, 1.0])
-    return _warp(x * STD + MEAN - GREY, to_res @ student @ np.linalg.inv(teacher), CHIP_SIZE) + GREY
+    chip_to_view = crop_to_view(x.shape[-1]) @ chip_to_crop(student, teacher)
+    return _warp(x * STD + MEAN - GREY, chip_to_view, CHIP_SIZE) + GREY
 
 
 @dataclass
