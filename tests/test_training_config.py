@@ -87,6 +87,7 @@ def test_unknown_keys_are_refused(tmp_path):
         ("optimizer=rmsprop", "optimizer"),
         ("k=1", "K >= 2"),
         ("w_triplet=-1", "weights"),
+        ("w_relation=-0.5", "weights"),
         ("epochs3", "key=value"),
     ],
 )
@@ -105,6 +106,14 @@ def test_bad_model_knobs_are_refused():
 def test_distillation_only_runs_need_no_pairs_of_images():
     cfg = load_config(None, ["w_triplet=0", "k=1"])
     assert cfg.k == 1 and cfg.w_triplet == 0
+
+
+def test_a_run_needs_some_loss_and_reads_the_teacher_only_when_a_term_uses_it():
+    with pytest.raises(ValueError, match="not all 0"):
+        load_config(None, ["w_triplet=0", "w_distill=0"])
+    assert not load_config(None, ["w_distill=0"]).uses_teacher
+    relation_only = load_config(None, ["w_triplet=0", "w_distill=0", "w_relation=10", "k=1"])
+    assert relation_only.uses_teacher
 
 
 def test_a_flat_file_without_sections(tmp_path):

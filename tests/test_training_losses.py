@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.losses import distillation_loss, triplet_margin_loss
+from training.losses import distillation_loss, similarity_distillation_loss, triplet_margin_loss
 
 
 def idx(*values: int) -> torch.Tensor:
@@ -68,3 +68,39 @@ def test_distillation_is_two_minus_two_cosine():
     teacher = torch.tensor([[3.0, 3.0], [0.0, -0.2]])  # 45 degrees off, then opposite
     expected = ((2 - 2 * math.cos(math.pi / 4)) + 4.0) / 2
     assert distillation_loss(student, teacher).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_similarity_distillation_ignores_a_rotation_of_the_student_space_which_regression_does_not():
+    teacher = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(3)))
+    student = F.normalize(teacher, dim=1) @ rotation
+    assert similarity_distillation_loss(student, 3.0 * teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_loss(student, teacher).item() > 0.5
+
+
+def test_similarity_distillation_is_the_mean_squared_cosine_error_over_pairs():
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]])  # cosines: (1,2) 1, (1,3) 0, (2,3) 0
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # cosines: (1,2) 0, (1,3) 0, (2,3) 1
+    assert similarity_distillation_loss(student, teacher).item() == pytest.approx((1 + 0 + 1) / 3, abs=1e-6)
+
+
+def test_similarity_distillation_step_moves_each_pair_towards_the_teachers_similarity():
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.randn(8, 32, generator=gen)
+    student = F.normalize(torch.randn(8, 32, generator=gen), dim=1).requires_grad_(True)
+    loss = similarity_distillation_loss(student, teacher)
+    loss.backward()
+    moved = F.normalize(student.detach() - 2.0 * student.grad, dim=1)
+    t = F.normalize(teacher, dim=1)
+    off = ~torch.eye(8, dtype=torch.bool)
+    before = ((student.detach() @ student.detach().T - t @ t.T)[off]).abs().mean()
+    after = ((moved @ moved.T - t @ t.T)[off]).abs().mean()
+    assert similarity_distillation_loss(moved, teacher).item() < loss.item() and after < before
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_similarity_distillation_of_fewer_than_two_faces_is_zero_and_differentiable(n):
+    student = F.normalize(torch.randn(n, 8), dim=1).requires_grad_(True)
+    loss = similarity_distillation_loss(student, torch.randn(n, 8))
+    assert loss.item() == 0.0
+    loss.backward()

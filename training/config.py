@@ -40,6 +40,7 @@ class TrainConfig:
     margin: float = 0.2
     w_triplet: float = 1.0
     w_distill: float = 1.0
+    w_relation: float = 0.0  # the teacher's pairwise similarities within the batch (losses.similarity_distillation_loss)
     # optimisation
     epochs: int = 30
     p: int = 32
@@ -57,6 +58,11 @@ class TrainConfig:
     def model(self) -> ModelConfig:
         return ModelConfig(self.backbone, self.alpha, self.resolution, self.embedding_dim)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any loss term reads the teacher's descriptors."""
+        return self.w_distill > 0 or self.w_relation > 0
+
     def validate(self) -> None:
         from training.miners import MINERS
 
@@ -65,8 +71,9 @@ class TrainConfig:
             raise ValueError(f"miner must be one of {sorted(MINERS)}, got {self.miner!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.w_triplet < 0 or self.w_distill < 0 or self.w_triplet + self.w_distill == 0:
-            raise ValueError("loss weights must be >= 0 and not both 0")
+        weights = (self.w_triplet, self.w_distill, self.w_relation)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("loss weights (w_triplet, w_distill, w_relation) must be >= 0 and not all 0")
         if not (isinstance(self.val_folds, list) and self.val_folds
                 and all(isinstance(f, int) and f >= 1 for f in self.val_folds)):
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")

@@ -25,7 +25,7 @@ from model.mobilenet import build_model
 from training.config import TrainConfig
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
-from training.losses import distillation_loss, triplet_margin_loss
+from training.losses import distillation_loss, similarity_distillation_loss, triplet_margin_loss
 from training.miners import MINERS
 from training.pairs import people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
@@ -189,7 +189,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     torch.manual_seed(cfg.seed)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    split = rank_zero_first(rank, world, lambda: load_split(cfg, need_teacher=cfg.w_distill > 0))
+    split = rank_zero_first(rank, world, lambda: load_split(cfg, need_teacher=cfg.uses_teacher))
     sampler = PKSampler(split.train.labels, cfg.p, cfg.k, seed=cfg.seed)
     model = build_model(cfg.model).to(device)
     if cfg.channels_last:
@@ -257,14 +257,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 emb = net(x).float()
             loss = emb.sum() * 0.0
             stats = {}
-            if cfg.w_distill > 0:
+            if cfg.uses_teacher:
                 if views is not None:
                     target = online_target
                 else:
                     target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
+            if cfg.w_distill > 0:
                 d = distillation_loss(emb, target)
                 loss = loss + cfg.w_distill * d
                 stats["distill"] = float(d.detach())
+            if cfg.w_relation > 0:
+                r = similarity_distillation_loss(emb, target)
+                loss = loss + cfg.w_relation * r
+                stats["relation"] = float(r.detach())
             if cfg.w_triplet > 0:
                 pure = ~mixed.to(device)  # a blend has no single identity: triplets use the unblended samples
                 t, active = triplet_margin_loss(emb[pure], miner(emb[pure], labels[pure], cfg.margin), cfg.margin)

@@ -30,3 +30,19 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     """
     t = F.normalize(teacher, dim=1)
     return (student - t).pow(2).sum(1).mean()
+
+
+def similarity_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Squared error between the batch's cosine-similarity matrices, student's against teacher's (off-diagonal).
+
+    Verification compares faces with each other, never with the teacher: this term asks the student for the
+    teacher's similarity between every pair of faces in the batch (two people, or a face and a blend of it), and is
+    blind to any rotation of the student's space, which per-sample regression is not. ``student`` is unit length.
+    """
+    n = len(student)
+    if n < 2:
+        return student.sum() * 0.0
+    t = F.normalize(teacher, dim=1)
+    diff = student @ student.T - t @ t.T
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    return diff[off_diagonal].pow(2).mean()
