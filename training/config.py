@@ -40,7 +40,7 @@ class TrainConfig:
     margin: float = 0.2
     w_triplet: float = 1.0
     w_distill: float = 1.0
-    w_relation: float = 0.0  # the teacher's pairwise similarities within the batch (losses.similarity_distillation_loss)
+    w_relation: float = 0.0  # the teacher's pairwise cosines in the batch (losses.similarity_distillation_loss)
     # optimisation
     epochs: int = 30
     p: int = 32
