@@ -7,6 +7,10 @@
 2. The fit: for each weights bundle, how close the student's embedding is to the teacher's (centred, unit
    length: the training target) on training faces and on held-out faces, how well it reproduces the teacher's
    pair scores, and its held-out accuracy. A train/held-out difference is a generalisation gap, not capacity.
+3. The errors: which held-out protocol pairs each network gets wrong (the protocol's verdicts: each fold's
+   threshold chosen on the others), split by head pose (the larger yaw of the two faces, from prepare's 5
+   landmarks; equal-count bins) and by matched / mismatched, and with ``--figure`` a picture of the pairs the
+   first student gets wrong and the teacher right.
 
 Views are un-augmented, one pass (no mirror averaging), cosine on centred teacher descriptors. Needs the
 teacher extra and prepared folders with landmarks (``visage prepare`` since session 3).
@@ -25,7 +29,7 @@ from model.bundle import load_bundle
 from model.embedder import Embedder
 from training.config import load_config
 from training.data import Augment
-from training.evaluate import verify
+from training.evaluate import protocol_verdicts, verify
 from training.loop import load_split, load_teacher_net, load_views
 from training.views import ViewAugment, student_view_as_chip
 
@@ -34,6 +38,56 @@ STILL = ViewAugment(Augment(flip=0, max_shift=0, max_scale=0, max_rotate_deg=0, 
 
 def unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def yaw(landmarks: np.ndarray) -> np.ndarray:
+    """|nose offset from the eyes' midpoint along the eye line| / eye distance: 0 frontal, ~0.5 near profile.
+    NaN where prepare found no face (centred-region fallback, no landmarks)."""
+    left, right, nose = landmarks[:, 0], landmarks[:, 1], landmarks[:, 2]
+    axis = right - left
+    dist = np.linalg.norm(axis, axis=1)
+    return np.abs(np.sum((nose - (left + right) / 2) * axis, axis=1)) / dist**2
+
+
+def errors_by_pose(pose: np.ndarray, same: np.ndarray, wrong: dict[str, np.ndarray]) -> list[dict]:
+    """Error rate of each network per pose quartile of the pairs (and for pairs with a fallback face)."""
+    known = ~np.isnan(pose)
+    edges = np.quantile(pose[known], [0, 0.25, 0.5, 0.75, 1.0])
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = known & (pose >= lo) & (pose <= hi if hi == edges[-1] else pose < hi)
+        rows.append({"pose": f"{lo:.2f}-{hi:.2f}", "pairs": int(sel.sum()), "matched": int(same[sel].sum()),
+                     **{k: float(w[sel].mean()) for k, w in wrong.items()}})
+    if (~known).any():
+        rows.append({"pose": "fallback face", "pairs": int((~known).sum()), "matched": int(same[~known].sum()),
+                     **{k: float(w[~known].mean()) for k, w in wrong.items()}})
+    return rows
+
+
+def failure_figure(path, crops, left, right, same, student, teacher, verdict_thr, limit: int = 12) -> int:
+    """Contact sheet of the pairs the student gets wrong and the teacher right, worst student margin first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.nonzero(((student > verdict_thr[0]) != same) & ((teacher > verdict_thr[1]) == same))[0]
+    idx = idx[np.argsort(-np.abs(student[idx] - verdict_thr[0]))][:limit]
+    cols = 4
+    rows = max(1, -(-len(idx) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx, strict=False):
+        ax.imshow(np.concatenate([crops[left[i]], crops[right[i]]], axis=1))
+        ax.set_title(f"{'same' if same[i] else 'different'}: student {student[i]:.2f}, teacher {teacher[i]:.2f}",
+                     fontsize=7)
+    fig.suptitle(f"student wrong, teacher right (thresholds {verdict_thr[0]:.2f} / {verdict_thr[1]:.2f})",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(idx)
 
 
 def teacher_on_views(views, n: int, net, resolution: int | None, batch: int = 128) -> np.ndarray:
@@ -59,6 +113,8 @@ def main() -> int:
     ap.add_argument("--set", nargs="*", default=['prepared={lfw="prepared2/lfw",celeba="prepared2/celeba"}'],
                     metavar="KEY=VALUE", help="config overrides (default: the prepared2 folders)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument("--figure", default=None, metavar="PNG",
+                    help="also draw the held-out pairs the first --weights gets wrong and the teacher right")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     cfg = load_config(args.config, args.set)
@@ -79,18 +135,24 @@ def main() -> int:
     def score(emb: np.ndarray) -> dict:
         return verify(np.sum(emb[left] * emb[right], axis=1), same, folds).to_dict()
 
+    def pair_scores(emb: np.ndarray) -> np.ndarray:
+        return np.sum(emb[left] * emb[right], axis=1)
+
     progress(f"teacher on {len(val)} held-out faces: chip, then student views at {args.resolutions}")
     views, net = load_views(cfg, val, progress=False), load_teacher_net(torch.device("cpu"))
-    ceiling = []
+    ceiling, teacher_scores = [], None
     for res in [None, *args.resolutions]:
-        r = score(unit(teacher_on_views(views, len(val), net, res) - centre))
+        emb = unit(teacher_on_views(views, len(val), net, res) - centre)
+        if res is None:
+            teacher_scores = pair_scores(emb)
+        r = score(emb)
         ceiling.append({"input": "teacher's own 150 px chip" if res is None else f"student's view, {res} px",
                         "resolution": res, "accuracy": r["accuracy"], "std": r["accuracy_std"], "auc": r["auc"]})
 
     rng = np.random.default_rng(0)
     train = split.train.subset(np.isin(np.arange(len(split.train)),
                                        rng.choice(len(split.train), len(val), replace=False)))
-    fits = []
+    fits, student_scores = [], []
     for w in args.weights:
         progress(f"{w}: embedding {len(train)} training and {len(val)} held-out faces")
         emb = Embedder(load_bundle(w), flip=False)
@@ -105,7 +167,20 @@ def main() -> int:
                          "pair_corr": float(pair_corr)}
             if name == "held_out":
                 row["accuracy"] = score(s)["accuracy"]
+                student_scores.append(pair_scores(s))
         fits.append(row)
+
+    wrong = {"teacher": protocol_verdicts(teacher_scores, same, folds) != same}
+    for f, sc in zip(fits, student_scores, strict=True):
+        wrong[f["weights"]] = protocol_verdicts(sc, same, folds) != same
+    pose = np.maximum(yaw(val.landmarks[left]), yaw(val.landmarks[right]))
+    by_pose = errors_by_pose(pose, same, wrong)
+    by_kind = [{"pairs": kind, **{k: float(w[same == flag].mean()) for k, w in wrong.items()}}
+               for kind, flag in (("matched (missed)", True), ("mismatched (falsely accepted)", False))]
+    if args.figure and student_scores:
+        thr = (verify(student_scores[0], same, folds).threshold, verify(teacher_scores, same, folds).threshold)
+        shown = failure_figure(args.figure, val.crops, left, right, same, student_scores[0], teacher_scores, thr)
+        progress(f"wrote {args.figure} ({shown} pairs)")
 
     info = machine(threads)
     md = [f"`{command_line()}`", "", machine_line(info), "",
@@ -123,8 +198,15 @@ def main() -> int:
                           f"{f['train']['distill']:.3f} / {f['held_out']['distill']:.3f}",
                           f"{f['train']['pair_corr']:.3f} / {f['held_out']['pair_corr']:.3f}",
                           f"{100 * f['accuracy']:.2f}"] for f in fits])]
+    names = ["teacher (chip)"] + [f["weights"].rsplit("/", 1)[-1] for f in fits]
+    md += ["", "Protocol errors (% of pairs) by head pose, the larger yaw of the two faces (equal-count bins):", "",
+           md_table(["yaw", "pairs (matched)", *names],
+                    [[r["pose"], f"{r['pairs']} ({r['matched']})", *(f"{100 * r[k]:.1f}" for k in wrong)]
+                     for r in by_pose]),
+           "", md_table(["errors %", *names], [[r["pairs"], *(f"{100 * r[k]:.1f}" for k in wrong)] for r in by_kind])]
     emit("distill-gap", "Where the student falls short of the teacher", "\n".join(md),
-         {"machine": info, "ceiling": ceiling, "fits": fits}, args)
+         {"machine": info, "ceiling": ceiling, "fits": fits, "errors_by_pose": by_pose, "errors_by_kind": by_kind},
+         args)
     return 0
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from training.evaluate import best_threshold, plot_roc, tar_at_far, threshold_at_far, verify
+from training.evaluate import best_threshold, plot_roc, protocol_verdicts, tar_at_far, threshold_at_far, verify
 
 
 def separable(folds: int = 10, per_fold: int = 20, seed: int = 0):
@@ -51,6 +51,8 @@ def test_thresholds_are_chosen_on_the_other_folds():
     result = verify(scores, same, folds)
     assert result.fold_accuracies[0] == 0.5  # every genuine pair of fold 0 falls below the threshold
     assert result.fold_accuracies[1:] == [1.0, 1.0]
+    verdicts = protocol_verdicts(scores, same, folds)  # the same verdicts, pair by pair
+    assert not verdicts[:10].any() and (verdicts[10:] == same[10:]).all()
 
 
 def test_tar_at_far_on_known_scores():

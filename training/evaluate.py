@@ -65,15 +65,21 @@ def threshold_at_far(impostor_scores: np.ndarray, far: float) -> float:
     return float(np.quantile(impostor_scores, 1.0 - far))
 
 
+def protocol_verdicts(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Each pair's "same person" verdict as the protocol makes it: at its fold's threshold, chosen on the others."""
+    verdicts = np.zeros(len(scores), dtype=bool)
+    for f in np.unique(folds):
+        test = folds == f
+        verdicts[test] = scores[test] > best_threshold(scores[~test], same[~test])
+    return verdicts
+
+
 def verify(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> VerificationResult:
     scores, same, folds = np.asarray(scores, float), np.asarray(same, bool), np.asarray(folds)
     if len(np.unique(folds)) < 2:
         raise ValueError("the protocol needs at least 2 folds: each fold's threshold is chosen on the others")
-    accs = []
-    for f in np.unique(folds):
-        test = folds == f
-        thr = best_threshold(scores[~test], same[~test])
-        accs.append(float(np.mean((scores[test] > thr) == same[test])))
+    correct = protocol_verdicts(scores, same, folds) == same
+    accs = [float(np.mean(correct[folds == f])) for f in np.unique(folds)]
     fpr, tpr, _ = roc_curve(same, scores)
     return VerificationResult(
         accuracy=float(np.mean(accs)),
