@@ -113,7 +113,7 @@ def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
         initial_weights(load_config(None, ['init_weights="nowhere.pt"']))
 
 
-def test_online_teacher_trains_on_consistent_views_with_mixup_and_cutmix(work):
+def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(work):
     """teacher_mode=online: dlib's network (in PyTorch) describes each augmented, partly blended view, for the
     per-face and the pairwise (w_relation) terms; the run records the same metrics and ships a calibrated bundle. A
     prepared set without landmarks is refused."""
@@ -121,7 +121,7 @@ def test_online_teacher_trains_on_consistent_views_with_mixup_and_cutmix(work):
     run = root / "online"
     cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
                              "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}',
-                             "mixup=0.5", "cutmix=0.5", "w_relation=10"])
+                             "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10"])
     bundle = load_bundle(train(cfg, run, progress=False, max_steps=2))
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"distill", "relation", "triplet", "loss", "val_accuracy"} <= set(record)
@@ -140,7 +140,7 @@ def test_online_teacher_trains_on_consistent_views_with_mixup_and_cutmix(work):
                                "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}'])
     with pytest.raises(ValueError, match="re-run it"):
         train(stale, root / "stale", progress=False, max_steps=1)
-    for blend in ("mixup=0.2", "cutmix=0.2"):
+    for blend in ("mixup=0.2", "cutmix=0.2", "occlude=0.2"):
         with pytest.raises(ValueError, match="teacher_mode=online"):
             load_config(None, [blend])
 

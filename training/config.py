@@ -27,6 +27,7 @@ class TrainConfig:
     sources: dict[str, str] = field(default_factory=lambda: {"lfw": "lfw/images", "celeba": "celeba/images"})
     mixup: float = 0.0  # online only: fraction of samples blended with another (the teacher describes the blend)
     cutmix: float = 0.0  # online only: fraction of the rest given a rectangle of another aligned face (views.py)
+    occlude: float = 0.0  # online only: fraction of all samples with a one-colour rectangle over part of the face
     # model
     backbone: str = "mobilenet_v1"
     alpha: float = 0.5
@@ -79,11 +80,11 @@ class TrainConfig:
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")
         if self.teacher_mode not in ("cached", "online"):
             raise ValueError(f"teacher_mode must be cached or online, got {self.teacher_mode!r}")
-        for name in ("mixup", "cutmix"):
+        for name in ("mixup", "cutmix", "occlude"):
             share = getattr(self, name)
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
-                                 "ignores blends)")
+                                 "ignores what the view shows)")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

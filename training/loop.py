@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if cfg.teacher_mode == "online":
         views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
         teacher_net = load_teacher_net(device)
-        view_augment, centre = ViewAugment(mixup=cfg.mixup, cutmix=cfg.cutmix), centre.to(device)
+        view_augment, centre = ViewAugment(mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude), centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume

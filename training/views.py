@@ -64,18 +64,22 @@ def translation(dx: float, dy: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ViewAugment:
-    """The random geometry and colour of a batch of views (``Augment``'s ranges), and optional mixup."""
+    """The random geometry and colour of a batch of views (``Augment``'s ranges), and optional blends (mixup,
+    CutMix) and occluders, each drawn once in the aligned crop and seen alike by student and teacher."""
 
     base: Augment = Augment()
     mixup: float = 0.0  # fraction of samples blended with another sample of the batch
     mixup_alpha: float = 0.4  # Beta(a, a) for the blend weight
     cutmix: float = 0.0  # fraction of the samples mixup left alone that get a rectangle of another face
     cutmix_area: tuple[float, float] = (0.15, 0.5)  # the rectangle's share of the crop, drawn uniformly
+    occlude: float = 0.0  # fraction of all samples with a rectangle of one random colour (identity kept)
+    occlude_area: tuple[float, float] = (0.05, 0.3)
 
-    def rectangles(self, n: int, gen: torch.Generator) -> np.ndarray:
-        """(n, 112, 112) masks, 1 inside a random rectangle of the augmented crop (aspect 1:2 to 2:1, clipped)."""
+    def rectangles(self, n: int, gen: torch.Generator, area: tuple[float, float] | None = None) -> np.ndarray:
+        """(n, 112, 112) masks, 1 inside a random rectangle of the augmented crop (aspect 1:2 to 2:1, clipped),
+        covering a share of the crop drawn uniformly from ``area`` (default ``cutmix_area``)."""
         u = torch.rand(n, 4, generator=gen, dtype=torch.float64).numpy()
-        lo, hi = self.cutmix_area
+        lo, hi = area or self.cutmix_area
         area = (lo + u[:, 0] * (hi - lo)) * CROP_SIZE**2
         aspect = np.exp((u[:, 1] * 2 - 1) * math.log(2.0))
         w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
@@ -164,6 +168,15 @@ def draw_views(
         s_view[i] = _paste(s_view[i], s_view[other], masks, np.broadcast_to(view_to_crop, (len(k), 3, 3)))
         t_view[i] = _paste(t_view[i], t_view[other], masks, chip_crop[k])
         mixed = mixed | cut
+    occluded = torch.zeros(0, dtype=torch.long)
+    if augment.occlude > 0:  # (no draw otherwise: runs without occluders keep their random stream)
+        occluded = (torch.rand(n, generator=gen) < augment.occlude).nonzero()[:, 0]
+    if len(occluded):  # a cap, a hand, a microphone: the teacher says how much of the face is still there
+        masks = torch.as_tensor(augment.rectangles(len(occluded), gen, augment.occlude_area))
+        fill = torch.rand(len(occluded), 3, 1, 1, generator=gen) * 255 - GREY
+        k = occluded.numpy()
+        s_view[occluded] = _paste(s_view[occluded], fill, masks, np.broadcast_to(view_to_crop, (len(k), 3, 3)))
+        t_view[occluded] = _paste(t_view[occluded], fill, masks, chip_crop[k])
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
 
