@@ -85,7 +85,8 @@ def failure_figure(path, crops, left, right, same, student, teacher, verdict_thr
     fig.suptitle(f"student wrong, teacher right (thresholds {verdict_thr[0]:.2f} / {verdict_thr[1]:.2f})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    jpeg = str(path).lower().endswith((".jpg", ".jpeg"))  # photos: a JPEG is a fifth of the PNG
+    fig.savefig(path, pil_kwargs={"quality": 85} if jpeg else None)
     plt.close(fig)
     return len(idx)
 
@@ -113,8 +114,9 @@ def main() -> int:
     ap.add_argument("--set", nargs="*", default=['prepared={lfw="prepared2/lfw",celeba="prepared2/celeba"}'],
                     metavar="KEY=VALUE", help="config overrides (default: the prepared2 folders)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    ap.add_argument("--figure", default=None, metavar="PNG",
-                    help="also draw the held-out pairs the first --weights gets wrong and the teacher right")
+    ap.add_argument("--figure", default=None, metavar="FILE",
+                    help="also draw the held-out pairs the first --weights gets wrong and the teacher right "
+                         "(.png or .jpg)")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     cfg = load_config(args.config, args.set)
