@@ -134,11 +134,11 @@ def main() -> int:
         args.resolutions = args.resolutions[:1]
     centre = np.concatenate([split.train.teacher, split.train.teacher_flip]).mean(0)
 
-    def score(emb: np.ndarray) -> dict:
-        return verify(np.sum(emb[left] * emb[right], axis=1), same, folds).to_dict()
-
     def pair_scores(emb: np.ndarray) -> np.ndarray:
         return np.sum(emb[left] * emb[right], axis=1)
+
+    def score(emb: np.ndarray) -> dict:
+        return verify(pair_scores(emb), same, folds).to_dict()
 
     progress(f"teacher on {len(val)} held-out faces: chip, then student views at {args.resolutions}")
     views, net = load_views(cfg, val, progress=False), load_teacher_net(torch.device("cpu"))
