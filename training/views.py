@@ -159,24 +159,24 @@ def draw_views(
         lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones(n))[:, None, None, None]
         s_view = lam * s_view + (1 - lam) * s_view[partner]
         t_view = lam * t_view + (1 - lam) * t_view[partner]
+
+    def cover(i: torch.Tensor, s_fill: torch.Tensor, t_fill: torch.Tensor, masks: torch.Tensor) -> None:
+        """Samples ``i`` of both views, with the fills inside each crop-frame mask (in place)."""
+        s_view[i] = _paste(s_view[i], s_fill, masks, np.broadcast_to(view_to_crop, (len(i), 3, 3)))
+        t_view[i] = _paste(t_view[i], t_fill, masks, chip_crop[i.numpy()])
+
     cut = (torch.rand(n, generator=gen) < augment.cutmix) & ~mixed
     if cut.any():
         i = cut.nonzero()[:, 0]
         other = (i + torch.randint(1, n, (len(i),), generator=gen)) % n  # never the sample itself
-        masks = torch.as_tensor(augment.rectangles(len(i), gen))
-        k = i.numpy()
-        s_view[i] = _paste(s_view[i], s_view[other], masks, np.broadcast_to(view_to_crop, (len(k), 3, 3)))
-        t_view[i] = _paste(t_view[i], t_view[other], masks, chip_crop[k])
+        cover(i, s_view[other], t_view[other], torch.as_tensor(augment.rectangles(len(i), gen)))
         mixed = mixed | cut
-    occluded = torch.zeros(0, dtype=torch.long)
     if augment.occlude > 0:  # (no draw otherwise: runs without occluders keep their random stream)
-        occluded = (torch.rand(n, generator=gen) < augment.occlude).nonzero()[:, 0]
-    if len(occluded):  # a cap, a hand, a microphone: the teacher says how much of the face is still there
-        masks = torch.as_tensor(augment.rectangles(len(occluded), gen, augment.occlude_area))
-        fill = torch.rand(len(occluded), 3, 1, 1, generator=gen) * 255 - GREY
-        k = occluded.numpy()
-        s_view[occluded] = _paste(s_view[occluded], fill, masks, np.broadcast_to(view_to_crop, (len(k), 3, 3)))
-        t_view[occluded] = _paste(t_view[occluded], fill, masks, chip_crop[k])
+        i = (torch.rand(n, generator=gen) < augment.occlude).nonzero()[:, 0]
+        if len(i):  # a cap, a hand, a microphone: the teacher says how much of the face is still there
+            masks = torch.as_tensor(augment.rectangles(len(i), gen, augment.occlude_area))
+            fill = torch.rand(len(i), 3, 1, 1, generator=gen) * 255 - GREY
+            cover(i, fill, fill, masks)
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
 
