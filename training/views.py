@@ -80,9 +80,9 @@ class ViewAugment:
         covering a share of the crop drawn uniformly from ``area`` (default ``cutmix_area``)."""
         u = torch.rand(n, 4, generator=gen, dtype=torch.float64).numpy()
         lo, hi = area or self.cutmix_area
-        area = (lo + u[:, 0] * (hi - lo)) * CROP_SIZE**2
+        pixels = (lo + u[:, 0] * (hi - lo)) * CROP_SIZE**2
         aspect = np.exp((u[:, 1] * 2 - 1) * math.log(2.0))
-        w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
+        w, h = np.sqrt(pixels * aspect), np.sqrt(pixels / aspect)
         cx, cy = u[:, 2] * (CROP_SIZE - 1), u[:, 3] * (CROP_SIZE - 1)
         px = np.arange(CROP_SIZE)  # integer pixel centres, as everywhere here
         inside_x = np.abs(px[None, :] - cx[:, None]) <= w[:, None] / 2
