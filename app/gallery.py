@@ -18,6 +18,7 @@ import numpy as np
 from app.errors import NoCurrentFaces
 from app.index import FaceIndex, IndexConfig, IndexFileError, ids_checksum
 from app.store import Store, SubjectRef
+from model.score_norm import CohortNorm
 
 log = logging.getLogger("visage.gallery")
 _AGREEMENT_RETRIES = 5
@@ -43,9 +44,15 @@ class Gallery:
         model_version: str,
         dim: int,
         config: IndexConfig | None = None,
+        scorer: CohortNorm | None = None,
     ) -> None:
         self.store, self.index_path = store, index_path
         self.model_version, self.dim = model_version, dim
+        # scores are the weights' own (model.score_norm): the index holds each face's vector plus one column
+        # for its cohort offset, so an inner-product search ranks by the normalised score exactly
+        self.scorer = scorer or CohortNorm.plain(dim)
+        self.index_dim = dim + 1
+        self.index_version = f"{model_version}|{self.scorer.tag}"
         self.config = config or IndexConfig()
         self.index: FaceIndex | None = None
         self.opened_by = "not opened"
@@ -87,9 +94,9 @@ class Gallery:
         if self.index_path is None:
             raise IndexFileError("no index file configured")
         index = FaceIndex.load(self.index_path, self.config)
-        if index.model_version != self.model_version or index.dim != self.dim:
+        if index.model_version != self.index_version or index.dim != self.index_dim:
             raise IndexFileError(
-                f"index file holds {index.model_version} ({index.dim}-d) embeddings, not {self.model_version}"
+                f"index file holds {index.model_version} ({index.dim}-d) vectors, not {self.index_version}"
             )
         if index.generation > self.store.generation():
             raise IndexFileError("index file is ahead of the store (was the database replaced?)")
@@ -116,7 +123,12 @@ class Gallery:
         with self._lock:
             snap = self.store.snapshot(self.model_version, self.dim)
             self.index = FaceIndex.build(
-                self.dim, self.config, self.model_version, snap.ids, snap.vectors, snap.generation
+                self.index_dim,
+                self.config,
+                self.index_version,
+                snap.ids,
+                self.scorer.gallery_vectors(snap.vectors.reshape(-1, self.dim)),
+                snap.generation,
             )
             self.opened_by = f"rebuilt ({reason})"
             log.info("index rebuilt from the store: %s; %d faces", reason, len(snap.ids))
@@ -155,7 +167,8 @@ class Gallery:
             return
         changes = self.store.changes_since(self.index.generation, self.model_version, self.dim)
         self.index.remove(changes.removed)
-        if not self.index.upsert(changes.ids, changes.vectors):
+        vectors = self.scorer.gallery_vectors(np.asarray(changes.vectors).reshape(-1, self.dim))
+        if not self.index.upsert(changes.ids, vectors):
             self.rebuild("a changed face cannot be replaced in place")
             return
         self.index.generation = changes.generation
@@ -163,18 +176,19 @@ class Gallery:
     # -- searching -------------------------------------------------------------------------------------------
 
     def identify(self, vectors: np.ndarray, k: int) -> list[list[SubjectHit]]:
-        """For each probe vector, the ``k`` most similar subjects (max similarity over each subject's
-        faces)."""
+        """For each probe vector, the ``k`` most similar subjects (max score over each subject's faces)."""
         self.sync()
         return [self._rank_subjects(np.asarray(v, dtype=np.float32), k) for v in np.atleast_2d(vectors)]
 
     def _rank_subjects(self, vector: np.ndarray, k: int) -> list[SubjectHit]:
         assert self.index is not None
+        query, shift = self.scorer.query_vectors(vector)
         want = max(4 * k, 32)
         while True:
             with self._lock:
                 total = len(self.index)
-                sims, ids = self.index.search(vector, min(want, total))
+                sims, ids = self.index.search(query, min(want, total))
+            sims = sims + shift[:, None]
             owners = self.store.face_subjects([int(i) for i in ids[0] if i >= 0])
             best: dict[int, SubjectHit] = {}
             for sim, face_id in zip(sims[0], ids[0], strict=True):
@@ -186,7 +200,7 @@ class Gallery:
             want *= 4  # one subject's many faces crowded the others out: look further
 
     def best_match(self, subject_id: int, vector: np.ndarray) -> tuple[float, int]:
-        """(similarity, face id) of the subject's face most similar to ``vector``; exact, from the store."""
+        """(score, face id) of the subject's face scoring highest against ``vector``; exact, from the store."""
         ids, matrix = self.store.subject_embeddings(subject_id, self.model_version, self.dim)
         if not len(ids):
             subject = self.store.subject(SubjectRef(id=subject_id))
@@ -196,7 +210,7 @@ class Gallery:
                 else "it has no faces"
             )
             raise NoCurrentFaces(f"subject {subject_id} cannot be verified: {why}")
-        sims = matrix @ np.asarray(vector, dtype=np.float32)
+        sims = self.scorer.matrix(np.asarray(vector, dtype=np.float32), matrix)[0]
         best = int(np.argmax(sims))
         return float(sims[best]), int(ids[best])
 

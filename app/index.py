@@ -1,4 +1,4 @@
-"""The FAISS cache of the store: cosine similarity as inner product on unit vectors, keyed by face id.
+"""The FAISS cache of the store: the score as an inner product (``app.gallery`` builds the vectors), keyed by face id.
 
 ``flat`` (exact, ``IndexIDMap2(IndexFlatIP)``) is the default and removes faces in place. ``ivf`` (IVFFlat
 with native ids) removes in place too, and is trained on the gallery when the index is built. ``hnsw`` cannot
@@ -58,7 +58,7 @@ def ids_checksum(ids: np.ndarray) -> str:
 
 
 class FaceIndex:
-    """An in-memory FAISS index over (face id, unit vector), plus the store generation it is current at.
+    """An in-memory FAISS index over (face id, vector), plus the store generation it is current at.
 
     Not thread-safe on its own: ``app.gallery.Gallery`` serialises access with its lock.
     """

@@ -55,6 +55,7 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
             pipeline.embedder.model_version,
             pipeline.embedder.dim,
             index_config(settings),
+            pipeline.embedder.bundle.scorer,
         )
         if with_index:
             gallery.open()

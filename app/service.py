@@ -135,8 +135,8 @@ class FaceService:
     def threshold(self, value: float | None = None, far: str | None = None) -> Threshold:
         """An explicit threshold, else the bundle's calibrated one for ``far`` (default: settings)."""
         if value is not None:
-            if not -1.0 <= value <= 1.0:
-                raise BadParameter("threshold is a cosine similarity in [-1, 1]")
+            if not -2.0 <= value <= 2.0:
+                raise BadParameter("threshold is a similarity score in [-2, 2]")
             return Threshold(float(value), None)
         far = (far or self.default_far).strip()
         known = self.thresholds
@@ -211,7 +211,7 @@ class FaceService:
         threshold: Threshold,
     ) -> CompareResult:
         a, b = self.one_face(data1, selector1), self.one_face(data2, selector2)
-        similarity = float(np.dot(a.embedding, b.embedding))
+        similarity = self.pipeline.embedder.bundle.scorer.score(a.embedding, b.embedding)
         return CompareResult(similarity >= threshold.value, similarity, threshold, a, b)
 
     def reindex(self, progress: Callable[[int, int], None] | None = None) -> ReindexReport:

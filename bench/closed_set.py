@@ -23,9 +23,9 @@ from common import (
 SETS = {"orl": "ORL / AT&T (40 x 10, 92x112 grey, controlled)", "yale": "Yale (15 people, lighting/expression)"}
 
 
-def rank1(emb: np.ndarray, labels: np.ndarray, metric: str = "cosine") -> float:
-    # ours are unit vectors (cosine); dlib's descriptors are compared by negative Euclidean distance
-    sims = emb @ emb.T if metric == "cosine" else -np.linalg.norm(emb[:, None] - emb[None], axis=2)
+def rank1(sims: np.ndarray, labels: np.ndarray) -> float:
+    """Leave-one-out rank-1: each face's best-scoring other face has its label."""
+    sims = np.array(sims, dtype=float)
     np.fill_diagonal(sims, -np.inf)
     return float(np.mean(labels[np.argmax(sims, axis=1)] == labels))
 
@@ -48,14 +48,16 @@ def main() -> None:
         summary = prepare(src, work_dir() / "prepared" / name, progress=False)
         faces = load_prepared(work_dir() / "prepared" / name)
         labels = np.unique(faces.identities, return_inverse=True)[1]
-        student = rank1(embedder.embed(faces.crops), labels)
+        emb = embedder.embed(faces.crops)
+        student = rank1(bundle.scorer.matrix(emb, emb), labels)  # scored as the service scores
         res = {"images": len(faces), "people": int(labels.max() + 1), "fallbacks": summary.fallback,
                "student_rank1": student}
         if args.teacher:
             paths = [src / s for s in faces.sources]
             plain, mirrored = teacher_vectors(paths, work_dir() / "teacher_cache.npz", progress=False)
             teacher = 0.5 * (plain + mirrored)
-            res["teacher_rank1"] = rank1(teacher, labels, metric="euclidean")
+            # dlib's descriptors are compared by negative Euclidean distance, its own rule
+            res["teacher_rank1"] = rank1(-np.linalg.norm(teacher[:, None] - teacher[None], axis=2), labels)
         results[name] = res
         rows.append([title, res["images"], res["people"], res["fallbacks"], f"{100 * student:.1f} %",
                      f"{100 * res['teacher_rank1']:.1f} %" if args.teacher else "-"])

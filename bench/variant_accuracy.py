@@ -58,7 +58,8 @@ def main() -> int:
         seconds = time.perf_counter() - start
         if reference is None:
             reference = emb
-        result = verify(np.sum(emb[left] * emb[right], axis=1), split.val_same, split.val_folds)
+        # scored as the service scores: the bundle's cohort normalisation (model/score_norm.py)
+        result = verify(bundle.scorer.pairs(emb[left], emb[right]), split.val_same, split.val_folds)
         name = "eager, channels-last (the reference)" if v.key == "eager" else v.name
         results.append({"key": v.key, "name": name, "accuracy": result.accuracy, "std": result.accuracy_std,
                         "auc": result.auc, "tar_1e-3": result.tar_at_far.get("1e-3"),

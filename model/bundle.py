@@ -16,6 +16,7 @@ import torch
 
 from model.errors import WeightsError
 from model.mobilenet import FaceEmbeddingNet, ModelConfig, build_model
+from model.score_norm import CohortNorm
 
 FORMAT = "visage-bundle/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -30,6 +31,12 @@ class Bundle:
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     metadata: dict[str, Any] = field(default_factory=dict)
     source: Path | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
+    score_norm: CohortNorm | None = field(default=None, repr=False, compare=False)  # None: plain cosine
+
+    @property
+    def scorer(self) -> CohortNorm:
+        """How these weights' embeddings are compared; the thresholds are calibrated on its scores."""
+        return self.score_norm or CohortNorm.plain(self.config.embedding_dim)
 
     @property
     def model_version(self) -> str:
@@ -38,7 +45,7 @@ class Bundle:
 
     @property
     def thresholds(self) -> dict[str, float]:
-        """Cosine-similarity thresholds keyed by false-accept rate, e.g. ``{"1e-3": 0.42, "1e-4": 0.51}``."""
+        """Score thresholds (``scorer``'s scores) keyed by false-accept rate, e.g. ``{"1e-3": 0.42, "1e-4": 0.51}``."""
         return {str(k): float(v) for k, v in (self.metadata.get("thresholds") or {}).items()}
 
     def threshold(self, far: str = DEFAULT_FAR) -> float:
@@ -82,6 +89,8 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
         "metadata": bundle.metadata,
         "state_dict": bundle.state_dict,
     }
+    if bundle.score_norm is not None and bundle.score_norm.enabled:
+        payload["score_norm"] = bundle.score_norm.to_payload()
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -105,4 +114,8 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     except (KeyError, TypeError) as exc:
         raise WeightsError(f"{path} is a damaged Visage bundle: {exc!r}") from exc
     config.validate()
-    return Bundle(config, state_dict, payload.get("metadata") or {}, source=path)
+    try:
+        score_norm = CohortNorm.from_payload(payload.get("score_norm"), config.embedding_dim)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{path} has a damaged score cohort: {exc!r}") from exc
+    return Bundle(config, state_dict, payload.get("metadata") or {}, source=path, score_norm=score_norm)

@@ -42,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("image2", type=Path)
     p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")
     p.add_argument("--far", default="1e-3", help="operating point: false accept rate whose threshold to use")
-    p.add_argument("--threshold", type=float, help="explicit cosine threshold (overrides --far)")
+    p.add_argument("--threshold", type=float, help="explicit score threshold (overrides --far)")
     add_json_flag(p)
     p.set_defaults(func=cmd_compare)
 
@@ -128,13 +128,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from model.detect import choose_face
-    from model.faces import cosine, load_pipeline
+    from model.faces import load_pipeline
 
     pipe = load_pipeline(args.weights)
     a = choose_face(pipe.faces(_read(args.image1)), "largest")
     b = choose_face(pipe.faces(_read(args.image2)), "largest")
     threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)
-    sim = cosine(a.embedding, b.embedding)
+    sim = pipe.embedder.bundle.scorer.score(a.embedding, b.embedding)
     out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "match": sim >= threshold,
            "model_version": pipe.embedder.model_version, "face1": a.summary(), "face2": b.summary()}
     if args.json:

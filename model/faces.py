@@ -65,11 +65,6 @@ class FacePipeline:
         return faces
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two unit vectors."""
-    return float(np.dot(a, b))
-
-
 def load_pipeline(weights: str | None = None, flip: bool = True, limits: DecodeLimits | None = None,
                   backend: str = "onnx") -> FacePipeline:
     """The shipped default weights (or ``weights``), MTCNN with default settings, default decode limits,

@@ -21,6 +21,7 @@ from PIL import Image
 from model.decode import DecodeLimits
 from model.detect import DetectedFace
 from model.faces import FacePipeline
+from model.score_norm import CohortNorm
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 8
@@ -90,6 +91,10 @@ class FakeBundle:
 
     def threshold(self, far: str = "1e-3") -> float:
         return self.thresholds.get(far, 0.5)
+
+    @property
+    def scorer(self) -> CohortNorm:
+        return CohortNorm.plain(DIM)  # plain cosine: the hand-made colour directions keep their known scores
 
 
 class FakeEmbedder:

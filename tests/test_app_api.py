@@ -134,7 +134,7 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
             (client.post("/enroll", files={"image": jpeg}, data={"subject": "\x01"}), 422, "bad_parameter"),
             (client.post("/verify", files={"image": jpeg}, data={"subject": "nobody"}), 404, "subject_not_found"),
             (client.post("/verify", files={"image": jpeg}, data={"subject_id": "abc"}), 422, "bad_parameter"),
-            (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "2"}), 422,
+            (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "2.5"}), 422,
              "bad_parameter"),
             (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "far": "0.5"}), 422,
              "bad_parameter"),

@@ -18,6 +18,7 @@ from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, SubjectNotFound
 from app.gallery import Gallery
 from app.index import FaceIndex, IndexConfig
 from app.store import Store, SubjectRef
+from model.score_norm import CohortNorm
 
 V1, V2 = "model-v1", "model-v2"
 KINDS = ["flat", "hnsw", "ivf"]
@@ -145,6 +146,37 @@ def test_gallery_verify_uses_the_subjects_most_similar_face(tmp_path):
     assert face_id == close_face and similarity == pytest.approx(np.cos(0.2), abs=1e-5)
     gallery.store.delete_face(close_face)
     assert gallery.best_match(subject.id, unit(1))[1] == far_face
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identify_and_verify_rank_by_the_weights_normalised_score(tmp_path, kind):
+    """A cohort crowded along axis 0: bob's face sits in the crowd (a hub), alice's away from it. The plain cosine
+    puts bob first for this probe; the normalised score puts alice first, in the index's search and in the exact
+    per-subject check alike, with the same numbers as the scorer itself."""
+    rng = np.random.default_rng(0)
+    cohort = rng.normal(size=(100, DIM)).astype(np.float32) * 0.3
+    cohort[:, 0] += 1.0
+    scorer = CohortNorm(cohort / np.linalg.norm(cohort, axis=1, keepdims=True), k=8)
+    probe = unit(0.6, 0.8)
+    bob_face, alice_face = unit(0.95, 0.31), unit(0.1, 0.9, 0.42)
+    assert probe @ bob_face > probe @ alice_face
+    store = Store(tmp_path / "visage.db")
+    add(store, "bob", bob_face)
+    alice = add(store, "alice", alice_face)
+    gallery = Gallery(store, tmp_path / "index.faiss", V1, DIM, IndexConfig(kind=kind), scorer)
+    gallery.open()
+    hits = gallery.identify(probe, k=2)[0]
+    assert [h.name for h in hits] == ["alice", "bob"] and hits[0].face_id == alice
+    assert hits[0].similarity == pytest.approx(scorer.score(probe, alice_face), abs=1e-5)
+    assert hits[1].similarity == pytest.approx(scorer.score(probe, bob_face), abs=1e-5)
+    score, face = gallery.best_match(store.subject(SubjectRef(name="alice")).id, probe)
+    assert face == alice and score == pytest.approx(hits[0].similarity, abs=1e-5)
+    gallery.close()
+    # the saved index holds this cohort's offsets: opened with plain cosine scoring it is rebuilt, not reused
+    plain = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", V1, DIM, IndexConfig(kind=kind))
+    assert plain.open().startswith("rebuilt") and "|cosine" in plain.opened_by
+    assert [h.name for h in plain.identify(probe, k=2)[0]] == ["bob", "alice"]
+    plain.close()
 
 
 def test_model_versions_are_never_compared(tmp_path):

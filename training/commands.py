@@ -1,4 +1,4 @@
-"""``visage prepare``, ``teacher-embed``, ``train``, ``eval``: the training package's subcommands."""
+"""``visage prepare``, ``teacher-embed``, ``train``, ``calibrate``, ``eval``: the training package's subcommands."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.console import add_json_flag, print_json, print_table
+
+if TYPE_CHECKING:
+    from model.bundle import Bundle
 
 
 def register(sub) -> None:
@@ -49,6 +53,19 @@ def register(sub) -> None:
     p.add_argument("--export", action="store_true",
                    help="do not train: turn RUN_DIR/last.pt into a calibrated bundle (RUN_DIR/bundle-epochN.pt)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("calibrate", help="give a weights bundle its scoring cohort and calibrated thresholds",
+                       description="Embeds a cohort of training faces (score_cohort of them; 0 = plain cosine) "
+                       "and calibrates the FAR 1e-2/1e-3/1e-4 thresholds on every impostor pair among the held-out "
+                       "faces, as the end of `visage train` does; writes the result to --out. Settings (data, "
+                       "held-out folds, score_cohort, score_k) come from the recipe recorded in the bundle, then "
+                       "--config, then KEY=VALUE overrides.")
+    p.add_argument("--weights", required=True, type=Path, help="the bundle to calibrate")
+    p.add_argument("--out", required=True, type=Path, help="where to write the calibrated bundle")
+    p.add_argument("--config", type=Path, help="TOML file overriding the bundle's recorded recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. score_cohort=4096 score_k=16")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
                        description="n-fold verification accuracy (threshold chosen on the other folds), TAR at "
@@ -109,11 +126,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from model.bundle import load_bundle, save_bundle
+    from training.config import load_config
+    from training.loop import calibrate_bundle, load_split
+
+    bundle = load_bundle(args.weights)
+    cfg = load_config(args.config, args.overrides, base=bundle.metadata.get("recipe"))
+    if cfg.model != bundle.config:
+        raise ValueError(f"the settings describe {cfg.model}, the weights are {bundle.config}")
+    val = calibrate_bundle(bundle, cfg, load_split(cfg, need_teacher=False))
+    bundle.metadata["validation"] = {"pairs": cfg.pairs, "folds": cfg.val_folds, **val}
+    bundle.metadata.setdefault("recipe", cfg.to_dict()).update(score_cohort=cfg.score_cohort, score_k=cfg.score_k)
+    save_bundle(bundle, args.out)
+    out = {"weights": str(args.out), "scoring": val["scoring"], "thresholds": bundle.thresholds,
+           "accuracy": val["accuracy"], "auc": val["auc"], "all_pairs": val["all_pairs"]}
+    if args.json:
+        print_json(out)
+    else:
+        rows = [("scoring", out["scoring"]), ("held-out accuracy", f"{100 * val['accuracy']:.2f}%"),
+                ("held-out AUC", f"{val['auc']:.4f}")]
+        rows += [(f"threshold @ FAR {far}", f"{thr:.4f}") for far, thr in bundle.thresholds.items()]
+        rows += [(f"all-pairs TAR @ FAR {k.removeprefix('tar_at_far_')}", f"{100 * v:.2f}%")
+                 for k, v in val["all_pairs"].items() if k.startswith("tar_at_far_")]
+        print_table(f"calibrated {args.weights} -> {args.out}", ["", "value"], rows)
+    return 0
+
+
 def _pair_images(pairs) -> list[str]:
     return sorted({p for pair in pairs for p in (pair.left, pair.right)})
 
 
-def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, str]:
+def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, Bundle]:
     from model.bundle import load_bundle
     from model.embedder import Embedder
     from training.data import load_prepared
@@ -133,17 +177,17 @@ def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
     idx = np.array([where[n] for n in names])
     bundle = load_bundle(args.weights)
     emb = Embedder(bundle, flip=not args.no_flip).embed(faces.crops[idx])
-    return dict(zip(names, emb, strict=True)), int(faces.fallback[idx].sum()), bundle.model_version
+    return dict(zip(names, emb, strict=True)), int(faces.fallback[idx].sum()), bundle
 
 
-def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, str]:
+def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int, None]:
     from training.paths import work_dir
     from training.teacher import teacher_vectors
 
     paths = [args.images / n for n in names]
     plain, mirrored = teacher_vectors(paths, work_dir() / "teacher_cache.npz", progress=not args.json)
     desc = plain if args.no_flip else 0.5 * (plain + mirrored)
-    return dict(zip(names, desc, strict=True)), 0, "dlib_resnet_v1"
+    return dict(zip(names, desc, strict=True)), 0, None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -155,16 +199,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         wanted = {int(f) - 1 for f in args.folds.split(",")}
         pairs = [p for p in pairs if p.fold in wanted]
     names = _pair_images(pairs)
-    vectors, fallbacks, version = (_teacher_scores if args.teacher else _student_scores)(args, names)
+    vectors, fallbacks, bundle = (_teacher_scores if args.teacher else _student_scores)(args, names)
     a = np.stack([vectors[p.left] for p in pairs])
     b = np.stack([vectors[p.right] for p in pairs])
-    # dlib's descriptors are compared by Euclidean distance (its own rule); ours are unit vectors: cosine.
-    scores = -np.linalg.norm(a - b, axis=1) if args.teacher else np.sum(a * b, axis=1)
+    # dlib's descriptors are compared by Euclidean distance (its own rule); ours as the bundle scores them
+    scores = -np.linalg.norm(a - b, axis=1) if bundle is None else bundle.scorer.pairs(a, b)
+    version = "dlib_resnet_v1" if bundle is None else bundle.model_version
     result = verify(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
     roc = plot_roc({f"{version} (AUC {result.auc:.4f})": (result.fpr, result.tpr)}, args.roc,
                    f"{args.pairs.name}: {len(pairs)} pairs")
     out = {**result.to_dict(), "model": version, "images": len(names), "detection_fallbacks": fallbacks,
-           "metric": "negative euclidean distance" if args.teacher else "cosine similarity", "roc_png": str(roc)}
+           "metric": "negative euclidean distance" if bundle is None else bundle.scorer.tag, "roc_png": str(roc)}
     if args.json:
         print(json.dumps(out))
     else:

@@ -42,6 +42,10 @@ class TrainConfig:
     w_triplet: float = 1.0
     w_distill: float = 1.0
     w_relation: float = 0.0  # the teacher's pairwise cosines in the batch (losses.similarity_distillation_loss)
+    # scoring (model/score_norm.py): the bundle carries a cohort of this many training faces' embeddings, and a
+    # pair's score is its cosine minus the faces' mean cosine to their score_k nearest cohort faces; 0: cosine
+    score_cohort: int = 4096
+    score_k: int = 16
     # optimisation
     epochs: int = 30
     p: int = 32
@@ -103,9 +107,11 @@ def _coerce(name: str, raw: str) -> Any:
         return raw  # bare strings: miner=semi_hard
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    values: dict[str, Any] = {}
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then ``base`` (e.g. a bundle's recorded recipe), then the TOML file, then ``key=value`` items."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in fields}
     if path:
         data = tomllib.loads(Path(path).read_text())
         for key, v in data.items():

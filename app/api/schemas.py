@@ -54,7 +54,9 @@ class SubjectOut(BaseModel):
 
 
 class ThresholdParams(BaseModel):
-    threshold: float | None = Field(None, ge=-1.0, le=1.0, description="explicit cosine threshold; overrides far")
+    threshold: float | None = Field(
+        None, ge=-2.0, le=2.0, description="explicit score threshold (see similarity); overrides far"
+    )
     far: str | None = Field(
         None,
         max_length=16,
@@ -94,7 +96,10 @@ class VerifyForm(SubjectParams, ThresholdParams):
 
 class VerifyResponse(BaseModel):
     match: bool
-    similarity: float = Field(description="cosine similarity to the subject's most similar face")
+    similarity: float = Field(
+        description="score against the subject's best-matching face: the cosine minus the two faces' mean "
+        "cosine to their nearest cohort faces (model.score_norm), the scale the calibrated thresholds use"
+    )
     threshold: float
     far: str | None = Field(description="operating point of the threshold; null for an explicit one")
     subject: SubjectOut
@@ -252,7 +257,7 @@ class HealthResponse(BaseModel):
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model_version: str
-    thresholds: dict[str, float] = Field(description="calibrated cosine thresholds by false-accept rate")
+    thresholds: dict[str, float] = Field(description="calibrated score thresholds by false-accept rate")
     index_kind: str
     index_state: str = Field(description="how the index was opened: loaded, or rebuilt and why")
     subjects: int
