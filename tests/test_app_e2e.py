@@ -231,6 +231,7 @@ def test_restart_finds_the_gallery_intact(server, api):
     with server.client() as fresh:
         ready = fresh.get("/readyz").json()
         assert ready["index_state"] == "loaded", ready  # saved at shutdown, agrees with the store
+        assert ready["scoring"] == BUNDLE.scorer.tag and ready["scoring"].startswith("cohort4096k16-")
         assert fresh.get("/subjects").json() == before
         assert {s: fresh.get(f"/subjects/{s}").json()["faces"] for s in faces} == faces
         r = post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()

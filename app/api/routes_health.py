@@ -34,6 +34,7 @@ async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     return ReadyResponse(
         model_version=service.model_version,
         thresholds=service.thresholds,
+        scoring=service.gallery.scorer.tag,
         index_kind=str(stats["index_kind"]),
         index_state=service.gallery.opened_by,
         subjects=int(stats["subjects"]),

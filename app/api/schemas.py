@@ -258,6 +258,7 @@ class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
     model_version: str
     thresholds: dict[str, float] = Field(description="calibrated score thresholds by false-accept rate")
+    scoring: str = Field(description="how faces are scored: 'cosine', or the weights' cohort (model/score_norm.py)")
     index_kind: str
     index_state: str = Field(description="how the index was opened: loaded, or rebuilt and why")
     subjects: int
