@@ -16,7 +16,7 @@ Views are un-augmented, one pass (no mirror averaging), cosine on centred teache
 teacher extra and prepared folders with landmarks (``visage prepare`` since session 3).
 
     VISAGE_WORK_DIR=/work/cache python bench/distill_gap.py --out docs/TRAINING.md \\
-        --weights model/weights/visage-mobilenet_v1-a0.5-r112.pt runs/s6ctl/bundle.pt
+        --weights model/weights/visage-mobilenet_v1-a0.5-r112.pt OTHER_BUNDLE.pt
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ FORMAT = "visage-bundle/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "visage-mobilenet_v1-a0.5-r112.pt"
 DEFAULT_FAR = "1e-3"
-FALLBACK_THRESHOLD = 0.5  # only for bundles that were never calibrated (a fresh, untrained network)
+FALLBACK_THRESHOLD = 0.5  # only for bundles never calibrated (a fresh, untrained network: plain cosine scoring)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Bundle:
 
     @property
     def thresholds(self) -> dict[str, float]:
-        """Score thresholds (``scorer``'s scores) keyed by false-accept rate, e.g. ``{"1e-3": 0.42, "1e-4": 0.51}``."""
+        """Thresholds on ``scorer``'s scores, keyed by false-accept rate, e.g. ``{"1e-3": 0.034, "1e-4": 0.093}``."""
         return {str(k): float(v) for k, v in (self.metadata.get("thresholds") or {}).items()}
 
     def threshold(self, far: str = DEFAULT_FAR) -> float:

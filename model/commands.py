@@ -36,8 +36,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("compare", help="are two photos the same person?",
-                       description="Cosine similarity of the largest face in each image against the weights' "
-                       "calibrated threshold (FAR 1e-3 unless --far or --threshold is given).")
+                       description="The score of the largest face in each image (the weights' own: cosine minus the "
+                       "faces' cohort offsets, model/score_norm.py) against the weights' calibrated threshold "
+                       "(FAR 1e-3 unless --far or --threshold is given).")
     p.add_argument("image1", type=Path)
     p.add_argument("image2", type=Path)
     p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 
+CHUNK = 2048  # rows of similarities at a time: a gallery rebuild of 1M faces must not hold 1M x 4,096 floats
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class CohortNorm:
     """``score(a, b) = a.b - (offset(a) + offset(b)) / 2``; ``offset(x)`` = mean of x's top-``k`` cohort cosines."""
 
@@ -40,7 +43,7 @@ class CohortNorm:
     def enabled(self) -> bool:
         return len(self.cohort) > 0
 
-    @property
+    @cached_property
     def tag(self) -> str:
         """Names the scoring rule: an index built with one cohort's offsets is stale under another."""
         if not self.enabled:
@@ -50,11 +53,14 @@ class CohortNorm:
     def offsets(self, vectors: np.ndarray) -> np.ndarray:
         """(N, dim) unit vectors -> (N,) mean cosine to each one's ``k`` most similar cohort faces."""
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        out = np.zeros(len(vectors), dtype=np.float32)
         if not self.enabled:
-            return np.zeros(len(vectors), dtype=np.float32)
-        sims = vectors @ self.cohort.T
-        top = np.partition(sims, len(self.cohort) - self.k, axis=1)[:, -self.k :]
-        return top.mean(axis=1).astype(np.float32)
+            return out
+        for start in range(0, len(vectors), CHUNK):
+            sims = vectors[start : start + CHUNK] @ self.cohort.T
+            sims.partition(len(self.cohort) - self.k, axis=1)  # in place: the k largest end up last
+            out[start : start + CHUNK] = sims[:, -self.k :].mean(axis=1)
+        return out
 
     def pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Scores of the row pairs (a[i], b[i])."""
@@ -89,8 +95,8 @@ class CohortNorm:
     def from_payload(cls, payload: dict[str, object] | None, dim: int) -> CohortNorm:
         if not payload:
             return cls.plain(dim)
-        if payload.get("method") != "cohort-mean":
-            raise ValueError(f"unknown score normalisation {payload.get('method')!r}")
+        if not isinstance(payload, dict) or payload.get("method") != "cohort-mean":
+            raise ValueError(f"unknown score normalisation {payload!r:.80}")
         cohort = payload["cohort"]
         if not isinstance(cohort, torch.Tensor) or cohort.ndim != 2 or cohort.shape[1] != dim:
             raise ValueError(f"the score cohort must be an (n, {dim}) tensor")

@@ -68,8 +68,12 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert meta["model_version"].startswith("mobilenet_v1-a0.5-r112-d128-")
     assert meta["mult_adds"] == 38_812_288
 
+    # scored against a cohort of every training face (fewer than score_cohort here), thresholds on that scale
+    train_faces = sum(len(list((src / n).iterdir())) for n in TRAIN)
+    assert len(bundle.scorer.cohort) == train_faces == meta["calibration"]["cohort"] and bundle.scorer.k == 16
+    assert meta["validation"]["scoring"] == meta["calibration"]["scoring"] == bundle.scorer.tag
     exported = load_bundle(export_checkpoint(run))
-    assert exported.weights_digest() == bundle.weights_digest()
+    assert exported.weights_digest() == bundle.weights_digest() and exported.scorer.tag == bundle.scorer.tag
 
     result = subprocess.run(
         [sys.executable, "-m", "model.console", "eval", "--pairs", str(pairs), "--images", str(src),
@@ -81,7 +85,19 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     report = json.loads(result.stdout)
     assert report["pairs"] == 4 and 0.0 <= report["accuracy"] <= 1.0 and report["detection_fallbacks"] == 0
     assert {"accuracy_std", "tar_at_far_1e-3", "auc", "threshold"} <= set(report)
+    assert report["metric"] == bundle.scorer.tag  # eval scores pairs as the bundle (and the service) does
     assert (root / "roc.png").stat().st_size > 10_000
+
+    # `visage calibrate`: plain cosine on request; other folds of the same pairs file are refused
+    plain = root / "plain.pt"
+    result = subprocess.run([sys.executable, "-m", "model.console", "calibrate", "--weights", str(out), "--out",
+                             str(plain), "score_cohort=0", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["scoring"] == "cosine" and load_bundle(plain).scorer.tag == "cosine"
+    assert set(load_bundle(plain).thresholds) == {"1e-2", "1e-3", "1e-4"}
+    refused = subprocess.run([sys.executable, "-m", "model.console", "calibrate", "--weights", str(out), "--out",
+                              str(plain), "val_folds=[1]", "--json"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "trained on" in refused.stdout + refused.stderr
 
 
 def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):

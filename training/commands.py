@@ -132,12 +132,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from training.loop import calibrate_bundle, load_split
 
     bundle = load_bundle(args.weights)
-    cfg = load_config(args.config, args.overrides, base=bundle.metadata.get("recipe"))
+    recipe = bundle.metadata.get("recipe") or {}
+    cfg = load_config(args.config, args.overrides, base=recipe)
     if cfg.model != bundle.config:
         raise ValueError(f"the settings describe {cfg.model}, the weights are {bundle.config}")
+    if recipe and cfg.pairs == recipe.get("pairs") and list(cfg.val_folds) != list(recipe.get("val_folds", [])):
+        raise ValueError(f"these weights were trained with folds {recipe.get('val_folds')} of {cfg.pairs} held out; "
+                         f"calibrating on folds {cfg.val_folds} would judge them on people they were trained on")
     val = calibrate_bundle(bundle, cfg, load_split(cfg, need_teacher=False))
     bundle.metadata["validation"] = {"pairs": cfg.pairs, "folds": cfg.val_folds, **val}
-    bundle.metadata.setdefault("recipe", cfg.to_dict()).update(score_cohort=cfg.score_cohort, score_k=cfg.score_k)
     save_bundle(bundle, args.out)
     out = {"weights": str(args.out), "scoring": val["scoring"], "thresholds": bundle.thresholds,
            "accuracy": val["accuracy"], "auc": val["auc"], "all_pairs": val["all_pairs"]}

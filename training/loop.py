@@ -144,13 +144,17 @@ def all_pairs_tar(emb: np.ndarray, identities: list[str], thresholds: dict[str, 
 
 def calibrate_bundle(bundle: Bundle, cfg: TrainConfig, split: Split) -> dict:
     """Give the bundle its scoring cohort (training faces) and thresholds (held-out impostor pairs); returns the
-    held-out validation under that scoring."""
+    held-out validation under that scoring. ``metadata["calibration"]`` records what was used."""
     bundle.score_norm = score_cohort(bundle, split.train, cfg.score_cohort, cfg.score_k, cfg.seed)
     val, emb = validate(bundle, split)
     thresholds = calibrate(emb, split.val.identities, bundle.scorer)
     val["all_pairs"] = all_pairs_tar(emb, split.val.identities, thresholds, bundle.scorer)
     val["scoring"] = bundle.scorer.tag
     bundle.metadata["thresholds"] = thresholds
+    bundle.metadata["calibration"] = {
+        "scoring": bundle.scorer.tag, "cohort": len(bundle.scorer.cohort), "k": bundle.scorer.k, "seed": cfg.seed,
+        "prepared": cfg.prepared, "pairs": cfg.pairs, "val_folds": cfg.val_folds,
+    }
     return val
 
 
@@ -360,8 +364,8 @@ def finish(model: nn.Module, cfg: TrainConfig, split: Split, history: list[dict]
     """Validate, calibrate thresholds on held-out impostor pairs and write the weights bundle."""
     bundle = bundle_from_model(model.to(memory_format=torch.contiguous_format), cfg.model)
     val = calibrate_bundle(bundle, cfg, split)
-    bundle.metadata = finished_metadata(cfg, bundle, val, bundle.metadata["thresholds"], history, seconds,
-                                        next(model.parameters()).device)
+    bundle.metadata.update(finished_metadata(cfg, bundle, val, bundle.metadata["thresholds"], history, seconds,
+                                             next(model.parameters()).device))
     return save_bundle(bundle, out)
 
 

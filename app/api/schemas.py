@@ -97,8 +97,8 @@ class VerifyForm(SubjectParams, ThresholdParams):
 class VerifyResponse(BaseModel):
     match: bool
     similarity: float = Field(
-        description="score against the subject's best-matching face: the cosine minus the two faces' mean "
-        "cosine to their nearest cohort faces (model.score_norm), the scale the calibrated thresholds use"
+        description="score against the subject's best-matching face: the cosine minus the mean of the two faces' "
+        "offsets (each one's mean cosine to its nearest cohort faces, model.score_norm), the thresholds' scale"
     )
     threshold: float
     far: str | None = Field(description="operating point of the threshold; null for an explicit one")
