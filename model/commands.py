@@ -142,5 +142,5 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print_json(out)
     else:
         verdict = "SAME person" if out["match"] else "DIFFERENT people"
-        print(f"{verdict}: similarity {sim:.3f} vs threshold {threshold:.3f} ({pipe.embedder.model_version})")
+        print(f"{verdict}: score {sim:.3f} vs threshold {threshold:.3f} ({pipe.embedder.model_version})")
     return 0
