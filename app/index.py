@@ -46,7 +46,9 @@ class IndexConfig:
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     ivf_nlist: int = 1024
-    ivf_nprobe: int = 256  # recall@1 0.995 vs exact at 1M synthetic faces, 6.7 ms (docs/BENCHMARKS.md section 4)
+    # recall@1 0.992 vs the exact (cohort-normalised) score at 1M synthetic faces, 8.9 ms on 1 FAISS thread
+    # (docs/BENCHMARKS.md section 4); 256 was enough for plain cosine (0.995) but gives 0.988 with the cohort column
+    ivf_nprobe: int = 320
 
 
 class IndexFileError(Exception):

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(32, ge=4, le=256)
     hnsw_ef_search: int = Field(128, ge=8, le=4096)
     ivf_nlist: int = Field(1024, ge=1, le=1 << 20)
-    ivf_nprobe: int = Field(256, ge=1, le=1 << 20)
+    ivf_nprobe: int = Field(320, ge=1, le=1 << 20)
     faiss_threads: int = Field(
         1, ge=0, le=256, description="FAISS OpenMP threads; 0 = FAISS's default (all cores). One query at a time "
         "searches fastest on one thread: at 1M faces flat 22.5 ms vs 71 ms with 2 (docs/BENCHMARKS.md section 4)"

@@ -1,7 +1,7 @@
 """Gallery search: identify latency and recall@1 of the app's FAISS indexes (flat, HNSW, IVF) at 10k, 100k, 1M faces.
 
 The indexes are the app's own: ``app.index.FaceIndex`` with ``IndexConfig`` defaults (HNSW M=32, efSearch=128;
-IVF nlist=1024 capped at N/39, nprobe=256), built exactly as ``FaceIndex.build`` does (the same ``_new_index``,
+IVF nlist=1024 capped at N/39, nprobe=320), built exactly as ``FaceIndex.build`` does (the same ``_new_index``,
 then ``add_with_ids``), in chunks so a long build prints progress, and searched through ``FaceIndex.search`` with
 k=32, which is what ``Gallery.identify`` asks for with the default k=5. The search-time knob of each approximate
 index (efSearch, nprobe) is also swept on the same built index.
@@ -216,7 +216,7 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="gallery sizes (10000 100000)")
     ap.add_argument("--kinds", nargs="+", default=["flat", "hnsw", "ivf"], choices=["flat", "hnsw", "ivf"])
     ap.add_argument("--ef-search", type=int, nargs="+", default=[128, 256, 512, 1024], help="HNSW efSearch sweep")
-    ap.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256, 512], help="IVF nprobe sweep")
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[64, 128, 256, 320, 512], help="IVF nprobe sweep")
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall (default 1000)")
     ap.add_argument("--latency-queries", type=int, default=500, help="most timed single queries per row (500)")
     ap.add_argument("--min-rounds", type=int, default=50, help="fewest timed queries per row (default 50)")

@@ -127,7 +127,7 @@ def test_compare_reports_similarity_against_the_threshold(weights, capsys):
     assert out["match"] == (out["similarity"] >= 0.25)
     assert out["model_version"] == "fresh-cli" and out["face2"]["size"] > 100  # the largest face was taken
     assert main(args) == 0  # uncalibrated weights: the fallback threshold, printed as a sentence
-    assert "similarity" in capsys.readouterr().out
+    assert "score" in capsys.readouterr().out
 
 
 def test_compare_without_a_face_is_a_clean_error(weights, capsys):
