@@ -35,7 +35,7 @@ def weights(tmp_path_factory) -> Path:
 def test_help_lists_every_subcommand():
     result = visage("--help")
     assert result.returncode == 0
-    for command in ("cost", "embed", "compare", "prepare", "teacher-embed", "train", "calibrate", "eval"):
+    for command in ("cost", "embed", "compare", "prepare", "teacher-embed", "train", "calibrate", "soup", "eval"):
         assert command in result.stdout
 
 

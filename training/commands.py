@@ -1,4 +1,5 @@
-"""``visage prepare``, ``teacher-embed``, ``train``, ``calibrate``, ``eval``: the training package's subcommands."""
+"""``visage prepare``, ``teacher-embed``, ``train``, ``calibrate``, ``soup``, ``eval``: the training package's
+subcommands."""
 
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_calibrate)
 
+    p = sub.add_parser("soup", help="average several fine-tunes of one network into one calibrated bundle",
+                       description="A uniform model soup: every weight and batch-norm statistic averaged over the "
+                       "bundles (fine-tunes from the same starting weights), then calibrated as `visage calibrate` "
+                       "does (scoring cohort + FAR thresholds, settings from the first bundle's recipe).")
+    p.add_argument("weights", nargs="+", type=Path, help="two or more bundles of the same network")
+    p.add_argument("--out", required=True, type=Path, help="where to write the calibrated soup")
+    p.add_argument("--config", type=Path, help="TOML file overriding the first bundle's recorded recipe")
+    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="settings over the recipe, e.g. --set score_cohort=4096")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_soup)
+
     p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
                        description="n-fold verification accuracy (threshold chosen on the other folds), TAR at "
                        "FAR 1e-3 and 1e-2, ROC AUC and a ROC curve PNG, on any pairs file in LFW format.")
@@ -127,11 +140,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from model.bundle import load_bundle, save_bundle
+    from model.bundle import load_bundle
+
+    bundle = load_bundle(args.weights)
+    return _calibrate_and_save(bundle, args, f"calibrated {args.weights} -> {args.out}")
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from model.bundle import load_bundle
+    from training.soup import average_bundles
+
+    bundle = average_bundles([load_bundle(w) for w in args.weights])
+    cfg = bundle.config
+    name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
+    bundle.metadata.update(model_version=f"{name}-{bundle.weights_digest()[:10]}", name=name)
+    return _calibrate_and_save(bundle, args, f"soup of {len(args.weights)} -> {args.out}")
+
+
+def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) -> int:
+    """The scoring cohort and thresholds for ``bundle`` (settings: its recipe, --config, overrides), saved."""
+    from model.bundle import save_bundle
     from training.config import load_config
     from training.loop import calibrate_bundle, load_split
 
-    bundle = load_bundle(args.weights)
     recipe = bundle.metadata.get("recipe") or {}
     cfg = load_config(args.config, args.overrides, base=recipe)
     if cfg.model != bundle.config:
@@ -142,17 +173,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     val = calibrate_bundle(bundle, cfg, load_split(cfg, need_teacher=False))
     bundle.metadata["validation"] = {"pairs": cfg.pairs, "folds": cfg.val_folds, **val}
     save_bundle(bundle, args.out)
-    out = {"weights": str(args.out), "scoring": val["scoring"], "thresholds": bundle.thresholds,
-           "accuracy": val["accuracy"], "auc": val["auc"], "all_pairs": val["all_pairs"]}
+    out = {"weights": str(args.out), "model_version": bundle.model_version, "scoring": val["scoring"],
+           "thresholds": bundle.thresholds, "accuracy": val["accuracy"], "auc": val["auc"],
+           "all_pairs": val["all_pairs"]}
     if args.json:
         print_json(out)
     else:
-        rows = [("scoring", out["scoring"]), ("held-out accuracy", f"{100 * val['accuracy']:.2f}%"),
-                ("held-out AUC", f"{val['auc']:.4f}")]
+        rows = [("model version", bundle.model_version), ("scoring", out["scoring"]),
+                ("held-out accuracy", f"{100 * val['accuracy']:.2f}%"), ("held-out AUC", f"{val['auc']:.4f}")]
         rows += [(f"threshold @ FAR {far}", f"{thr:.4f}") for far, thr in bundle.thresholds.items()]
         rows += [(f"all-pairs TAR @ FAR {k.removeprefix('tar_at_far_')}", f"{100 * v:.2f}%")
                  for k, v in val["all_pairs"].items() if k.startswith("tar_at_far_")]
-        print_table(f"calibrated {args.weights} -> {args.out}", ["", "value"], rows)
+        print_table(title, ["", "value"], rows)
     return 0
 
 

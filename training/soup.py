@@ -1,0 +1,33 @@
+"""A uniform "model soup" (Wortsman et al. 2022): the average of several fine-tunes of one network.
+
+Fine-tunes that start from the same weights stay in one basin, so their average is a network of its own that
+often scores better than each of them. Every floating-point tensor is averaged, batch-norm running statistics
+included; integer counters are taken from the first bundle. The result still needs its scoring cohort and
+thresholds (``training.loop.calibrate_bundle``; ``visage soup`` does both).
+"""
+
+from __future__ import annotations
+
+from model.bundle import Bundle
+
+
+def average_bundles(bundles: list[Bundle]) -> Bundle:
+    """The uniform average of ``bundles`` (same config, same tensors); metadata says what went in."""
+    if len(bundles) < 2:
+        raise ValueError("a soup needs at least two bundles")
+    first = bundles[0]
+    for other in bundles[1:]:
+        if other.config != first.config:
+            raise ValueError(f"cannot average {other.config} with {first.config}")
+        if other.state_dict.keys() != first.state_dict.keys():
+            raise ValueError("the bundles hold different tensors")
+    state = {}
+    for key, tensor in first.state_dict.items():
+        if tensor.is_floating_point():
+            state[key] = sum(b.state_dict[key].double() for b in bundles).div(len(bundles)).to(tensor.dtype)
+        else:
+            state[key] = tensor.clone()
+    metadata = {"recipe": first.metadata.get("recipe"),
+                "soup": [str(b.source or b.model_version) for b in bundles],
+                "soup_of": [b.model_version for b in bundles]}
+    return Bundle(first.config, state, {k: v for k, v in metadata.items() if v is not None})
