@@ -62,23 +62,17 @@ def register(sub) -> None:
                        "held-out folds, score_cohort, score_k) come from the recipe recorded in the bundle, then "
                        "--config, then KEY=VALUE overrides.")
     p.add_argument("--weights", required=True, type=Path, help="the bundle to calibrate")
-    p.add_argument("--out", required=True, type=Path, help="where to write the calibrated bundle")
-    p.add_argument("--config", type=Path, help="TOML file overriding the bundle's recorded recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. score_cohort=4096 score_k=16")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_calibrate)
+    _calibration_options(p, cmd_calibrate)
 
     p = sub.add_parser("soup", help="average several fine-tunes of one network into one calibrated bundle",
                        description="A uniform model soup: every weight and batch-norm statistic averaged over the "
                        "bundles (fine-tunes from the same starting weights), then calibrated as `visage calibrate` "
                        "does (scoring cohort + FAR thresholds, settings from the first bundle's recipe).")
     p.add_argument("weights", nargs="+", type=Path, help="two or more bundles of the same network")
-    p.add_argument("--out", required=True, type=Path, help="where to write the calibrated soup")
-    p.add_argument("--config", type=Path, help="TOML file overriding the first bundle's recorded recipe")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
                    help="settings over the recipe, e.g. --set score_cohort=4096")
-    add_json_flag(p)
-    p.set_defaults(func=cmd_soup)
+    _calibration_options(p, cmd_soup)
 
     p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
                        description="n-fold verification accuracy (threshold chosen on the other folds), TAR at "
@@ -93,6 +87,14 @@ def register(sub) -> None:
     p.add_argument("--roc", type=Path, default=Path("roc.png"), help="where to write the ROC curve (default roc.png)")
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _calibration_options(p: argparse.ArgumentParser, func) -> None:
+    """What `calibrate` and `soup` share: where to write, the settings file over the recorded recipe, --json."""
+    p.add_argument("--out", required=True, type=Path, help="where to write the calibrated bundle")
+    p.add_argument("--config", type=Path, help="TOML file overriding the (first) bundle's recorded recipe")
+    add_json_flag(p)
+    p.set_defaults(func=func)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
