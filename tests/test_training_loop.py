@@ -17,7 +17,7 @@ from model.cost import mobilenet_v1_cost
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm
 from training.config import TrainConfig
-from training.loop import FARS, all_pairs_tar, calibrate, finished_metadata, lr_factor
+from training.loop import FARS, all_pairs, all_pairs_tar, calibrate, finished_metadata, lr_factor
 
 
 def test_warmup_then_cosine_to_zero():
@@ -42,7 +42,7 @@ def test_calibrate_thresholds_on_impostor_pairs_only():
     centres = rng.normal(size=(40, 16))
     emb = np.repeat(centres, 4, axis=0) + 0.01 * rng.normal(size=(160, 16))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    thresholds = calibrate(emb.astype(np.float32), identities, CohortNorm.plain(16))
+    thresholds = calibrate(all_pairs(emb.astype(np.float32), identities, CohortNorm.plain(16)))
     assert set(thresholds) == set(FARS) == {"1e-2", "1e-3", "1e-4"}
     impostor = np.array(
         [emb[i] @ emb[j] for i, j in combinations(range(160), 2) if identities[i] != identities[j]]
@@ -62,7 +62,7 @@ def test_all_pairs_tar_counts_every_genuine_pair_above_each_threshold():
     c_faces = [np.sqrt(0.5) * (e[4] + e[5 + i]) for i in range(3)]  # pairwise cos 0.5
     emb = np.stack([e[0], e[0], e[0], e[1], e[2], e[3], *c_faces])
     identities = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
-    out = all_pairs_tar(emb, identities, {"1e-3": 0.4, "1e-4": 0.6}, CohortNorm.plain(8))
+    out = all_pairs_tar(all_pairs(emb, identities, CohortNorm.plain(8)), {"1e-3": 0.4, "1e-4": 0.6})
     assert (out["genuine_pairs"], out["impostor_pairs"]) == (9, 27)
     assert out["tar_at_far_1e-3"] == pytest.approx(6 / 9, abs=1e-4)
     assert out["tar_at_far_1e-4"] == pytest.approx(3 / 9, abs=1e-4)
@@ -78,9 +78,9 @@ def test_calibration_uses_the_scores_the_bundle_will_serve():
     scorer = CohortNorm((cohort / np.linalg.norm(cohort, axis=1, keepdims=True)).astype(np.float32), k=5)
     full = scorer.matrix(emb, emb)
     impostor = np.array([full[i, j] for i, j in combinations(range(120), 2) if identities[i] != identities[j]])
-    thresholds = calibrate(emb, identities, scorer)
+    thresholds = calibrate(all_pairs(emb, identities, scorer))
     assert thresholds["1e-2"] == pytest.approx(np.quantile(impostor, 0.99), abs=1e-4)
-    assert thresholds != calibrate(emb, identities, CohortNorm.plain(16))
+    assert thresholds != calibrate(all_pairs(emb, identities, CohortNorm.plain(16)))
 
 
 def test_finished_metadata_matches_the_cost_model():

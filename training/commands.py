@@ -150,12 +150,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_soup(args: argparse.Namespace) -> int:
     from model.bundle import load_bundle
+    from training.loop import version_names
     from training.soup import average_bundles
 
     bundle = average_bundles([load_bundle(w) for w in args.weights])
-    cfg = bundle.config
-    name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
-    bundle.metadata.update(model_version=f"{name}-{bundle.weights_digest()[:10]}", name=name)
+    bundle.metadata.update(version_names(bundle))
     return _calibrate_and_save(bundle, args, f"soup of {len(args.weights)} -> {args.out}")
 
 
