@@ -68,9 +68,13 @@ class CohortNorm:
         return np.sum(a * b, axis=1) - 0.5 * (self.offsets(a) + self.offsets(b))
 
     def matrix(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(Na, Nb) scores of every a against every b."""
-        a, b = np.atleast_2d(a), np.atleast_2d(b)
-        return a @ b.T - 0.5 * (self.offsets(a)[:, None] + self.offsets(b)[None, :])
+        """(Na, Nb) scores of every a against every b (``matrix(x, x)`` computes x's offsets once)."""
+        same = b is a
+        a = np.atleast_2d(a)
+        b = a if same else np.atleast_2d(b)
+        offset_a = self.offsets(a)
+        offset_b = offset_a if same else self.offsets(b)
+        return a @ b.T - 0.5 * (offset_a[:, None] + offset_b[None, :])
 
     def score(self, a: np.ndarray, b: np.ndarray) -> float:
         return float(self.pairs(a, b)[0])
