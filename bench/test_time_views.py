@@ -45,11 +45,12 @@ def warp(crops: np.ndarray, scale: float, dx: float, dy: float) -> np.ndarray:
 def main() -> int:
     ap = parser(__doc__)
     ap.add_argument("--weights", help="weights bundle (default: the shipped one)")
-    ap.add_argument("--config", default="training/configs/cutmix.toml", help="training config naming the split")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training settings over the bundle's recipe")
     args = ap.parse_args()
 
     bundle, source = load_default_bundle(args.weights)
-    split = load_split(load_config(args.config, []), need_teacher=False)
+    # the bundle's own held-out people (its recipe names them), as bench/score_norm.py does
+    split = load_split(load_config(None, args.overrides, base=bundle.metadata.get("recipe")), need_teacher=False)
     crops = split.val.crops[:300] if args.quick else split.val.crops
     embedder = Embedder(bundle)
     vectors = {}

@@ -7,6 +7,9 @@ bias. On held-out LFW people it doubled the genuine pairs accepted at FAR 1e-3 (
 
 The cohort belongs to the weights (their embeddings of training faces), so it travels in the bundle. A bundle
 without one scores by plain cosine: every offset is 0.
+
+Offsets are capped (``cap``, set at calibration): a photo compared with itself scores ``1 - offset``, and without a
+cap the strongest hubs (offsets up to 0.94 among training faces) would fail to match their own photo at FAR 1e-4.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ class CohortNorm:
 
     cohort: np.ndarray  # (n, dim) float32 unit vectors; n = 0 means plain cosine
     k: int = 16
+    cap: float = 1.0  # no offset exceeds it, so a face always scores >= 1 - cap against an identical copy
 
     def __post_init__(self) -> None:
         if self.cohort.ndim != 2:
             raise ValueError(f"cohort must be (n, dim), got shape {self.cohort.shape}")
         if len(self.cohort) and not 1 <= self.k <= len(self.cohort):
             raise ValueError(f"k={self.k} must be between 1 and the cohort size {len(self.cohort)}")
+        if not 0.0 < self.cap <= 1.0:
+            raise ValueError(f"the offset cap must be in (0, 1], got {self.cap}")
 
     @classmethod
     def plain(cls, dim: int) -> CohortNorm:
@@ -48,7 +54,8 @@ class CohortNorm:
         """Names the scoring rule: an index built with one cohort's offsets is stale under another."""
         if not self.enabled:
             return "cosine"
-        return f"cohort{len(self.cohort)}k{self.k}-{hashlib.sha256(self.cohort.tobytes()).hexdigest()[:10]}"
+        capped = f"c{self.cap:g}" if self.cap < 1.0 else ""
+        return f"cohort{len(self.cohort)}k{self.k}{capped}-{hashlib.sha256(self.cohort.tobytes()).hexdigest()[:10]}"
 
     def offsets(self, vectors: np.ndarray) -> np.ndarray:
         """(N, dim) unit vectors -> (N,) mean cosine to each one's ``k`` most similar cohort faces."""
@@ -60,7 +67,7 @@ class CohortNorm:
             sims = vectors[start : start + CHUNK] @ self.cohort.T
             sims.partition(len(self.cohort) - self.k, axis=1)  # in place: the k largest end up last
             out[start : start + CHUNK] = sims[:, -self.k :].mean(axis=1)
-        return out
+        return np.minimum(out, self.cap)
 
     def pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Scores of the row pairs (a[i], b[i])."""
@@ -93,7 +100,8 @@ class CohortNorm:
 
     # -- the bundle's payload: tensors only, so bundles still load with torch's weights_only unpickler ----------
     def to_payload(self) -> dict[str, object]:
-        return {"method": "cohort-mean", "k": self.k, "cohort": torch.from_numpy(self.cohort).to(torch.float16)}
+        return {"method": "cohort-mean", "k": self.k, "cap": self.cap,
+                "cohort": torch.from_numpy(self.cohort).to(torch.float16)}
 
     @classmethod
     def from_payload(cls, payload: dict[str, object] | None, dim: int) -> CohortNorm:
@@ -104,7 +112,7 @@ class CohortNorm:
         cohort = payload["cohort"]
         if not isinstance(cohort, torch.Tensor) or cohort.ndim != 2 or cohort.shape[1] != dim:
             raise ValueError(f"the score cohort must be an (n, {dim}) tensor")
-        return cls(cohort.float().numpy(), int(payload["k"]))  # type: ignore[arg-type]
+        return cls(cohort.float().numpy(), int(payload["k"]), float(payload.get("cap", 1.0)))  # type: ignore[arg-type]
 
 
 def cohort_from(embeddings: np.ndarray, k: int = 16) -> CohortNorm:

@@ -66,6 +66,23 @@ def test_the_augmented_inner_product_gives_the_exact_scores():
     np.testing.assert_array_equal(norm.matrix(gallery, gallery), norm.matrix(gallery, gallery.copy()))
 
 
+def test_the_cap_lets_a_hub_match_an_identical_copy_of_itself():
+    """A face inside a tight crowd has an offset near 1, so against its own copy it scores near 0, below a strict
+    threshold; capped offsets keep that self-score at 1 - cap, and faces under the cap score as before."""
+    rng = np.random.default_rng(4)
+    e = np.eye(8, dtype=np.float32)
+    crowd = unit_rows(e[0] + 0.05 * rng.normal(size=(50, 8)))
+    hub, loner = crowd[:1].copy(), e[None, 5]
+    plain = CohortNorm(crowd, k=10)
+    assert plain.score(hub, hub) < 0.05  # fails a threshold of, say, 0.1 against itself
+    capped = CohortNorm(crowd, k=10, cap=0.8)
+    assert capped.score(hub, hub) == pytest.approx(0.2, abs=1e-6)
+    assert capped.offsets(loner)[0] == plain.offsets(loner)[0] < 0.8
+    assert capped.tag != plain.tag  # an index built under one rule is stale under the other
+    with pytest.raises(ValueError, match="cap"):
+        CohortNorm(crowd, k=10, cap=0.0)
+
+
 def test_k_must_fit_the_cohort():
     with pytest.raises(ValueError, match="between 1 and the cohort size"):
         CohortNorm(np.eye(4, dtype=np.float32), k=5)
@@ -77,10 +94,11 @@ def test_the_cohort_travels_in_the_bundle_and_scores_identically_after_loading(t
     torch.manual_seed(0)
     bundle = bundle_from_model(build_model(config), config, {"model_version": "cohort-test"})
     rng = np.random.default_rng(3)
-    bundle.score_norm = cohort_from(unit_rows(rng.normal(size=(100, 32))), k=7)  # float16-rounded, as stored
+    cohort = cohort_from(unit_rows(rng.normal(size=(100, 32))), k=7)  # float16-rounded, as stored
+    bundle.score_norm = CohortNorm(cohort.cohort, cohort.k, cap=0.3)
     probes = unit_rows(rng.normal(size=(6, 32)))
     loaded = load_bundle(save_bundle(bundle, tmp_path / "b.pt"))
-    assert loaded.scorer.k == 7 and loaded.scorer.tag == bundle.scorer.tag
+    assert loaded.scorer.k == 7 and loaded.scorer.cap == 0.3 and loaded.scorer.tag == bundle.scorer.tag
     np.testing.assert_array_equal(loaded.scorer.matrix(probes, probes), bundle.scorer.matrix(probes, probes))
     # a bundle without one scores by cosine
     bundle.score_norm = None

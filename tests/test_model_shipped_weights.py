@@ -46,6 +46,14 @@ def test_metadata_has_version_thresholds_and_validation(bundle):
     assert 0.5 < accuracy <= 1.0
 
 
+def test_every_face_matches_an_identical_copy_at_the_strictest_threshold(bundle):
+    """A photo against itself scores 1 - offset; the cohort's training faces include the strongest hubs (offsets
+    up to 0.94 before the cap calibration sets), and each must still clear the FAR 1e-4 threshold."""
+    self_scores = 1.0 - bundle.scorer.offsets(bundle.scorer.cohort)
+    assert bundle.metadata["calibration"]["self_match"] and bundle.scorer.cap < 1.0
+    assert self_scores.min() > max(bundle.thresholds.values())
+
+
 def largest_face_embedding(pipeline, rel):
     return choose_face(pipeline.faces(photo(rel).read_bytes()), "largest").embedding
 

@@ -50,3 +50,15 @@ def test_different_networks_are_refused():
         average_bundles([bundle(0, "a"), other])
     with pytest.raises(ValueError, match="at least two"):
         average_bundles([bundle(0, "a")])
+
+
+def test_bundles_that_held_out_different_people_are_refused():
+    """Their soup would be calibrated and judged on people one of them was trained on."""
+    a, b = bundle(0, "a"), bundle(1, "b")
+    a.metadata["recipe"] = {"pairs": "lfw/pairs_dev.txt", "val_folds": [7, 8]}
+    b.metadata["recipe"] = {"pairs": "lfw/pairs_dev.txt", "val_folds": [1, 2]}
+    with pytest.raises(ValueError, match="held out"):
+        average_bundles([a, b])
+    b.metadata["recipe"] = dict(a.metadata["recipe"])
+    assert average_bundles([a, b]).metadata["recipe"] == a.metadata["recipe"]
+

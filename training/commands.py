@@ -82,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--weights", help="student weights bundle (default: the shipped bundle)")
     p.add_argument("--teacher", choices=["dlib"], help="evaluate the dlib teacher instead of the student")
     p.add_argument("--folds", help="comma-separated 1-based folds to use (default: all)")
-    p.add_argument("--no-flip", action="store_true", help="no mirror averaging")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no mirror averaging of the test faces (the bundle's cohort stays mirror-averaged, as served)")
     p.add_argument("--prepared", type=Path, help="aligned crops from `visage prepare` (default: made and cached)")
     p.add_argument("--roc", type=Path, default=Path("roc.png"), help="where to write the ROC curve (default roc.png)")
     add_json_flag(p)
@@ -168,11 +169,13 @@ def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) ->
     cfg = load_config(args.config, args.overrides, base=recipe)
     if cfg.model != bundle.config:
         raise ValueError(f"the settings describe {cfg.model}, the weights are {bundle.config}")
-    if recipe and cfg.pairs == recipe.get("pairs") and list(cfg.val_folds) != list(recipe.get("val_folds", [])):
-        raise ValueError(f"these weights were trained with folds {recipe.get('val_folds')} of {cfg.pairs} held out; "
-                         f"calibrating on folds {cfg.val_folds} would judge them on people they were trained on")
+    held_out = set(recipe.get("val_folds", []))
+    if recipe and (cfg.pairs != recipe.get("pairs") or not set(cfg.val_folds) <= held_out):
+        raise ValueError(f"these weights were trained with folds {sorted(held_out)} of {recipe.get('pairs')} held "
+                         f"out; calibrating on folds {cfg.val_folds} of {cfg.pairs} could judge them on people they "
+                         "were trained on")
     val = calibrate_bundle(bundle, cfg, load_split(cfg, need_teacher=False))
-    bundle.metadata["validation"] = {"pairs": cfg.pairs, "folds": cfg.val_folds, **val}
+    bundle.metadata["validation"] = {"pairs_file": cfg.pairs, "folds": cfg.val_folds, **val}
     save_bundle(bundle, args.out)
     out = {"weights": str(args.out), "model_version": bundle.model_version, "scoring": val["scoring"],
            "thresholds": bundle.thresholds, "accuracy": val["accuracy"], "auc": val["auc"],

@@ -7,11 +7,12 @@ on held-out LFW folds every epoch, PNG plots, and at the end a weights bundle wi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ from training.teacher import TeacherCache, reference_cache, teacher_chip_matrice
 from training.views import ViewAugment, ViewSource, student_matrix
 from training.widen import widen_state_dict
 
+log = logging.getLogger("visage.training")
 FARS = ("1e-2", "1e-3", "1e-4")
+SELF_MATCH_MARGIN = 0.02  # an identical copy of a photo clears the strictest threshold by at least this
 
 
 @dataclass
@@ -105,9 +108,12 @@ def load_teacher_net(device: torch.device) -> nn.Module:
 def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:
     """The protocol on the held-out pairs, scored as the bundle scores (plain cosine while training: no cohort)."""
     emb = Embedder(bundle, flip=True).embed(split.val.crops)
-    scores = bundle.scorer.pairs(emb[split.val_left], emb[split.val_right])
-    result = verify(scores, split.val_same, split.val_folds)
-    return result.to_dict(), emb
+    return protocol(bundle.scorer, emb, split), emb
+
+
+def protocol(scorer: CohortNorm, emb: np.ndarray, split: Split) -> dict:
+    """The n-fold protocol on the held-out pairs of ``split``, given its held-out faces' embeddings."""
+    return verify(scorer.pairs(emb[split.val_left], emb[split.val_right]), split.val_same, split.val_folds).to_dict()
 
 
 def score_cohort(bundle: Bundle, faces: FaceSet, size: int, k: int, seed: int = 0) -> CohortNorm:
@@ -144,17 +150,31 @@ def all_pairs_tar(pairs: tuple[np.ndarray, np.ndarray], thresholds: dict[str, fl
 
 
 def calibrate_bundle(bundle: Bundle, cfg: TrainConfig, split: Split) -> dict:
-    """Give the bundle its scoring cohort (training faces) and thresholds (held-out impostor pairs); returns the
-    held-out validation under that scoring. ``metadata["calibration"]`` records what was used."""
+    """Give the bundle its scoring cohort (training faces), offset cap and thresholds (held-out impostor pairs);
+    returns the held-out validation under that scoring. ``metadata["calibration"]`` records what was used."""
     bundle.score_norm = score_cohort(bundle, split.train, cfg.score_cohort, cfg.score_k, cfg.seed)
-    val, emb = validate(bundle, split)
+    emb = Embedder(bundle, flip=True).embed(split.val.crops)
     pairs = all_pairs(emb, split.val.identities, bundle.scorer)
     thresholds = calibrate(pairs)
+    self_match = True  # plain cosine: an identical copy scores 1
+    if bundle.scorer.enabled:
+        # an identical copy of a photo scores 1 - offset: cap the offsets so that it clears the strictest
+        # threshold, then calibrate again under the cap (it moves the thresholds only if held-out hubs reach it)
+        cap = min(1.0, round(1.0 - max(thresholds.values()) - SELF_MATCH_MARGIN, 4))
+        bundle.score_norm = replace(bundle.scorer, cap=cap)
+        pairs = all_pairs(emb, split.val.identities, bundle.scorer)
+        thresholds = calibrate(pairs)
+        self_match = 1.0 - bundle.scorer.cap - max(thresholds.values()) >= SELF_MATCH_MARGIN / 2
+        if not self_match:  # impostors as close as identical copies: an untrained or collapsed network
+            log.warning("offset cap %s leaves identical photos at the strictest threshold %s: the network does not "
+                        "tell faces apart", bundle.scorer.cap, max(thresholds.values()))
+    val = protocol(bundle.scorer, emb, split)
     val["all_pairs"] = all_pairs_tar(pairs, thresholds)
     val["scoring"] = bundle.scorer.tag
     bundle.metadata["thresholds"] = thresholds
     bundle.metadata["calibration"] = {
-        "scoring": bundle.scorer.tag, "cohort": len(bundle.scorer.cohort), "k": bundle.scorer.k, "seed": cfg.seed,
+        "scoring": bundle.scorer.tag, "cohort": len(bundle.scorer.cohort), "k": bundle.scorer.k,
+        "cap": bundle.scorer.cap, "self_match": self_match, "seed": cfg.seed,
         "prepared": cfg.prepared, "pairs": cfg.pairs, "val_folds": cfg.val_folds,
     }
     return val
@@ -399,7 +419,7 @@ def finished_metadata(cfg: TrainConfig, bundle: Bundle, val: dict, thresholds: d
         **version_names(bundle),
         "input_size": cfg.resolution,
         "thresholds": thresholds,
-        "validation": {"pairs": cfg.pairs, "folds": cfg.val_folds, **val},
+        "validation": {"pairs_file": cfg.pairs, "folds": cfg.val_folds, **val},  # val["pairs"]: their count
         "recipe": cfg.to_dict(),
         "epochs_run": len(history),
         "train_seconds": round(seconds, 1),

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from model.bundle import Bundle
 
+# what decides which people a bundle never saw: its thresholds are judged on them, so every ingredient must agree
+HELD_OUT_KEYS = ("prepared", "pairs", "pairs_namespace", "val_folds")
+
 
 def average_bundles(bundles: list[Bundle]) -> Bundle:
     """The uniform average of ``bundles`` (same config, same tensors); metadata says what went in."""
@@ -21,6 +24,10 @@ def average_bundles(bundles: list[Bundle]) -> Bundle:
             raise ValueError(f"cannot average {other.config} with {first.config}")
         if other.state_dict.keys() != first.state_dict.keys():
             raise ValueError("the bundles hold different tensors")
+        mine, theirs = (_held_out(b) for b in (first, other))
+        if mine != theirs:
+            raise ValueError(f"{other.source or other.model_version} held out {theirs}, {first.source or 'the first'} "
+                             f"{mine}: a soup of them would be calibrated on people one of them was trained on")
     state = {}
     for key, tensor in first.state_dict.items():
         if tensor.is_floating_point():
@@ -31,3 +38,8 @@ def average_bundles(bundles: list[Bundle]) -> Bundle:
                 "soup": [str(b.source or b.model_version) for b in bundles],
                 "soup_of": [b.model_version for b in bundles]}
     return Bundle(first.config, state, {k: v for k, v in metadata.items() if v is not None})
+
+
+def _held_out(bundle: Bundle) -> dict[str, object]:
+    recipe = bundle.metadata.get("recipe") or {}
+    return {k: recipe.get(k) for k in HELD_OUT_KEYS}
