@@ -107,6 +107,16 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
                                   str(plain), setting, "--json"], capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "trained on" in refused.stdout + refused.stderr, setting
 
+    # `visage soup`: the average of two copies of one network is that network, calibrated and named as a soup
+    soup = root / "soup.pt"
+    result = subprocess.run([sys.executable, "-m", "model.console", "soup", str(out), str(export_checkpoint(run)),
+                             "--out", str(soup), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    souped = load_bundle(soup)
+    assert json.loads(result.stdout)["model_version"] == souped.model_version == bundle.model_version
+    assert len(souped.metadata["soup_of"]) == 2 and souped.scorer.tag == bundle.scorer.tag
+    assert souped.thresholds == bundle.thresholds
+
 
 def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
     """``init_weights`` loads the weights only: a fresh schedule from epoch 1, and the first epoch starts from the
