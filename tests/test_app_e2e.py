@@ -94,9 +94,9 @@ def test_enroll_then_verify_obama_and_not_biden(api):
     # ... and every Obama photo is closer to the enrolled Obama than either Biden photo.
     obama = [results[f"obama{i}.jpg"]["similarity"] for i in (2, 3, 4)]
     assert min(obama) > max(results["biden.jpg"]["similarity"], results["biden2.jpg"]["similarity"]), summary
-    # The shipped model (93.9 % on held-out LFW folds, not the 97 % target) accepts only obama4.jpg of Obama's
-    # other photos at FAR 1e-3 (model/MODEL_CARD.md). At its calibrated FAR 1e-2, asked for per request, it accepts
-    # all three and still refuses both photos of Biden.
+    # The shipped model (93.3 % on held-out LFW folds, not the 97 % target) accepts obama2.jpg and obama4.jpg of
+    # Obama's other photos at FAR 1e-3, not obama3.jpg (model/MODEL_CARD.md). At its calibrated FAR 1e-2, asked for
+    # per request, it accepts all three and still refuses both photos of Biden.
     for rel, expected in [("obama2.jpg", True), ("obama3.jpg", True), ("obama4.jpg", True), ("biden.jpg", False),
                           ("biden2.jpg", False)]:
         res = post_image(api, "/verify", read(rel), subject="obama", far="1e-2")
@@ -231,7 +231,7 @@ def test_restart_finds_the_gallery_intact(server, api):
     with server.client() as fresh:
         ready = fresh.get("/readyz").json()
         assert ready["index_state"] == "loaded", ready  # saved at shutdown, agrees with the store
-        assert ready["scoring"] == BUNDLE.scorer.tag and ready["scoring"].startswith("cohort4096k16-")
+        assert ready["scoring"] == BUNDLE.scorer.tag and ready["scoring"].startswith("cohort4096k16")
         assert fresh.get("/subjects").json() == before
         assert {s: fresh.get(f"/subjects/{s}").json()["faces"] for s in faces} == faces
         r = post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()
