@@ -192,6 +192,20 @@ def stats(seconds: Sequence[float], scale: float = 1000.0) -> dict[str, float]:
     }
 
 
+def held_out_scores(full: np.ndarray, iu: tuple, same: np.ndarray, pair_scores: np.ndarray, pair_same: np.ndarray,
+                     pair_folds: np.ndarray) -> dict[str, float]:
+    """Protocol accuracy on the protocol pairs' scores; ROC AUC and the TAR ladder at FAR 1e-2 / 1e-3 / 1e-4 over
+    every held-out pair (``full[iu]``, genuine where ``same``)."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.evaluate import tar_at_far, verify
+
+    s = full[iu]
+    out = {"accuracy": verify(pair_scores, pair_same, pair_folds).accuracy, "auc": float(roc_auc_score(same, s))}
+    out.update({f"tar_{far:g}": tar_at_far(s, same, far) for far in (1e-2, 1e-3, 1e-4)})
+    return out
+
+
 def progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

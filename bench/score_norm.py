@@ -16,22 +16,22 @@ pairs). Rows:
 from __future__ import annotations
 
 import numpy as np
-from common import command_line, emit, load_default_bundle, machine, machine_line, md_table, parser, progress
-from sklearn.metrics import roc_auc_score
+from common import (
+    command_line,
+    emit,
+    held_out_scores,
+    load_default_bundle,
+    machine,
+    machine_line,
+    md_table,
+    parser,
+    progress,
+)
 
 from model.embedder import Embedder
 from model.score_norm import CohortNorm
 from training.config import load_config
-from training.evaluate import tar_at_far, verify
 from training.loop import load_split
-
-
-def judge(full: np.ndarray, pairs: np.ndarray, same: np.ndarray, iu: tuple, split) -> dict[str, float]:
-    """Protocol accuracy on the pairs' scores; AUC and TAR ladder on every held-out pair (``full[iu]``)."""
-    s = full[iu]
-    out = {"accuracy": verify(pairs, split.val_same, split.val_folds).accuracy, "auc": float(roc_auc_score(same, s))}
-    out.update({f"tar_{far:g}": tar_at_far(s, same, far) for far in (1e-2, 1e-3, 1e-4)})
-    return out
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -83,7 +83,7 @@ def main() -> None:
     rows, results = [], {}
 
     def add(who: str, name: str, full: np.ndarray) -> None:
-        r = judge(full, full[left, right], same, iu, split)
+        r = held_out_scores(full, iu, same, full[left, right], split.val_same, split.val_folds)
         results[f"{who}: {name}"] = r
         rows.append([who, name, f"{100 * r['accuracy']:.2f}", f"{r['auc']:.4f}",
                      *(f"{100 * r[f'tar_{f:g}']:.1f}" for f in (1e-2, 1e-3, 1e-4))])

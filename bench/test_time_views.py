@@ -13,13 +13,21 @@ every pair of their 2,585 faces, scored with the bundle's own scorer (cohort fro
 from __future__ import annotations
 
 import numpy as np
-from common import command_line, emit, load_default_bundle, machine, machine_line, md_table, parser, progress
+from common import (
+    command_line,
+    emit,
+    held_out_scores,
+    load_default_bundle,
+    machine,
+    machine_line,
+    md_table,
+    parser,
+    progress,
+)
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 from model.embedder import Embedder
 from training.config import load_config
-from training.evaluate import tar_at_far, verify
 from training.loop import load_split
 
 # name -> (scale, dx, dy): scale > 1 zooms in; shifts in aligned-crop pixels
@@ -67,11 +75,8 @@ def main() -> int:
         v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
         full = bundle.scorer.matrix(v, v)
         pairs = full[split.val_left[keep], split.val_right[keep]]
-        out: dict[str, object] = {"name": name, "views": len(members), "passes": 2 * len(members),
-                                  "accuracy": verify(pairs, split.val_same[keep], split.val_folds[keep]).accuracy,
-                                  "auc": float(roc_auc_score(same, full[iu]))}
-        out.update({f"tar_{far:g}": tar_at_far(full[iu], same, far) for far in (1e-2, 1e-3, 1e-4)})
-        return out
+        return {"name": name, "views": len(members), "passes": 2 * len(members),
+                **held_out_scores(full, iu, same, pairs, split.val_same[keep], split.val_folds[keep])}
 
     results = [judge(name, [name]) for name in VIEWS] + [judge(name, m) for name, m in COMBOS.items()]
     rows = [[("**as served** (aligned + mirror)" if r["name"] == "as aligned" else r["name"]), r["passes"],

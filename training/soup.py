@@ -19,12 +19,13 @@ def average_bundles(bundles: list[Bundle]) -> Bundle:
     if len(bundles) < 2:
         raise ValueError("a soup needs at least two bundles")
     first = bundles[0]
+    mine = _held_out(first)
     for other in bundles[1:]:
         if other.config != first.config:
             raise ValueError(f"cannot average {other.config} with {first.config}")
         if other.state_dict.keys() != first.state_dict.keys():
             raise ValueError("the bundles hold different tensors")
-        mine, theirs = (_held_out(b) for b in (first, other))
+        theirs = _held_out(other)
         if mine != theirs:
             raise ValueError(f"{other.source or other.model_version} held out {theirs}, {first.source or 'the first'} "
                              f"{mine}: a soup of them would be calibrated on people one of them was trained on")
