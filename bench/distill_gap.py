@@ -157,7 +157,7 @@ def main() -> int:
     fits, student_scores = [], []
     for w in args.weights:
         progress(f"{w}: embedding {len(train)} training and {len(val)} held-out faces")
-        emb = Embedder(load_bundle(w), flip=False)
+        emb = Embedder(load_bundle(w), flip=False, views=False)  # one pass, as the teacher is asked
         row: dict = {"weights": w}
         for name, faces in (("train", train), ("held_out", val)):
             s, t = emb.embed(faces.crops), unit(faces.teacher - centre)

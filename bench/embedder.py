@@ -1,9 +1,10 @@
 """Embedding throughput and latency per face on CPU, at batch 1 and batch 64, measured interleaved in one run.
 
 Table 1 (models): the default MobileNet embedder (the shipped bundle, or a fresh ``ModelConfig()`` network when
-there is none) through ``model.embedder.Embedder`` with flip off and on (serving uses flip), the alpha/resolution
-variants (random init), facenet-pytorch's InceptionResnetV1 (random weights, never downloaded; 160 px input
-through the same preprocessing) and dlib's ResNet descriptor, with mult-adds and parameters, and how many times
+there is none) through ``model.embedder.Embedder``, one pass and as served (the bundle's test-time views, each
+with its mirror image: 10 passes a face for the shipped bundle), the alpha/resolution variants (random init),
+facenet-pytorch's InceptionResnetV1 (random weights, never downloaded; 160 px input through the same
+preprocessing) and dlib's ResNet descriptor, with mult-adds and parameters, and how many times
 faster per face each is than InceptionResnetV1.
 
 Table 2 (speed work): inference variants of the default network from ``bench/embedder_variants.py`` (fused
@@ -50,6 +51,7 @@ from model.bundle import bundle_from_model
 from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.mobilenet import ModelConfig, build_model
+from model.tta import view_count
 
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 RESOLUTIONS = (96, 128)
@@ -168,13 +170,15 @@ def model_rows(bundle, source: str, args, crops: np.ndarray) -> tuple[list[dict]
 
     cost = mobilenet_v1_cost(cfg.alpha, cfg.resolution, head="embedding", embedding_dim=cfg.embedding_dim)
     # the served configuration first (ONNX Runtime backend): rows[0] is what the targets are judged on
-    for backend, flip in (("onnx", False), ("onnx", True), ("torch", False), ("torch", True)):
-        emb = Embedder(bundle, flip=flip, batch_size=args.batch_size, backend=backend)
+    # one pass of the network, then the embedding as served: the bundle's test-time views, each mirror-averaged
+    for backend, served in (("onnx", False), ("onnx", True), ("torch", False), ("torch", True)):
+        emb = Embedder(bundle, flip=served, batch_size=args.batch_size, backend=backend, views=served)
+        passes = view_count(emb.shift) * (2 if served else 1)
         add(
-            f"default {cfg.backbone} a{cfg.alpha} r{cfg.resolution}, {backend}, flip={'on' if flip else 'off'} "
-            f"({source})",
+            f"default {cfg.backbone} a{cfg.alpha} r{cfg.resolution}, {backend}, "
+            f"{f'as served ({passes} passes)' if served else 'one pass'} ({source})",
             cfg.resolution,
-            cost.mult_adds * (2 if flip else 1),
+            cost.mult_adds * passes,
             cost.params,
             emb.embed,
         )
@@ -282,7 +286,7 @@ def speed_rows(bundle, args, crops: np.ndarray, calibration: np.ndarray, threads
     net = bundle.build()
     progress("speed work: building variants")
     variants, failed = build_all(net, calibration, threads, only=args.variants)
-    baseline = Embedder(bundle, flip=False, batch_size=args.batch_size)
+    baseline = Embedder(bundle, flip=False, batch_size=args.batch_size, views=False)
     reference = baseline.embed(crops)
     fns = {"Embedder (eager, channels-last): baseline": baseline.embed}
     agreement = {"Embedder (eager, channels-last): baseline": (0.0, 1.0, 1.0)}
@@ -430,16 +434,18 @@ def main() -> int:
         target = default.get("x_vs_irv1_b1", 0)
         verdict = "meets" if min(target, default.get("x_vs_irv1_bN", 0)) >= 10 else "does not meet"
         parts.append(
-            f"Target: the default embedder as served (ONNX Runtime, flip off) >= 10x faster per face than "
+            f"Target: the default network (one pass, ONNX Runtime as served) >= 10x faster per face than "
             f"InceptionResnetV1: "
             f"{target:.1f}x at batch 1, {default.get('x_vs_irv1_bN', 0):.1f}x at batch "
-            f"{args.batch_size} -- {verdict} it in this run."
+            f"{args.batch_size} -- {verdict} it in this run. The embedding as served (the bundle's test-time views "
+            f"and mirrors in one call, row 2): {rows[1].get('x_vs_irv1_b1', 0):.1f}x at batch 1, "
+            f"{rows[1].get('x_vs_irv1_bN', 0):.1f}x at batch {args.batch_size}, against one pass of InceptionResnetV1."
         )
     dlib = [r for r in rows if r["kind"] == "dlib_chip"]
     if dlib:
         d = dlib[0]
         parts.append(
-            f"Against dlib's ResNet (aligned chip): the default embedder as served (ONNX Runtime, flip off) is "
+            f"Against dlib's ResNet (aligned chip): the default network (ONNX Runtime, one pass) is "
             f"{d['b1']['median'] / rows[0]['b1']['median']:.1f}x faster per face at batch 1, "
             f"{d['bN']['median'] / rows[0]['bN']['median']:.1f}x at batch {args.batch_size}."
         )

@@ -40,7 +40,8 @@ Forward = Callable[[torch.Tensor], torch.Tensor | np.ndarray]
 
 
 class VariantEmbedder:
-    """``model.embedder.Embedder`` with a pluggable forward pass: same preprocessing, batching and flip rule."""
+    """``model.embedder.Embedder`` with a pluggable forward pass: same preprocessing, batching, views and flip
+    rule."""
 
     def __init__(
         self,
@@ -50,11 +51,13 @@ class VariantEmbedder:
         *,
         channels_last: bool = True,
         flip: bool = False,
+        shift: int = 0,
         batch_size: int = 64,
         autocast: torch.dtype | None = None,
     ) -> None:
         self.forward, self.resolution, self.dim = forward, resolution, dim
         self.channels_last, self.flip, self.batch_size, self.autocast = channels_last, flip, batch_size, autocast
+        self.shift = shift  # test-time views (model/tta.py), as the bundle being served averages them
         self._lock = threading.Lock()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +73,7 @@ class VariantEmbedder:
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         with self._lock, torch.inference_mode():
             return embed_batches(crops, self._run, self.resolution, self.dim, batch_size=self.batch_size,
-                                 flip=self.flip, memory_format=layout)
+                                 flip=self.flip, shift=self.shift, memory_format=layout)
 
 
 @dataclass

@@ -10,22 +10,26 @@ import torch
 
 from model.bundle import Bundle
 from model.preprocess import crops_to_tensor
+from model.tta import bundle_shift, tta_views, view_count
 
 BACKENDS = ("torch", "onnx")
 
 
 class Embedder:
     """Runs one bundle's network. ``flip`` averages a face with its mirror image (a second pass, a little more
-    accuracy). ``backend="onnx"`` runs the same weights through ONNX Runtime (CPU only): identical vectors,
-    about 3x faster per face here (docs/BENCHMARKS.md)."""
+    accuracy). The bundle's test-time views (``model.tta``: shifted copies of each crop) are averaged too; its
+    thresholds were calibrated on them, so only a measurement turns them off (``views=False``).
+    ``backend="onnx"`` runs the same weights through ONNX Runtime (CPU only): identical vectors, about 3x faster
+    per face here (docs/BENCHMARKS.md)."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", flip: bool = True, batch_size: int = 64,
-                 backend: str = "torch") -> None:
+                 backend: str = "torch", views: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.bundle = bundle
         self.device = torch.device(device if backend == "torch" else "cpu")
         self.flip = flip
+        self.shift = bundle_shift(bundle.metadata) if views else 0
         self.batch_size = batch_size
         self.backend = backend
         self._lock = threading.Lock()  # one forward at a time: intra-op threads already use every core
@@ -51,24 +55,36 @@ class Embedder:
         """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors."""
         with self._lock, torch.inference_mode():
             return embed_batches(crops, self.net, self.bundle.config.resolution, self.dim, batch_size=self.batch_size,
-                                 flip=self.flip, memory_format=self._memory_format, device=self.device)
+                                 flip=self.flip, shift=self.shift, memory_format=self._memory_format,
+                                 device=self.device)
 
 
 def embed_batches(crops: np.ndarray, forward: Callable[[torch.Tensor], torch.Tensor], resolution: int, dim: int, *,
-                  batch_size: int = 64, flip: bool = True, memory_format: torch.memory_format = torch.channels_last,
+                  batch_size: int = 64, flip: bool = True, shift: int = 0,
+                  memory_format: torch.memory_format = torch.channels_last,
                   device: torch.device | str = "cpu") -> np.ndarray:
-    """The one embedding loop: preprocessing, batching and the flip rule around any forward pass (the network,
-    an ONNX Runtime session, or a benchmark's inference variant)."""
+    """The one embedding loop: preprocessing, batching, the test-time views (``shift``) and the flip rule around
+    any forward pass (the network, an ONNX Runtime session, or a benchmark's inference variant). A face's vector
+    is the normalised sum of its views' outputs (each view and, with ``flip``, its mirror image).
+
+    All views of a slice of faces go through one forward call of about ``batch_size`` images: one face's ten views
+    cost one batch-of-10 call (a /verify), not ten calls of one, and memory stays that of ``batch_size`` images."""
     crops = np.asarray(crops)
     if crops.ndim == 3:
         crops = crops[None]
     if len(crops) == 0:
         return np.zeros((0, dim), dtype=np.float32)
+    per_face = view_count(shift) * (2 if flip else 1)
+    step = max(1, batch_size // per_face)
     out = []
-    for start in range(0, len(crops), batch_size):
-        x = crops_to_tensor(crops[start : start + batch_size], resolution).to(device, memory_format=memory_format)
-        emb = forward(x)
+    for start in range(0, len(crops), step):
+        x = crops_to_tensor(crops[start : start + step], resolution)
+        views = tta_views(x, shift)
         if flip:
-            emb = torch.nn.functional.normalize(emb + forward(torch.flip(x, dims=[3])), dim=1)
+            views += [torch.flip(v, dims=[3]) for v in views]
+        batch = torch.cat(views).to(device, memory_format=memory_format)
+        emb = forward(batch).reshape(len(views), len(x), -1).sum(0)
+        if len(views) > 1:
+            emb = torch.nn.functional.normalize(emb, dim=1)
         out.append(emb.float().cpu().numpy())
     return np.concatenate(out).astype(np.float32, copy=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from model.bundle import bundle_from_model, load_bundle, save_bundle
 from model.embedder import Embedder
 from model.mobilenet import ModelConfig
 from model.preprocess import MEAN, STD, crops_to_tensor
+from model.tta import shifted, tta_views
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,43 @@ def test_a_companion_onnx_file_is_used_only_when_it_holds_the_same_weights(tmp_p
     other = load_bundle(save_bundle(bundle_from_model(build_model(cfg).eval(), cfg), tmp_path / "other.pt"))
     export_onnx(other, tmp_path / "b.onnx")  # a stale companion: the graph of other weights
     assert onnx_runner(bundle).metadata[DIGEST_KEY] == bundle.weights_digest() != other.weights_digest()
+
+
+def test_a_shifted_view_moves_the_content_and_fills_the_edge_with_grey():
+    """Hand-made 1-channel 4x5 image: the content moves by whole pixels; uncovered pixels are 0 (mid-grey)."""
+    x = torch.arange(1, 21, dtype=torch.float32).reshape(1, 1, 4, 5)
+    right = shifted(x, 2, 0)
+    assert torch.equal(right[0, 0, :, 2:], x[0, 0, :, :3]) and not right[0, 0, :, :2].any()
+    up = shifted(x, 0, -1)
+    assert torch.equal(up[0, 0, :3], x[0, 0, 1:]) and not up[0, 0, 3].any()
+    assert torch.equal(shifted(x, 0, 0), x)
+    views = tta_views(x, 1)
+    assert len(views) == 5 and views[0] is x and tta_views(x, 0) == [x]
+    # right, left, down, up: each view's sum loses exactly the column or row pushed out of the frame
+    lost = [x[0, 0, :, -1].sum(), x[0, 0, :, 0].sum(), x[0, 0, -1].sum(), x[0, 0, 0].sum()]
+    for view, gone in zip(views[1:], lost, strict=True):
+        assert view.sum() == x.sum() - gone
+
+
+def test_test_time_views_average_the_shifted_copies_and_their_mirrors(bundle, crops):
+    """A bundle with ``views.shift`` embeds each face as the normalised sum of 10 passes: 5 views x mirror."""
+    shifted_bundle = replace(bundle, metadata={**bundle.metadata, "views": {"shift": 3}})
+    embedder = Embedder(shifted_bundle)
+    assert embedder.shift == 3 and Embedder(shifted_bundle, views=False).shift == 0 and Embedder(bundle).shift == 0
+    net = bundle.build()
+    with torch.no_grad():
+        x = crops_to_tensor(crops, 112)
+        total = sum(net(v) + net(torch.flip(v, dims=[3])) for v in tta_views(x, 3))
+    expected = torch.nn.functional.normalize(total, dim=1).numpy()
+    got = embedder.embed(crops)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # the views change the vector, so they must be part of the model version
+    assert np.sum(got * Embedder(bundle).embed(crops), axis=1).max() < 0.999
+    onnx = Embedder(shifted_bundle, backend="onnx").embed(crops)
+    assert np.abs(onnx - got).max() < 5e-5  # ten float32 passes summed: a little more rounding than one
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "3"])
+def test_a_bundle_with_an_unreadable_shift_is_refused(bundle, bad):
+    with pytest.raises(ValueError, match="views.shift"):
+        Embedder(replace(bundle, metadata={**bundle.metadata, "views": {"shift": bad}}))

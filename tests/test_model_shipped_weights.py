@@ -54,6 +54,19 @@ def test_every_face_matches_an_identical_copy_at_the_strictest_threshold(bundle)
     assert self_scores.min() > max(bundle.thresholds.values())
 
 
+def test_the_shipped_embedding_averages_test_time_views_and_says_so_in_its_version(bundle, pipeline):
+    """Its cohort and thresholds were calibrated on the mean of five framings (model/tta.py), each mirrored: the
+    served embedding must be that mean, and a different embedding would need a different model version."""
+    from model.embedder import Embedder
+    from model.tta import version_suffix
+
+    assert bundle.metadata["views"] == {"shift": 3} and pipeline.embedder.shift == 3
+    assert bundle.model_version.endswith(version_suffix(3))
+    crops = [face.crop for face in pipeline.faces(photo("obama.jpg").read_bytes())]
+    served, one_view = pipeline.embedder.embed(crops[0]), Embedder(bundle, views=False).embed(crops[0])
+    assert 0.95 < float(served[0] @ one_view[0]) < 0.9999  # a steadier version of the same vector, not another one
+
+
 def largest_face_embedding(pipeline, rel):
     return choose_face(pipeline.faces(photo(rel).read_bytes()), "largest").embedding
 

@@ -89,6 +89,9 @@ def test_unknown_keys_are_refused(tmp_path):
         ("w_triplet=-1", "weights"),
         ("w_relation=-0.5", "weights"),
         ("epochs3", "key=value"),
+        ("test_time_shift=-1", "test_time_shift"),
+        ("test_time_shift=15", "test_time_shift"),
+        ("test_time_shift=1.5", "test_time_shift"),
     ],
 )
 def test_bad_values_are_refused(override, message):

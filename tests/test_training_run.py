@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from model.bundle import load_bundle
+from model.embedder import Embedder
 from training.config import load_config
 from training.loop import export_checkpoint, train
 from training.paths import shared_data
@@ -68,6 +69,8 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert meta["validation"]["pairs_file"] == str(pairs)
     assert meta["model_version"].startswith("mobilenet_v1-a0.5-r112-d128-")
     assert meta["mult_adds"] == 38_812_288
+    # calibrated with the default test-time views, which are part of the version: embeddings made otherwise differ
+    assert meta["views"] == {"shift": 3} and meta["model_version"].endswith("-tv3")
 
     # scored against a cohort of every training face (fewer than score_cohort here), thresholds on that scale
     train_faces = sum(len(list((src / n).iterdir())) for n in TRAIN)
@@ -101,6 +104,15 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
                              str(plain), "score_cohort=0", "--json"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["scoring"] == "cosine" and load_bundle(plain).scorer.tag == "cosine"
+    assert json.loads(result.stdout)["model_version"] == bundle.model_version  # same weights, same views
+    one_view = root / "one_view.pt"
+    result = subprocess.run([sys.executable, "-m", "model.console", "calibrate", "--weights", str(out), "--out",
+                             str(one_view), "test_time_shift=0", "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    single = load_bundle(one_view)
+    assert single.metadata["views"] == {"shift": 0} and Embedder(single).shift == 0
+    assert single.model_version == json.loads(result.stdout)["model_version"]
+    assert single.model_version == bundle.model_version.removesuffix("-tv3")
     assert set(load_bundle(plain).thresholds) == {"1e-2", "1e-3", "1e-4"}
     for setting in ("val_folds=[2, 3]", f'pairs="{root / "other_pairs.txt"}"'):
         refused = subprocess.run([sys.executable, "-m", "model.console", "calibrate", "--weights", str(out), "--out",

@@ -58,11 +58,15 @@ def register(sub) -> None:
     p = sub.add_parser("calibrate", help="give a weights bundle its scoring cohort and calibrated thresholds",
                        description="Embeds a cohort of training faces (score_cohort of them; 0 = plain cosine) "
                        "and calibrates the FAR 1e-2/1e-3/1e-4 thresholds on every impostor pair among the held-out "
-                       "faces, as the end of `visage train` does; writes the result to --out. Settings (data, "
-                       "held-out folds, score_cohort, score_k) come from the recipe recorded in the bundle, then "
-                       "--config, then KEY=VALUE overrides.")
+                       "faces, as the end of `visage train` does; writes the result to --out. Every face is "
+                       "embedded with the test-time views set by test_time_shift (default 3: the crop and four "
+                       "copies shifted 3 px; 0: the crop alone), which the bundle then serves, and which are part "
+                       "of its model version. Settings (data, held-out folds, score_cohort, score_k, "
+                       "test_time_shift) come from the recipe recorded in the bundle, then --config, then "
+                       "KEY=VALUE overrides.")
     p.add_argument("--weights", required=True, type=Path, help="the bundle to calibrate")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. score_cohort=4096 score_k=16")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. score_cohort=4096 score_k=16 test_time_shift=0")
     _calibration_options(p, cmd_calibrate)
 
     p = sub.add_parser("soup", help="average several fine-tunes of one network into one calibrated bundle",

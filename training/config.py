@@ -46,6 +46,9 @@ class TrainConfig:
     # pair's score is its cosine minus the faces' mean cosine to their score_k nearest cohort faces; 0: cosine
     score_cohort: int = 4096
     score_k: int = 16
+    # test-time views (model/tta.py): the calibrated bundle averages each crop with four copies shifted by this
+    # many pixels (10 forward passes a face with the mirror instead of 2); 0: the aligned crop only
+    test_time_shift: int = 3
     # optimisation
     epochs: int = 30
     p: int = 32
@@ -89,6 +92,9 @@ class TrainConfig:
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
                                  "ignores what the view shows)")
+        if not isinstance(self.test_time_shift, int) or not 0 <= self.test_time_shift <= self.resolution // 8:
+            raise ValueError(f"test_time_shift must be whole pixels in [0, {self.resolution // 8}], "
+                             f"got {self.test_time_shift!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

@@ -24,6 +24,7 @@ from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm, cohort_from
+from model.tta import bundle_shift, version_suffix
 from training.config import TrainConfig
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
@@ -152,6 +153,9 @@ def all_pairs_tar(pairs: tuple[np.ndarray, np.ndarray], thresholds: dict[str, fl
 def calibrate_bundle(bundle: Bundle, cfg: TrainConfig, split: Split) -> dict:
     """Give the bundle its scoring cohort (training faces), offset cap and thresholds (held-out impostor pairs);
     returns the held-out validation under that scoring. ``metadata["calibration"]`` records what was used."""
+    # the views define the embedding: cohort, thresholds and model version all follow from them
+    bundle.metadata["views"] = {"shift": cfg.test_time_shift}
+    bundle.metadata.update(version_names(bundle))
     bundle.score_norm = score_cohort(bundle, split.train, cfg.score_cohort, cfg.score_k, cfg.seed)
     emb = Embedder(bundle, flip=True).embed(split.val.crops)
     pairs = all_pairs(emb, split.val.identities, bundle.scorer)
@@ -405,10 +409,12 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Pat
 
 
 def version_names(bundle: Bundle) -> dict[str, str]:
-    """The bundle's ``name`` (its architecture) and ``model_version`` (that name + its weights' digest)."""
+    """The bundle's ``name`` (its architecture) and ``model_version`` (that name + its weights' digest + its
+    test-time views)."""
     cfg = bundle.config
     name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
-    return {"model_version": f"{name}-{bundle.weights_digest()[:10]}", "name": name}
+    suffix = version_suffix(bundle_shift(bundle.metadata))
+    return {"model_version": f"{name}-{bundle.weights_digest()[:10]}{suffix}", "name": name}
 
 
 def finished_metadata(cfg: TrainConfig, bundle: Bundle, val: dict, thresholds: dict, history: list[dict],
