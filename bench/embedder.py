@@ -169,7 +169,7 @@ def model_rows(bundle, source: str, args, crops: np.ndarray) -> tuple[list[dict]
         )
 
     cost = mobilenet_v1_cost(cfg.alpha, cfg.resolution, head="embedding", embedding_dim=cfg.embedding_dim)
-    # the served configuration first (ONNX Runtime backend): rows[0] is what the targets are judged on
+    # ONNX Runtime (the served backend) first: rows[0], one pass, is what the speed target is judged on
     # one pass of the network, then the embedding as served: the bundle's test-time views, each mirror-averaged
     for backend, served in (("onnx", False), ("onnx", True), ("torch", False), ("torch", True)):
         emb = Embedder(bundle, flip=served, batch_size=args.batch_size, backend=backend, views=served)

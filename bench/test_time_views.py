@@ -7,7 +7,8 @@ a combination averages its views' vectors and renormalises. The network is run w
 test-time views (``Embedder(views=False)``), so every row is built here; the bundle's scorer (its cohort embedded
 as the bundle serves) judges them all. Judged like bench/score_norm.py on the held-out people of folds
 7-8 (training's own split): protocol accuracy on their 1,200 pairs, ROC AUC and TAR at FAR 1e-2 / 1e-3 / 1e-4 over
-every pair of their 2,585 faces, scored with the bundle's own scorer (cohort from training faces, one view).
+every pair of their 2,585 faces, scored with the bundle's own scorer (cohort from training faces, embedded as the
+bundle serves).
 
     VISAGE_WORK_DIR=/work/cache python bench/test_time_views.py --out docs/TRAINING.md
 """
@@ -68,6 +69,7 @@ def main() -> int:
     split = load_split(load_config(None, args.overrides, base=bundle.metadata.get("recipe")), need_teacher=False)
     crops = split.val.crops[:300] if args.quick else split.val.crops
     embedder = Embedder(bundle, views=False)
+    served = bundle_shift(bundle.metadata, bundle.config.resolution)
     vectors = {}
     for name, view in VIEWS.items():
         progress(f"embedding {len(crops)} held-out faces, view '{name}'")
@@ -93,8 +95,8 @@ def main() -> int:
     md = [f"`{command_line()}`", "", machine_line(info), "",
           f"{source}; {len(crops)} held-out faces (folds 7-8), {int(keep.sum())} protocol pairs, "
           f"{int(same.sum()):,} genuine / {int((~same).sum()):,} impostor pairs among them; "
-          f"every view mirror-averaged. The bundle serves {view_count(bundle_shift(bundle.metadata))} view(s) "
-          f"(model/tta.py: shift {bundle_shift(bundle.metadata)} px; 'aligned + four shifts' when 3).",
+          f"every view mirror-averaged. The bundle serves {view_count(served)} view(s) "
+          f"(model/tta.py: shift {served} px; 'aligned + four shifts' when 3).",
           "", md_table(["views", "forward passes a face", "protocol acc. %", "all-pairs AUC", "TAR @ FAR 1e-2 %",
                         "TAR @ FAR 1e-3 %", "TAR @ FAR 1e-4 %"], rows)]
     emit("test-time-views", "Test-time views", "\n".join(md), {"machine": info, "results": results}, args)

@@ -57,7 +57,7 @@ def run(name: str, overrides: list[str], epochs: int, runs: Path, config: Path, 
     bundle = run_dir / "bundle.pt"
     if not bundle.exists():
         cmd = [sys.executable, "-m", "model.console", "train", "--config", str(config), "--run-dir", str(run_dir),
-               f"epochs={epochs}", f"threads={train_threads}", *overrides]
+               f"epochs={epochs}", f"threads={train_threads}", "test_time_shift=0", *overrides]  # crop + mirror
         if max_steps:
             cmd += ["--max-steps", str(max_steps)]
         if (run_dir / "last.pt").exists():

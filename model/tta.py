@@ -17,11 +17,16 @@ import torch
 DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # right, left, down, up
 
 
-def bundle_shift(metadata: Mapping[str, Any]) -> int:
+def max_shift(resolution: int) -> int:
+    """The largest shift allowed: an eighth of the input, beyond which the views stop being the same face."""
+    return resolution // 8
+
+
+def bundle_shift(metadata: Mapping[str, Any], resolution: int) -> int:
     """The shift in pixels a bundle's embeddings were calibrated with; 0 (the aligned crop only) if none."""
     shift = (metadata.get("views") or {}).get("shift", 0)
-    if not isinstance(shift, int) or shift < 0:
-        raise ValueError(f"views.shift must be a whole number of pixels >= 0, got {shift!r}")
+    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(resolution):
+        raise ValueError(f"views.shift must be whole pixels in [0, {max_shift(resolution)}], got {shift!r}")
     return shift
 
 

@@ -186,7 +186,7 @@ def test_test_time_views_average_the_shifted_copies_and_their_mirrors(bundle, cr
     assert np.abs(onnx - got).max() < 5e-5  # ten float32 passes summed: a little more rounding than one
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, "3"])
+@pytest.mark.parametrize("bad", [-1, 2.5, "3", True, 15])  # 15: more than an eighth of the 112 px input
 def test_a_bundle_with_an_unreadable_shift_is_refused(bundle, bad):
     with pytest.raises(ValueError, match="views.shift"):
         Embedder(replace(bundle, metadata={**bundle.metadata, "views": {"shift": bad}}))

@@ -92,6 +92,7 @@ def test_unknown_keys_are_refused(tmp_path):
         ("test_time_shift=-1", "test_time_shift"),
         ("test_time_shift=15", "test_time_shift"),
         ("test_time_shift=1.5", "test_time_shift"),
+        ("test_time_shift=true", "test_time_shift"),
     ],
 )
 def test_bad_values_are_refused(override, message):

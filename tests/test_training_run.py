@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model.bundle import load_bundle
@@ -128,6 +129,32 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert json.loads(result.stdout)["model_version"] == souped.model_version == bundle.model_version
     assert len(souped.metadata["soup_of"]) == 2 and souped.scorer.tag == bundle.scorer.tag
     assert souped.thresholds == bundle.thresholds
+
+
+def test_calibrate_embeds_the_cohort_as_the_bundle_serves_and_keeps_its_views(work):
+    """The scoring cohort must be embedded with the views the bundle will serve; recalibrating keeps a bundle's
+    views (none for bundles made before they existed) unless test_time_shift says otherwise."""
+    from test_model_bundle import calibrated_net
+
+    from model.bundle import bundle_from_model, save_bundle
+    from model.console import main
+    from training.loop import load_split
+
+    root, _, pairs = work
+    cfg = config(pairs, 1)
+    old = save_bundle(bundle_from_model(calibrated_net(cfg.model), cfg.model, {"recipe": cfg.to_dict()}),
+                      root / "old.pt")  # an input-sensitive network, saved as a bundle without views
+    crops = load_split(cfg, need_teacher=False).train.crops
+    for name, overrides, shift in (("kept", [], 0), ("tv3", ["test_time_shift=3"], 3), ("again", [], 3)):
+        source = old if name != "again" else root / "tv3.pt"
+        assert main(["calibrate", "--weights", str(source), "--out", str(root / f"{name}.pt"), *overrides]) == 0
+        bundle = load_bundle(root / f"{name}.pt")
+        assert bundle.metadata["views"] == {"shift": shift} and Embedder(bundle).shift == shift
+        assert bundle.model_version.endswith("-tv3") == (shift == 3)
+        served = Embedder(bundle).embed(crops)
+        assert np.abs(bundle.scorer.cohort - served).max() < 2e-3  # stored as float16
+        if shift:  # and not the one-view embedding, which differs for this network
+            assert np.abs(bundle.scorer.cohort - Embedder(bundle, views=False).embed(crops)).max() > 0.05
 
 
 def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):

@@ -59,11 +59,11 @@ def register(sub) -> None:
                        description="Embeds a cohort of training faces (score_cohort of them; 0 = plain cosine) "
                        "and calibrates the FAR 1e-2/1e-3/1e-4 thresholds on every impostor pair among the held-out "
                        "faces, as the end of `visage train` does; writes the result to --out. Every face is "
-                       "embedded with the test-time views set by test_time_shift (default 3: the crop and four "
-                       "copies shifted 3 px; 0: the crop alone), which the bundle then serves, and which are part "
-                       "of its model version. Settings (data, held-out folds, score_cohort, score_k, "
-                       "test_time_shift) come from the recipe recorded in the bundle, then --config, then "
-                       "KEY=VALUE overrides.")
+                       "embedded with the test-time views set by test_time_shift (3: the crop and four copies "
+                       "shifted 3 px; 0: the crop alone; default: the bundle's own, 0 for bundles made before "
+                       "session 9), which the bundle then serves, and which are part of its model version. "
+                       "Settings (data, held-out folds, score_cohort, score_k) come from the recipe recorded in "
+                       "the bundle, then --config, then KEY=VALUE overrides.")
     p.add_argument("--weights", required=True, type=Path, help="the bundle to calibrate")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. score_cohort=4096 score_k=16 test_time_shift=0")
@@ -166,11 +166,14 @@ def cmd_soup(args: argparse.Namespace) -> int:
 def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) -> int:
     """The scoring cohort and thresholds for ``bundle`` (settings: its recipe, --config, overrides), saved."""
     from model.bundle import save_bundle
+    from model.tta import bundle_shift
     from training.config import load_config
     from training.loop import calibrate_bundle, load_split
 
     recipe = bundle.metadata.get("recipe") or {}
-    cfg = load_config(args.config, args.overrides, base=recipe)
+    # the embedding stays as it is unless asked: a bundle's own views (none before session 9) over its recipe's
+    shift = bundle_shift(bundle.metadata, bundle.config.resolution)
+    cfg = load_config(args.config, args.overrides, base={**recipe, "test_time_shift": shift})
     if cfg.model != bundle.config:
         raise ValueError(f"the settings describe {cfg.model}, the weights are {bundle.config}")
     held_out = set(recipe.get("val_folds", []))

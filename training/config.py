@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from model.mobilenet import ModelConfig
+from model.tta import max_shift
 
 
 @dataclass
@@ -92,9 +93,10 @@ class TrainConfig:
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
                                  "ignores what the view shows)")
-        if not isinstance(self.test_time_shift, int) or not 0 <= self.test_time_shift <= self.resolution // 8:
-            raise ValueError(f"test_time_shift must be whole pixels in [0, {self.resolution // 8}], "
-                             f"got {self.test_time_shift!r}")
+        shift = self.test_time_shift
+        if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(self.resolution):
+            raise ValueError(f"test_time_shift must be whole pixels in [0, {max_shift(self.resolution)}], "
+                             f"got {shift!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

@@ -413,7 +413,7 @@ def version_names(bundle: Bundle) -> dict[str, str]:
     test-time views)."""
     cfg = bundle.config
     name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
-    suffix = version_suffix(bundle_shift(bundle.metadata))
+    suffix = version_suffix(bundle_shift(bundle.metadata, cfg.resolution))
     return {"model_version": f"{name}-{bundle.weights_digest()[:10]}{suffix}", "name": name}
 
 

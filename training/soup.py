@@ -37,7 +37,8 @@ def average_bundles(bundles: list[Bundle]) -> Bundle:
             state[key] = tensor.clone()
     metadata = {"recipe": first.metadata.get("recipe"),
                 "soup": [str(b.source or b.model_version) for b in bundles],
-                "soup_of": [b.model_version for b in bundles]}
+                "soup_of": [b.model_version for b in bundles],
+                "views": first.metadata.get("views")}  # calibrated with the first one's views unless told
     return Bundle(first.config, state, {k: v for k, v in metadata.items() if v is not None})
 
 
