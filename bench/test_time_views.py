@@ -30,7 +30,7 @@ from common import (
 from PIL import Image
 
 from model.embedder import Embedder
-from model.tta import bundle_shift, view_count
+from model.tta import view_count
 from training.config import load_config
 from training.loop import load_split
 
@@ -69,7 +69,7 @@ def main() -> int:
     split = load_split(load_config(None, args.overrides, base=bundle.metadata.get("recipe")), need_teacher=False)
     crops = split.val.crops[:300] if args.quick else split.val.crops
     embedder = Embedder(bundle, views=False)
-    served = bundle_shift(bundle.metadata, bundle.config.resolution)
+    served = bundle.test_time_shift
     vectors = {}
     for name, view in VIEWS.items():
         progress(f"embedding {len(crops)} held-out faces, view '{name}'")

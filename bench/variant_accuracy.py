@@ -20,7 +20,7 @@ import numpy as np
 from common import command_line, emit, load_default_bundle, machine, machine_line, md_table, parser, progress
 from embedder_variants import build_all
 
-from model.tta import bundle_shift, view_count
+from model.tta import view_count
 from training.config import load_config
 from training.evaluate import verify
 from training.loop import load_split
@@ -54,7 +54,7 @@ def main() -> int:
     results, reference = [], None
     for v in variants:
         v.embedder.flip = not args.no_flip  # as the service embeds
-        v.embedder.shift = 0 if args.no_flip else bundle_shift(bundle.metadata, bundle.config.resolution)
+        v.embedder.shift = 0 if args.no_flip else bundle.test_time_shift
         progress(f"{v.key}: embedding {len(crops)} held-out images")
         start = time.perf_counter()
         emb = v.embedder.embed(crops)
@@ -78,7 +78,7 @@ def main() -> int:
                      f"{100 * r['tar_1e-3']:.1f}" if r["tar_1e-3"] is not None else "-",
                      f"{r['min_cosine_vs_first']:.4f}", f"{r['seconds']:.1f}"])
     info = machine(args.threads)
-    passes = view_count(bundle_shift(bundle.metadata, bundle.config.resolution)) * 2
+    passes = view_count(bundle.test_time_shift) * 2
     mode = "one pass" if args.no_flip else f"as served ({passes} passes a face: test-time views, mirror-averaged)"
     md = [f"`{command_line()}`", "", machine_line(info), "",
           f"{source}; {len(left)} held-out pairs (folds {args.folds}), {len(crops)} images, {mode}; int8 "

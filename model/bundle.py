@@ -17,6 +17,7 @@ import torch
 from model.errors import WeightsError
 from model.mobilenet import FaceEmbeddingNet, ModelConfig, build_model
 from model.score_norm import CohortNorm
+from model.tta import bundle_shift
 
 FORMAT = "visage-bundle/1"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -37,6 +38,11 @@ class Bundle:
     def scorer(self) -> CohortNorm:
         """How these weights' embeddings are compared; the thresholds are calibrated on its scores."""
         return self.score_norm or CohortNorm.plain(self.config.embedding_dim)
+
+    @property
+    def test_time_shift(self) -> int:
+        """Pixels of the test-time views (``model.tta``) its embeddings, cohort and thresholds were made with."""
+        return bundle_shift(self.metadata, self.config.resolution)
 
     @property
     def model_version(self) -> str:

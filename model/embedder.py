@@ -10,7 +10,7 @@ import torch
 
 from model.bundle import Bundle
 from model.preprocess import crops_to_tensor
-from model.tta import bundle_shift, tta_views, view_count
+from model.tta import tta_views, view_count
 
 BACKENDS = ("torch", "onnx")
 
@@ -29,7 +29,7 @@ class Embedder:
         self.bundle = bundle
         self.device = torch.device(device if backend == "torch" else "cpu")
         self.flip = flip
-        self.shift = bundle_shift(bundle.metadata, bundle.config.resolution) if views else 0
+        self.shift = bundle.test_time_shift if views else 0
         self.batch_size = batch_size
         self.backend = backend
         self._lock = threading.Lock()  # one forward at a time: intra-op threads already use every core

@@ -155,25 +155,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_soup(args: argparse.Namespace) -> int:
     from model.bundle import load_bundle
-    from training.loop import version_names
     from training.soup import average_bundles
 
     bundle = average_bundles([load_bundle(w) for w in args.weights])
-    bundle.metadata.update(version_names(bundle))
     return _calibrate_and_save(bundle, args, f"soup of {len(args.weights)} -> {args.out}")
 
 
 def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) -> int:
     """The scoring cohort and thresholds for ``bundle`` (settings: its recipe, --config, overrides), saved."""
     from model.bundle import save_bundle
-    from model.tta import bundle_shift
     from training.config import load_config
     from training.loop import calibrate_bundle, load_split
 
     recipe = bundle.metadata.get("recipe") or {}
     # the embedding stays as it is unless asked: a bundle's own views (none before session 9) over its recipe's
-    shift = bundle_shift(bundle.metadata, bundle.config.resolution)
-    cfg = load_config(args.config, args.overrides, base={**recipe, "test_time_shift": shift})
+    cfg = load_config(args.config, args.overrides, base={**recipe, "test_time_shift": bundle.test_time_shift})
     if cfg.model != bundle.config:
         raise ValueError(f"the settings describe {cfg.model}, the weights are {bundle.config}")
     held_out = set(recipe.get("val_folds", []))

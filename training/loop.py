@@ -24,7 +24,7 @@ from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm, cohort_from
-from model.tta import bundle_shift, version_suffix
+from model.tta import version_suffix
 from training.config import TrainConfig
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
@@ -413,7 +413,7 @@ def version_names(bundle: Bundle) -> dict[str, str]:
     test-time views)."""
     cfg = bundle.config
     name = f"{cfg.backbone}-a{cfg.alpha}-r{cfg.resolution}-d{cfg.embedding_dim}"
-    suffix = version_suffix(bundle_shift(bundle.metadata, cfg.resolution))
+    suffix = version_suffix(bundle.test_time_shift)
     return {"model_version": f"{name}-{bundle.weights_digest()[:10]}{suffix}", "name": name}
 
 
