@@ -77,11 +77,6 @@ def _settings(args: argparse.Namespace, **extra: Any):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # Before torch (and its OpenMP runtime, which reads this once) is loaded, here and in every worker: idle
-    # OpenMP threads sleep instead of spinning. A request runs MTCNN (torch's threads), the embedder (ONNX
-    # Runtime's) and the event loop in turn on a few cores, and spinning teams take the cores from each other:
-    # /verify p50 134-146 ms without this, 102-107 ms with it, alternating runs (docs/BENCHMARKS.md section 3).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from app.settings import resolve_api_keys

@@ -26,6 +26,18 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def set_blas_threads(threads: int) -> None:
+    """Threads of the BLAS libraries numpy and scipy loaded (OpenBLAS), for this whole process (0 leaves them be).
+
+    A request's BLAS work is a few small matrix products (cohort scores), which gain nothing from a second thread;
+    but OpenBLAS's idle threads spin for a while after each call and took a core from the MTCNN that follows.
+    """
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+
+
 def index_config(settings: Settings) -> IndexConfig:
     return IndexConfig(
         kind=settings.index_type,
@@ -47,6 +59,7 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
         backend=settings.backend,
     )
     set_faiss_threads(settings.faiss_threads)
+    set_blas_threads(settings.blas_threads)
     store = Store(settings.db_path)
     try:
         gallery = Gallery(

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import uvicorn
+from app_helpers import fake_pipeline
 
 from model.console import main
 
 PASSED_ON = ("VISAGE_DATA_DIR", "VISAGE_WEIGHTS", "VISAGE_HOST", "VISAGE_PORT", "VISAGE_WORKERS")
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_serve_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch, tmp_path, given, expected):
-    """Workers inherit the environment uvicorn starts with: OMP_WAIT_POLICY must be set by then (spinning OpenMP
-    teams cost /verify ~35 ms p50 on 2 cores), and an operator's own choice wins."""
+def test_serve_hands_uvicorn_the_app_factory_and_leaves_openmp_alone(monkeypatch, tmp_path):
+    """Workers inherit the environment uvicorn starts with. OpenMP's wait policy stays the runtime's own: idle
+    torch threads that spin briefly answer MTCNN's many small parallel regions sooner (/verify p50 60 ms, against 81
+    ms with OMP_WAIT_POLICY=PASSIVE, docs/BENCHMARKS.md section 3)."""
     # serve hands its settings to the workers through the environment: setenv first records each variable's
     # original state (absent included), so that the test leaves the environment as it found it
     for name in (*PASSED_ON, "OMP_WAIT_POLICY"):
@@ -24,9 +24,28 @@ def test_serve_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch,
         monkeypatch.delenv(name)
     monkeypatch.setenv("VISAGE_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("VISAGE_API_KEYS", "test-key")
-    if given is not None:
-        monkeypatch.setenv("OMP_WAIT_POLICY", given)
     seen: dict[str, object] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **_: seen.update(app=app, policy=os.getenv("OMP_WAIT_POLICY")))
     assert main(["serve", "--port", "8765"]) == 0
-    assert seen == {"app": "app.main:create_app", "policy": expected}
+    assert seen == {"app": "app.main:create_app", "policy": None}
+
+
+def test_a_loaded_service_runs_numpy_blas_on_the_configured_threads(monkeypatch, tmp_path):
+    """OpenBLAS's idle threads spin after each call and took a core from MTCNN (/verify p50 95-98 ms with two,
+    60-66 ms with one): the service sets its BLAS threads from VISAGE_BLAS_THREADS, 1 by default."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from app.runtime import open_service
+    from app.settings import Settings
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's own limits afterwards
+        assert blas_threads() == {2}
+        monkeypatch.setenv("VISAGE_BLAS_THREADS", "0")  # 0: leave them be
+        open_service(Settings(data_dir=tmp_path / "a"), pipeline=fake_pipeline()).gallery.close()
+        assert blas_threads() == {2}
+        monkeypatch.delenv("VISAGE_BLAS_THREADS")
+        open_service(Settings(data_dir=tmp_path / "b"), pipeline=fake_pipeline()).gallery.close()
+        assert blas_threads() == {1}

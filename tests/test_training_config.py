@@ -88,6 +88,10 @@ def test_unknown_keys_are_refused(tmp_path):
         ("k=1", "K >= 2"),
         ("w_triplet=-1", "weights"),
         ("w_relation=-0.5", "weights"),
+        ("w_proxy=-1", "weights"),
+        ("w_proxy=0.1 proxy_margin=1", "proxy_margin"),
+        ("w_proxy=0.1 proxy_scale=0", "proxy_scale"),
+        ("w_proxy=0.1 teacher_center=false", "teacher_center"),
         ("epochs3", "key=value"),
         ("test_time_shift=-1", "test_time_shift"),
         ("test_time_shift=15", "test_time_shift"),
@@ -97,7 +101,7 @@ def test_unknown_keys_are_refused(tmp_path):
 )
 def test_bad_values_are_refused(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" "))
 
 
 def test_bad_model_knobs_are_refused():
@@ -118,6 +122,7 @@ def test_a_run_needs_some_loss_and_reads_the_teacher_only_when_a_term_uses_it():
     assert not load_config(None, ["w_distill=0"]).uses_teacher
     relation_only = load_config(None, ["w_triplet=0", "w_distill=0", "w_relation=10", "k=1"])
     assert relation_only.uses_teacher
+    assert load_config(None, ["w_distill=0", "w_proxy=0.1"]).uses_teacher  # the proxies are teacher centroids
 
 
 def test_a_flat_file_without_sections(tmp_path):

@@ -1,4 +1,5 @@
-"""training.losses: the triplet hinge and the distillation loss, on vectors whose answer is known."""
+"""training.losses: the triplet hinge, the distillation losses and the proxy margin softmax, on vectors whose answer
+is known."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.losses import distillation_loss, similarity_distillation_loss, triplet_margin_loss
+from training.losses import (
+    distillation_loss,
+    proxy_margin_loss,
+    similarity_distillation_loss,
+    teacher_proxies,
+    triplet_margin_loss,
+)
 
 
 def idx(*values: int) -> torch.Tensor:
@@ -104,3 +111,57 @@ def test_similarity_distillation_of_fewer_than_two_faces_is_zero_and_differentia
     loss = similarity_distillation_loss(student, torch.randn(n, 8))
     assert loss.item() == 0.0
     loss.backward()
+
+
+def test_teacher_proxies_are_each_identitys_mean_direction_whatever_the_descriptor_norms():
+    descriptors = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 3.0], [0.0, 0.0, 0.1]])
+    proxies = teacher_proxies(descriptors, idx(0, 0, 1, 1), classes=2)
+    # identity 0: the unit x and y axes average to the diagonal; identity 1: z, however long
+    assert torch.allclose(proxies, torch.tensor([[1 / math.sqrt(2), 1 / math.sqrt(2), 0.0], [0.0, 0.0, 1.0]]))
+
+
+def test_teacher_proxies_refuse_an_identity_without_a_direction():
+    with pytest.raises(ValueError, match="every identity"):
+        teacher_proxies(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]), idx(0, 0, 1), classes=2)
+    with pytest.raises(ValueError, match="every identity"):  # identity 2 has no descriptor at all
+        teacher_proxies(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), idx(0, 1), classes=3)
+
+
+def test_proxy_margin_loss_is_cosface_cross_entropy():
+    proxies = torch.eye(3)
+    emb = F.normalize(torch.tensor([[0.9, 0.3, 0.1], [0.2, 0.1, 0.95]]), dim=1)
+    labels = idx(0, 1)  # the second face points at identity 2's proxy, not its own
+    cos = emb @ proxies.T
+    expected = torch.stack([
+        -torch.log_softmax(10 * torch.tensor([cos[0, 0] - 0.3, cos[0, 1], cos[0, 2]]), 0)[0],
+        -torch.log_softmax(10 * torch.tensor([cos[1, 0], cos[1, 1] - 0.3, cos[1, 2]]), 0)[1],
+    ]).mean()
+    assert proxy_margin_loss(emb, labels, proxies, scale=10, margin=0.3).item() == pytest.approx(expected.item(),
+                                                                                                  rel=1e-5)
+
+
+def test_proxy_margin_loss_rewards_the_own_proxy_and_the_margin_asks_for_more():
+    proxies = torch.eye(4)
+    own = proxies[idx(0, 1, 2)]
+    wrong = proxies[idx(1, 2, 3)]
+    labels = idx(0, 1, 2)
+    assert proxy_margin_loss(own, labels, proxies, 30, 0.2) < 0.01
+    assert proxy_margin_loss(wrong, labels, proxies, 30, 0.2) > 30  # cos 1 to a stranger, 0 to oneself
+    assert proxy_margin_loss(own, labels, proxies, 30, 0.0) < proxy_margin_loss(own, labels, proxies, 30, 0.5)
+
+
+def test_proxy_margin_loss_step_turns_a_face_towards_its_own_proxy():
+    proxies = torch.eye(3)
+    emb = F.normalize(torch.tensor([[0.5, 0.8, 0.1]]), dim=1).requires_grad_(True)
+    loss = proxy_margin_loss(emb, idx(0), proxies)
+    loss.backward()
+    step = F.normalize(emb.detach() - 0.01 * emb.grad, dim=1)
+    assert step[0, 0] > emb[0, 0] and step[0, 1] < emb[0, 1]  # towards identity 0, away from identity 1
+    assert proxy_margin_loss(step, idx(0), proxies) < loss
+
+
+def test_proxy_margin_loss_of_no_faces_is_zero_and_differentiable():
+    emb = torch.zeros(0, 3, requires_grad=True)
+    loss = proxy_margin_loss(emb, idx(), torch.eye(3))
+    loss.backward()
+    assert loss.item() == 0.0

@@ -188,18 +188,19 @@ def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
 
 def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(work):
     """teacher_mode=online: dlib's network (in PyTorch) describes each augmented, partly blended view, for the
-    per-face and the pairwise (w_relation) terms; the run records the same metrics and ships a calibrated bundle. A
-    prepared set without landmarks is refused."""
+    per-face and the pairwise (w_relation) terms, beside the proxy term on the unblended views; the run records the
+    same metrics and ships a calibrated bundle. A prepared set without landmarks is refused."""
     root, src, pairs = work
     run = root / "online"
     cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
                              "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}',
-                             "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10"])
+                             "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10", "w_proxy=0.1"])
     bundle = load_bundle(train(cfg, run, progress=False, max_steps=2))
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"distill", "relation", "triplet", "loss", "val_accuracy"} <= set(record)
+    assert {"distill", "relation", "proxy", "triplet", "loss", "val_accuracy"} <= set(record)
     assert 0.0 < record["distill"] < 4.0  # |s - t|^2 between unit vectors
     assert 0.0 < record["relation"] < 4.0  # squared differences of cosines
+    assert 0.0 <= record["proxy"] < 30.0  # cross-entropy at scale 30 (0 in a step whose views were all blends)
     assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
     assert (root / "work" / "cache" / "teacher_chips.npz").exists()
 

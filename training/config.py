@@ -43,6 +43,10 @@ class TrainConfig:
     w_triplet: float = 1.0
     w_distill: float = 1.0
     w_relation: float = 0.0  # the teacher's pairwise cosines in the batch (losses.similarity_distillation_loss)
+    # margin softmax against every identity's teacher centroid (losses.proxy_margin_loss); unblended samples only
+    w_proxy: float = 0.0
+    proxy_scale: float = 30.0
+    proxy_margin: float = 0.2
     # scoring (model/score_norm.py): the bundle carries a cohort of this many training faces' embeddings, and a
     # pair's score is its cosine minus the faces' mean cosine to their score_k nearest cohort faces; 0: cosine
     score_cohort: int = 4096
@@ -70,7 +74,7 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether any loss term reads the teacher's descriptors."""
-        return self.w_distill > 0 or self.w_relation > 0
+        return self.w_distill > 0 or self.w_relation > 0 or self.w_proxy > 0
 
     def validate(self) -> None:
         from training.miners import MINERS
@@ -80,9 +84,13 @@ class TrainConfig:
             raise ValueError(f"miner must be one of {sorted(MINERS)}, got {self.miner!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        weights = (self.w_triplet, self.w_distill, self.w_relation)
+        weights = (self.w_triplet, self.w_distill, self.w_relation, self.w_proxy)
         if min(weights) < 0 or sum(weights) == 0:
-            raise ValueError("loss weights (w_triplet, w_distill, w_relation) must be >= 0 and not all 0")
+            raise ValueError("loss weights (w_triplet, w_distill, w_relation, w_proxy) must be >= 0 and not all 0")
+        if self.w_proxy > 0 and not (self.proxy_scale > 0 and 0 <= self.proxy_margin < 1):
+            raise ValueError("proxy_scale must be > 0 and proxy_margin in [0, 1)")
+        if self.w_proxy > 0 and not self.teacher_center:
+            raise ValueError("w_proxy needs teacher_center: raw dlib descriptors point almost the same way")
         if not (isinstance(self.val_folds, list) and self.val_folds
                 and all(isinstance(f, int) and f >= 1 for f in self.val_folds)):
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")

@@ -28,7 +28,13 @@ from model.tta import version_suffix
 from training.config import TrainConfig
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
-from training.losses import distillation_loss, similarity_distillation_loss, triplet_margin_loss
+from training.losses import (
+    distillation_loss,
+    proxy_margin_loss,
+    similarity_distillation_loss,
+    teacher_proxies,
+    triplet_margin_loss,
+)
 from training.miners import MINERS
 from training.pairs import people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
@@ -218,7 +224,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for key in ("loss", "distill", "triplet"):
+    for key in ("loss", "distill", "triplet", "proxy"):
         if any(key in h for h in history):
             a.plot(ep, [h.get(key, np.nan) for h in history], label=key)
     a.set_xlabel("epoch"), a.set_title("training loss"), a.legend(), a.grid(alpha=0.3)
@@ -280,6 +286,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             # angle as they are, every face looks alike. Their Euclidean geometry ignores that offset, so remove it.
             centre = torch.cat([teacher, teacher_flip]).mean(0)
             teacher, teacher_flip = teacher - centre, teacher_flip - centre
+    proxies = None
+    if cfg.w_proxy > 0:
+        proxies = teacher_proxies(torch.cat([teacher, teacher_flip]), torch.cat([labels_all, labels_all]),
+                                  int(labels_all.max()) + 1).to(device)
     views = teacher_net = None
     if cfg.teacher_mode == "online":
         views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
@@ -322,8 +332,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 r = similarity_distillation_loss(emb, target)
                 loss = loss + cfg.w_relation * r
                 stats["relation"] = float(r.detach())
+            pure = ~mixed.to(device)  # a blend has no single identity: the label terms use the unblended samples
+            if cfg.w_proxy > 0:
+                c = proxy_margin_loss(emb[pure], labels[pure], proxies, cfg.proxy_scale, cfg.proxy_margin)
+                loss = loss + cfg.w_proxy * c
+                stats["proxy"] = float(c.detach())
             if cfg.w_triplet > 0:
-                pure = ~mixed.to(device)  # a blend has no single identity: triplets use the unblended samples
                 t, active = triplet_margin_loss(emb[pure], miner(emb[pure], labels[pure], cfg.margin), cfg.margin)
                 loss = loss + cfg.w_triplet * t
                 stats["triplet"], stats["active"] = float(t.detach()), active
