@@ -89,6 +89,8 @@ def test_unknown_keys_are_refused(tmp_path):
         ("w_triplet=-1", "weights"),
         ("w_relation=-0.5", "weights"),
         ("w_proxy=-1", "weights"),
+        ("augment_geometry=-1", "augment_geometry"),
+        ("augment_geometry=5", "augment_geometry"),
         ("w_proxy=0.1 proxy_margin=1", "proxy_margin"),
         ("w_proxy=0.1 proxy_scale=0", "proxy_scale"),
         ("w_proxy=0.1 teacher_center=false", "teacher_center"),

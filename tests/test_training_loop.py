@@ -100,3 +100,15 @@ def test_finished_metadata_matches_the_cost_model():
     assert meta["validation"]["accuracy"] == 0.9 and meta["validation"]["folds"] == cfg.val_folds
     assert meta["input_size"] == 96 and meta["epochs_run"] == 1 and meta["train_seconds"] == 12.3
     assert meta["recipe"] == cfg.to_dict()
+
+
+def test_geometry_scaled_widens_rotation_scale_and_shift_only():
+    from training.data import Augment
+    from training.loop import geometry_scaled
+
+    base = Augment()
+    wide = geometry_scaled(base, 2.0)
+    assert (wide.max_rotate_deg, wide.max_scale, wide.max_shift) == pytest.approx(
+        (2 * base.max_rotate_deg, 2 * base.max_scale, 2 * base.max_shift))
+    assert (wide.flip, wide.colour, wide.grey) == (base.flip, base.colour, base.grey)
+    assert geometry_scaled(base, 1.0) == base

@@ -194,7 +194,8 @@ def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(wor
     run = root / "online"
     cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
                              "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}',
-                             "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10", "w_proxy=0.1"])
+                             "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10", "w_proxy=0.1",
+                             "augment_geometry=2"])
     bundle = load_bundle(train(cfg, run, progress=False, max_steps=2))
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"distill", "relation", "proxy", "triplet", "loss", "val_accuracy"} <= set(record)

@@ -29,6 +29,7 @@ class TrainConfig:
     mixup: float = 0.0  # online only: fraction of samples blended with another (the teacher describes the blend)
     cutmix: float = 0.0  # online only: fraction of the rest given a rectangle of another aligned face (views.py)
     occlude: float = 0.0  # online only: fraction of all samples with a one-colour rectangle over part of the face
+    augment_geometry: float = 1.0  # multiplies the rotation (8 deg), scale (8 %) and shift (6 %) ranges
     # model
     backbone: str = "mobilenet_v1"
     alpha: float = 0.5
@@ -101,6 +102,8 @@ class TrainConfig:
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
                                  "ignores what the view shows)")
+        if not 0.0 <= self.augment_geometry <= 4.0:
+            raise ValueError(f"augment_geometry must be in [0, 4], got {self.augment_geometry!r}")
         shift = self.test_time_shift
         if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(self.resolution):
             raise ValueError(f"test_time_shift must be whole pixels in [0, {max_shift(self.resolution)}], "

@@ -209,6 +209,12 @@ def rank_zero_first(rank: int, world: int, load):
     return out
 
 
+def geometry_scaled(augment: Augment, factor: float) -> Augment:
+    """``augment`` with its rotation, scale and shift ranges multiplied by ``factor`` (colour left alone)."""
+    return replace(augment, max_rotate_deg=augment.max_rotate_deg * factor, max_scale=augment.max_scale * factor,
+                   max_shift=augment.max_shift * factor)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     if step < warmup:
@@ -273,7 +279,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    miner, augment = MINERS[cfg.miner], Augment()
+    miner, augment = MINERS[cfg.miner], geometry_scaled(Augment(), cfg.augment_geometry)
     gen = torch.Generator().manual_seed(cfg.seed + start_epoch)
     crops = split.train.crops
     labels_all = torch.as_tensor(split.train.labels)
@@ -294,7 +300,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if cfg.teacher_mode == "online":
         views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
         teacher_net = load_teacher_net(device)
-        view_augment, centre = ViewAugment(mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude), centre.to(device)
+        view_augment = ViewAugment(augment, mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude)
+        centre = centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
     t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume
