@@ -27,15 +27,21 @@ def trim_heap() -> None:
 
 
 def set_blas_threads(threads: int) -> None:
-    """Threads of the BLAS libraries numpy and scipy loaded (OpenBLAS), for this whole process (0 leaves them be).
+    """Threads of the pthreads BLAS libraries loaded (numpy's and scipy's OpenBLAS), for this whole process (0 leaves
+    them be).
 
     A request's BLAS work is a few small matrix products (cohort scores), which gain nothing from a second thread;
     but OpenBLAS's idle threads spin for a while after each call and took a core from the MTCNN that follows.
+    FAISS's own OpenBLAS is an OpenMP build: its threads are FAISS's OpenMP threads (``set_faiss_threads``), left
+    alone here.
     """
-    if threads > 0:
-        from threadpoolctl import threadpool_limits
+    if threads <= 0:
+        return
+    from threadpoolctl import ThreadpoolController
 
-        threadpool_limits(limits=threads, user_api="blas")
+    for lib in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if lib.info().get("threading_layer") != "openmp":
+            lib.set_num_threads(threads)
 
 
 def index_config(settings: Settings) -> IndexConfig:
@@ -58,8 +64,8 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
         str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits,
         backend=settings.backend,
     )
-    set_faiss_threads(settings.faiss_threads)
     set_blas_threads(settings.blas_threads)
+    set_faiss_threads(settings.faiss_threads)
     store = Store(settings.db_path)
     try:
         gallery = Gallery(

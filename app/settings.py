@@ -45,9 +45,9 @@ class Settings(BaseSettings):
         "searches fastest on one thread: at 1M faces flat 22.5 ms vs 71 ms with 2 (docs/BENCHMARKS.md section 4)"
     )
     blas_threads: int = Field(
-        1, ge=0, le=256, description="threads of numpy's BLAS (cohort scores); 0 = its default (all cores). Its idle "
-        "threads spin and took a core from MTCNN: /verify p50 95-98 ms with 2, 61-66 ms with 1 (docs/BENCHMARKS.md "
-        "section 3)"
+        1, ge=0, le=256, description="threads of numpy's and scipy's BLAS (cohort scores); 0 = its default (all "
+        "cores). Its idle threads spin and took a core from MTCNN: /verify p50 95-98 ms with 2, 79-86 ms with 1 "
+        "under OMP_WAIT_POLICY=PASSIVE, 60-66 ms with 1 and the policy unset (docs/BENCHMARKS.md section 3)"
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="accepted X-API-Key values, comma separated; empty = key file"

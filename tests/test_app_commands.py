@@ -31,21 +31,31 @@ def test_serve_hands_uvicorn_the_app_factory_and_leaves_openmp_alone(monkeypatch
 
 
 def test_a_loaded_service_runs_numpy_blas_on_the_configured_threads(monkeypatch, tmp_path):
-    """OpenBLAS's idle threads spin after each call and took a core from MTCNN (/verify p50 95-98 ms with two,
-    60-66 ms with one): the service sets its BLAS threads from VISAGE_BLAS_THREADS, 1 by default."""
+    """OpenBLAS's idle threads spin after each call and took a core from MTCNN (/verify p50 95-98 ms with two, 79-86
+    ms with one, docs/BENCHMARKS.md section 3): the service sets numpy's and scipy's BLAS threads from
+    VISAGE_BLAS_THREADS, 1 by default, and leaves FAISS's OpenMP threads (its OpenBLAS too) to VISAGE_FAISS_THREADS."""
+    import faiss
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from app.runtime import open_service
     from app.settings import Settings
 
-    def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    def blas_threads(openmp: bool = False) -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info()
+                if lib["user_api"] == "blas" and (lib.get("threading_layer") == "openmp") == openmp}
 
-    with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's own limits afterwards
-        assert blas_threads() == {2}
-        monkeypatch.setenv("VISAGE_BLAS_THREADS", "0")  # 0: leave them be
-        open_service(Settings(data_dir=tmp_path / "a"), pipeline=fake_pipeline()).gallery.close()
-        assert blas_threads() == {2}
-        monkeypatch.delenv("VISAGE_BLAS_THREADS")
-        open_service(Settings(data_dir=tmp_path / "b"), pipeline=fake_pipeline()).gallery.close()
-        assert blas_threads() == {1}
+    faiss_before = faiss.omp_get_max_threads()
+    try:
+        with threadpool_limits(limits=2, user_api="blas"):  # restores the test process's own limits afterwards
+            assert blas_threads() == {2}
+            monkeypatch.setenv("VISAGE_BLAS_THREADS", "0")  # 0: leave them be
+            open_service(Settings(data_dir=tmp_path / "a"), pipeline=fake_pipeline()).gallery.close()
+            assert blas_threads() == {2}
+            monkeypatch.delenv("VISAGE_BLAS_THREADS")
+            monkeypatch.setenv("VISAGE_FAISS_THREADS", "2")
+            open_service(Settings(data_dir=tmp_path / "b"), pipeline=fake_pipeline()).gallery.close()
+            assert blas_threads() == {1}
+            # FAISS's OpenBLAS is an OpenMP build: limiting it would set an OpenMP runtime's thread count
+            assert blas_threads(openmp=True) == {2} and faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(faiss_before)

@@ -91,6 +91,7 @@ def test_unknown_keys_are_refused(tmp_path):
         ("w_proxy=-1", "weights"),
         ("augment_geometry=-1", "augment_geometry"),
         ("augment_geometry=5", "augment_geometry"),
+        ("augment_geometry=true", "augment_geometry"),
         ("w_proxy=0.1 proxy_margin=1", "proxy_margin"),
         ("w_proxy=0.1 proxy_scale=0", "proxy_scale"),
         ("w_proxy=0.1 teacher_center=false", "teacher_center"),

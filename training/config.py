@@ -102,7 +102,8 @@ class TrainConfig:
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
                                  "ignores what the view shows)")
-        if not 0.0 <= self.augment_geometry <= 4.0:
+        geometry = self.augment_geometry
+        if isinstance(geometry, bool) or not isinstance(geometry, int | float) or not 0.0 <= geometry <= 4.0:
             raise ValueError(f"augment_geometry must be in [0, 4], got {self.augment_geometry!r}")
         shift = self.test_time_shift
         if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(self.resolution):

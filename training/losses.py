@@ -57,7 +57,7 @@ def teacher_proxies(descriptors: torch.Tensor, labels: torch.Tensor, classes: in
     4,000+ identities a step) would update a dozen times in a whole run.
     """
     unit = F.normalize(descriptors.float(), dim=1)
-    sums = torch.zeros(classes, unit.shape[1], dtype=unit.dtype).index_add_(0, labels, unit)
+    sums = unit.new_zeros(classes, unit.shape[1]).index_add_(0, labels.to(unit.device), unit)
     if bool((sums.norm(dim=1) == 0).any()):
         raise ValueError("every identity needs at least one teacher descriptor with a direction")
     return F.normalize(sums, dim=1)
