@@ -22,12 +22,16 @@ def max_shift(resolution: int) -> int:
     return resolution // 8
 
 
+def check_shift(shift: Any, resolution: int, name: str) -> int:
+    """``shift`` if it is whole pixels in [0, ``max_shift``] (not a bool); otherwise a ValueError naming ``name``."""
+    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(resolution):
+        raise ValueError(f"{name} must be whole pixels in [0, {max_shift(resolution)}], got {shift!r}")
+    return shift
+
+
 def bundle_shift(metadata: Mapping[str, Any], resolution: int) -> int:
     """The shift in pixels a bundle's embeddings were calibrated with; 0 (the aligned crop only) if none."""
-    shift = (metadata.get("views") or {}).get("shift", 0)
-    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(resolution):
-        raise ValueError(f"views.shift must be whole pixels in [0, {max_shift(resolution)}], got {shift!r}")
-    return shift
+    return check_shift((metadata.get("views") or {}).get("shift", 0), resolution, "views.shift")
 
 
 def version_suffix(shift: int) -> str:

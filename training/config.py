@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from model.mobilenet import ModelConfig
-from model.tta import max_shift
+from model.tta import check_shift
 
 
 @dataclass
@@ -105,10 +105,7 @@ class TrainConfig:
         geometry = self.augment_geometry
         if isinstance(geometry, bool) or not isinstance(geometry, int | float) or not 0.0 <= geometry <= 4.0:
             raise ValueError(f"augment_geometry must be in [0, 4], got {self.augment_geometry!r}")
-        shift = self.test_time_shift
-        if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift <= max_shift(self.resolution):
-            raise ValueError(f"test_time_shift must be whole pixels in [0, {max_shift(self.resolution)}], "
-                             f"got {shift!r}")
+        check_shift(self.test_time_shift, self.resolution, "test_time_shift")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 
