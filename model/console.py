@@ -8,10 +8,13 @@ nothing of ours and the package arrows (app -> model <- training) hold.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from model.errors import VisageError
@@ -46,10 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'visage COMMAND --help' for the options of one command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    registrars: list[Callable[[Any], None]] = [ep.load() for ep in entry_points(group="visage.commands")]
-    for register in registrars:
+    for register in command_registrars():
         register(sub)
     return parser
+
+
+def command_registrars() -> list[Callable[[Any], None]]:
+    """Each package's ``register(subparsers)``, from the ``visage.commands`` entry points; in a source checkout
+    that was never pip-installed (``python -m model.console`` on a GPU machine's own PyTorch, say), from the same
+    table in the checkout's pyproject.toml."""
+    found = [ep.load() for ep in entry_points(group="visage.commands")]
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if found or not pyproject.exists():
+        return found
+    table = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["visage.commands"]
+    return [getattr(importlib.import_module(module), name) for module, name in (v.split(":") for v in table.values())]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

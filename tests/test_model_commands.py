@@ -136,3 +136,19 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
     )
     assert code == 2
     assert "no face" in capsys.readouterr().err
+
+
+def test_a_checkout_that_was_never_installed_still_has_every_command(monkeypatch):
+    """No ``visage.commands`` entry points (a source checkout run with another Python, as on a GPU machine):
+    the same registrars come from pyproject.toml."""
+    import model.console as console
+
+    installed = console.command_registrars()
+    monkeypatch.setattr(console, "entry_points", lambda group: [])
+    def names(registrars):
+        return sorted(f"{r.__module__}:{r.__name__}" for r in registrars)
+
+    assert names(console.command_registrars()) == names(installed) == [
+        "app.commands:register", "model.commands:register", "training.commands:register"]
+    commands = console.build_parser()._subparsers._group_actions[0].choices
+    assert {"train", "eval", "serve", "embed", "cost"} <= set(commands)

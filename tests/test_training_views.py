@@ -173,3 +173,20 @@ def test_the_students_view_warped_into_the_chip_frame_still_shows_the_teacher_th
         assert np.linalg.norm(teacher_of(chips) - ref, axis=1).max() < 0.13
     wrong = student_view_as_chip(x, views.student, views.teacher[::-1].copy())
     assert np.linalg.norm(teacher_of(wrong) - ref, axis=1).mean() > 0.2
+
+
+@pytest.mark.parametrize("augment", [ViewAugment(), ViewAugment(mixup=0.5, cutmix=0.5, occlude=0.5)],
+                         ids=["plain", "blends"])
+def test_views_drawn_from_photos_on_a_device_are_the_same_views(setup, augment):
+    """``ViewSource.to`` moves the photos (to a GPU in training); the batch must not change. The "meta" device
+    stands in for a GPU here: it refuses, as CUDA does, any operation that mixes its tensors with CPU ones."""
+    _, views, _, _ = setup
+    idx = np.array([3, 0, 7, 7, 11, 5])
+    x, chips, mixed = views.draw(idx, 112, augment, torch.Generator().manual_seed(4))
+    moved = views.to(torch.device("cpu"))
+    assert isinstance(moved.images, torch.Tensor)
+    x2, chips2, mixed2 = moved.draw(idx, 112, augment, torch.Generator().manual_seed(4))
+    assert torch.equal(x, x2) and torch.equal(chips, chips2) and torch.equal(mixed, mixed2)
+    xm, chips_m, mixed_m = views.to(torch.device("meta")).draw(idx, 112, augment, torch.Generator().manual_seed(4))
+    assert xm.device.type == chips_m.device.type == "meta" and xm.shape == x.shape and chips_m.shape == chips.shape
+    assert mixed_m.device.type == "cpu" and torch.equal(mixed_m, mixed)  # the loop's label masks stay on the CPU

@@ -163,12 +163,12 @@ def colour_jitter(x: torch.Tensor, colour: float, grey: float, gen: torch.Genera
     ``grey`` on an (n, 3, H, W) batch; ``unit`` is one normalised step in the batch's scale (128 for pixels)."""
     n = x.shape[0]
 
-    def u() -> torch.Tensor:
-        return (torch.rand(n, generator=gen) * 2 - 1)[:, None, None, None]
+    def u() -> torch.Tensor:  # drawn on the CPU generator whatever the batch's device
+        return (torch.rand(n, generator=gen) * 2 - 1)[:, None, None, None].to(x.device)
 
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = (x - mean) * (1 + u() * colour) + mean + u() * colour * unit
     grey_x = x.mean(1, keepdim=True)
     x = grey_x + (x - grey_x) * (1 + u() * colour)
-    to_grey = (torch.rand(n, generator=gen) < grey)[:, None, None, None]
+    to_grey = (torch.rand(n, generator=gen) < grey)[:, None, None, None].to(x.device)
     return torch.where(to_grey, grey_x.expand_as(x), x)

@@ -299,6 +299,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     views = teacher_net = None
     if cfg.teacher_mode == "online":
         views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
+        if device.type != "cpu":
+            views = views.to(device)
         teacher_net = load_teacher_net(device)
         view_augment = ViewAugment(augment, mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude)
         centre = centre.to(device)

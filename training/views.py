@@ -22,7 +22,7 @@ All matrices map pixel coordinates with integer pixel centres (dlib's convention
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def _warp(src: torch.Tensor, out_to_src: np.ndarray, size: int) -> torch.Tensor:
     # normalised output coords -> output pixels -> source pixels -> normalised source coords (align_corners=False)
     to_pix = np.array([[size / 2, 0, size / 2 - 0.5], [0, size / 2, size / 2 - 0.5], [0, 0, 1]])
     to_norm = np.array([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])
-    theta = torch.as_tensor(to_norm @ out_to_src @ to_pix, dtype=torch.float32)[:, :2]
+    theta = torch.as_tensor(to_norm @ out_to_src @ to_pix, dtype=torch.float32, device=src.device)[:, :2]
     grid = F.affine_grid(theta, [src.shape[0], src.shape[1], size, size], align_corners=False)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -134,13 +134,19 @@ def _paste(view: torch.Tensor, partner: torch.Tensor, masks: torch.Tensor, view_
 
 
 def draw_views(
-    images: np.ndarray, student: np.ndarray, teacher: np.ndarray, resolution: int, augment: ViewAugment,
-    gen: torch.Generator,
+    images: np.ndarray | torch.Tensor, student: np.ndarray, teacher: np.ndarray, resolution: int,
+    augment: ViewAugment, gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source photos (n, H, W, 3) uint8 with their two alignments -> (student input normalised as in serving,
-    teacher chips in 0..255, bool mask of mixed samples)."""
+    teacher chips in 0..255, bool mask of mixed samples, on the CPU).
+
+    The views are computed where ``images`` lives (a tensor on a GPU: ``ViewSource.to``). The random draws
+    always come from ``gen`` on the CPU, so a batch is the same on either device."""
     n = len(images)
-    src = torch.as_tensor(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2).float()
+    if not isinstance(images, torch.Tensor):
+        images = torch.as_tensor(np.require(images, requirements=["C", "W"]))
+    src = images.permute(0, 3, 1, 2).float()
+    dev = src.device
     src = colour_jitter(src, augment.base.colour, augment.base.grey, gen, unit=STD).clamp_(0, 255) - GREY
     g = augment.geometry(n, gen)
     view_to_crop = np.linalg.inv(crop_to_view(resolution))
@@ -157,25 +163,28 @@ def draw_views(
         lam = torch.as_tensor(np.random.default_rng(seed).beta(augment.mixup_alpha, augment.mixup_alpha, n),
                               dtype=torch.float32)
         lam = torch.where(mixed, torch.maximum(lam, 1 - lam), torch.ones(n))[:, None, None, None]
+        lam, partner = lam.to(dev), partner.to(dev)
         s_view = lam * s_view + (1 - lam) * s_view[partner]
         t_view = lam * t_view + (1 - lam) * t_view[partner]
 
     def cover(i: torch.Tensor, s_fill: torch.Tensor, t_fill: torch.Tensor, masks: torch.Tensor) -> None:
-        """Samples ``i`` of both views, with the fills inside each crop-frame mask (in place)."""
-        s_view[i] = _paste(s_view[i], s_fill, masks, np.broadcast_to(view_to_crop, (len(i), 3, 3)))
-        t_view[i] = _paste(t_view[i], t_fill, masks, chip_crop[i.numpy()])
+        """Samples ``i`` (CPU indices) of both views, with the fills inside each crop-frame mask (in place)."""
+        at, masks = i.to(dev), masks.to(dev)
+        s_view[at] = _paste(s_view[at], s_fill, masks, np.broadcast_to(view_to_crop, (len(i), 3, 3)))
+        t_view[at] = _paste(t_view[at], t_fill, masks, chip_crop[i.numpy()])
 
     cut = (torch.rand(n, generator=gen) < augment.cutmix) & ~mixed
     if cut.any():
         i = cut.nonzero()[:, 0]
         other = (i + torch.randint(1, n, (len(i),), generator=gen)) % n  # never the sample itself
+        other = other.to(dev)
         cover(i, s_view[other], t_view[other], torch.as_tensor(augment.rectangles(len(i), gen)))
         mixed = mixed | cut
     if augment.occlude > 0:  # (no draw otherwise: runs without occluders keep their random stream)
         i = (torch.rand(n, generator=gen) < augment.occlude).nonzero()[:, 0]
         if len(i):  # a cap, a hand, a microphone: the teacher says how much of the face is still there
             masks = torch.as_tensor(augment.rectangles(len(i), gen, augment.occlude_area))
-            fill = torch.rand(len(i), 3, 1, 1, generator=gen) * 255 - GREY
+            fill = (torch.rand(len(i), 3, 1, 1, generator=gen) * 255 - GREY).to(dev)
             cover(i, fill, fill, masks)
     return ((s_view - MEAN) / STD).contiguous(), t_view.contiguous(), mixed
 
@@ -191,9 +200,18 @@ def student_view_as_chip(x: torch.Tensor, student: np.ndarray, teacher: np.ndarr
 class ViewSource:
     """The training photos with both alignments, ready to draw consistent batches from."""
 
-    images: np.ndarray  # (N, H, W, 3) uint8 source photos
+    images: np.ndarray | torch.Tensor  # (N, H, W, 3) uint8 source photos
     student: np.ndarray  # (N, 3, 3) source px -> aligned crop px
     teacher: np.ndarray  # (N, 3, 3) source px -> teacher chip px
 
+    def to(self, device: torch.device) -> ViewSource:
+        """The photos moved to ``device`` (~1 GB for LFW + CelebA), so that views are warped there: on a GPU the
+        CPU would otherwise spend longer drawing a batch than the GPU spends training on it."""
+        return replace(self, images=torch.as_tensor(np.asarray(self.images)).to(device))
+
     def draw(self, idx: np.ndarray, resolution: int, augment: ViewAugment, gen: torch.Generator):
-        return draw_views(self.images[idx], self.student[idx], self.teacher[idx], resolution, augment, gen)
+        if isinstance(self.images, torch.Tensor):
+            images = self.images[torch.as_tensor(idx, device=self.images.device)]
+        else:
+            images = self.images[idx]
+        return draw_views(images, self.student[idx], self.teacher[idx], resolution, augment, gen)

@@ -1,0 +1,84 @@
+"""On the GPU machine: rebuild from ``.gpu/payload`` the work dir the trainer reads (prepared crops, the decoded
+photos cache, the teacher centring and chip framings), under $VISAGE_WORK_DIR and $VISAGE_SHARED_DATA."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+PAYLOAD = Path(".gpu/payload")
+CONFIG = "training/configs/gpu.toml"
+
+
+def decode(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+
+def crop(item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The aligned crop ``visage prepare`` made, from the photo and the landmarks it recorded."""
+    from model.align import CROP_SIZE, align_face
+    from training.prepare import _pad
+
+    image, marks = item
+    canvas, ox, oy = _pad(Image.fromarray(image), 0.28)
+    return align_face(canvas, marks + np.array([ox, oy]), CROP_SIZE)
+
+
+def main() -> None:
+    from training.config import load_config
+    from training.data import _parse_landmarks
+    from training.loop import load_split
+    from training.paths import shared_data, work_dir
+    from training.prepare import read_manifest
+    from training.sampler import PKSampler
+
+    t0, work, shared = time.time(), work_dir(), shared_data()
+    cfg = load_config(CONFIG, [])
+    (shared / cfg.pairs).parent.mkdir(parents=True, exist_ok=True)
+    (shared / cfg.pairs).write_bytes((PAYLOAD / "pairs_dev.txt").read_bytes())
+    blob, off = (PAYLOAD / "sources.webp.bin").read_bytes(), np.load(PAYLOAD / "sources.offsets.npy")
+    with ProcessPoolExecutor(os.cpu_count()) as ex:
+        images = list(ex.map(decode, [blob[off[i]:off[i + 1]] for i in range(len(off) - 1)], chunksize=128))
+    where: dict[tuple[str, str], int] = {}
+    for ns, folder in cfg.prepared.items():
+        d = work / folder
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.csv").write_bytes(lzma.decompress((PAYLOAD / f"manifest-{ns}.csv.xz").read_bytes()))
+        rows = [r for r in read_manifest(d) if r.status != "failed"]
+        first = len(where)
+        where.update({(ns, r.source): first + i for i, r in enumerate(rows)})
+        items = [(images[first + i], _parse_landmarks(r.landmarks)) for i, r in enumerate(rows)]
+        with ProcessPoolExecutor(os.cpu_count()) as ex:
+            crops = list(ex.map(crop, items, chunksize=64))
+        np.save(d / "crops.npy", np.stack(crops))  # written after the manifest: load_prepared trusts it
+    if len(where) != len(images):
+        raise SystemExit(f"payload holds {len(images)} photos, the manifests {len(where)}")
+    with np.load(PAYLOAD / "teacher_cache16.npz") as z:
+        np.savez(work / cfg.teacher_cache, keys=np.array([bytes(k).hex() for k in z["keys"]]),
+                 desc=z["desc"].astype(np.float32), desc_flip=z["desc_flip"].astype(np.float32))
+    split = load_split(cfg, need_teacher=True)
+    train = [(i.split("/")[0], s) for i, s in zip(split.train.identities, split.train.sources, strict=True)]
+    # the caches training.data.load_sources and training.teacher.teacher_chip_matrices would have written
+    key = hashlib.sha256("".join(split.train.sha256).encode()).hexdigest()[:16]
+    (work / "cache").mkdir(parents=True, exist_ok=True)
+    np.save(work / "cache" / f"sources-{key}.npy", np.stack([images[where[k]] for k in train]))
+    chips = np.load(PAYLOAD / "train_chips.npy")
+    if len(chips) != len(train):
+        raise SystemExit(f"payload holds {len(chips)} chip framings for {len(train)} training photos")
+    paths = [str((shared / cfg.sources[ns] / s).resolve()) for ns, s in train]
+    np.savez(work / "cache" / "teacher_chips.npz", keys=np.array(paths), matrices=chips)
+    (work / "steps_per_epoch").write_text(str(len(PKSampler(split.train.labels, cfg.p, cfg.k))))
+    print(f"unpacked {len(images)} photos: {len(train)} training, {len(split.val.crops)} held out, "
+          f"{time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
