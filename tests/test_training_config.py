@@ -92,6 +92,8 @@ def test_unknown_keys_are_refused(tmp_path):
         ("augment_geometry=-1", "augment_geometry"),
         ("augment_geometry=5", "augment_geometry"),
         ("augment_geometry=true", "augment_geometry"),
+        ("val_every=0", "val_every"),
+        ("val_every=1.5", "val_every"),
         ("w_proxy=0.1 proxy_margin=1", "proxy_margin"),
         ("w_proxy=0.1 proxy_scale=0", "proxy_scale"),
         ("w_proxy=0.1 teacher_center=false", "teacher_center"),

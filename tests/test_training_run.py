@@ -160,6 +160,17 @@ def test_calibrate_embeds_the_cohort_as_the_bundle_serves_and_keeps_its_views(wo
             assert np.abs(bundle.scorer.cohort - Embedder(bundle, views=False).embed(crops)).max() > 0.05
 
 
+def test_val_every_validates_every_nth_epoch_and_after_the_last(work):
+    root, _, pairs = work
+    run = root / "sparse"
+    cfg = config(pairs, 3)
+    cfg.val_every = 2
+    train(cfg, run, progress=False, max_steps=1)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [("val_accuracy" in h, "val_auc" in h) for h in history] == [(False, False), (True, True), (True, True)]
+    assert all("seconds" in h and "loss" in h for h in history) and (run / "training.png").exists()
+
+
 def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
     """``init_weights`` loads the weights only: a fresh schedule from epoch 1, and the first epoch starts from the
     given network, not a random one (with lr 0 the fine-tuned weights are the initial ones, exactly)."""

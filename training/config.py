@@ -65,6 +65,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    # validate on the held-out pairs every this many epochs (and after the last): on a GPU one validation (CPU
+    # embedding of the held-out faces) costs as long as an epoch's training (bench/gpu/README.md)
+    val_every: int = 1
     amp: bool = True  # bfloat16 autocast on GPU only
     channels_last: bool = True
 
@@ -106,6 +109,8 @@ class TrainConfig:
         if isinstance(geometry, bool) or not isinstance(geometry, int | float) or not 0.0 <= geometry <= 4.0:
             raise ValueError(f"augment_geometry must be in [0, 4], got {self.augment_geometry!r}")
         check_shift(self.test_time_shift, self.resolution, "test_time_shift")
+        if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or self.val_every < 1:
+            raise ValueError(f"val_every must be a whole number of epochs >= 1, got {self.val_every!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

@@ -24,10 +24,10 @@ E=${EPOCHS:-}
 if [ -z "$E" ]; then
   P0=$(date +%s)
   rm -rf "$W/runs/probe"
-  timeout 200 $TRAIN --run-dir "$W/runs/probe" --max-steps 20 epochs=2 ${EXTRA:-} > "$OUT/probe.log" 2>&1
+  timeout 200 $TRAIN --run-dir "$W/runs/probe" --max-steps 20 ${EXTRA:-} epochs=2 val_every=1 > "$OUT/probe.log" 2>&1
   say "probe rc $? in $(( $(date +%s) - P0 )) s"
   E=$($PY bench/gpu/epochs.py "$W/runs/probe" "$OUT/probe.log" $(( $(date +%s) - P0 )) \
-      $(( BUDGET - ($(date +%s) - T0) - 20 )) "$W/steps_per_epoch" 2>> "$LOG") \
+      $(( BUDGET - ($(date +%s) - T0) - 20 )) "$W/steps_per_epoch" ${EXTRA:-} 2>> "$LOG") \
     || { say "no estimate"; tail -40 "$OUT/probe.log"; exit 1; }
 fi
 say "training $E epochs"
