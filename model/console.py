@@ -8,12 +8,11 @@ nothing of ours and the package arrows (app -> model <- training) hold.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def command_registrars() -> list[Callable[[Any], None]]:
     if found or not pyproject.exists():
         return found
     table = tomllib.loads(pyproject.read_text())["project"]["entry-points"]["visage.commands"]
-    return [getattr(importlib.import_module(module), name) for module, name in (v.split(":") for v in table.values())]
+    return [EntryPoint(name, value, "visage.commands").load() for name, value in table.items()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

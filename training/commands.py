@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.console import add_json_flag, print_json, print_table
+from training.prepare import DEFAULT_PAD
 
 if TYPE_CHECKING:
     from model.bundle import Bundle
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
-    p.add_argument("--pad", type=float, default=0.28,
+    p.add_argument("--pad", type=float, default=DEFAULT_PAD,
                    help="grey border added on each side, as a fraction of the image, so tight crops give the "
                    "detector context (0.28 turns a 160 px LFW crop back into its 250 px frame)")
     add_json_flag(p)

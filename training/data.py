@@ -107,13 +107,18 @@ def _parse_landmarks(text: str) -> np.ndarray:
     return np.array(values).reshape(5, 2) if len(values) == 10 else np.full((5, 2), np.nan)
 
 
+def sources_cache_path(sha256: list[str], cache: Path) -> Path:
+    """Where ``load_sources`` keeps the decoded photos with these hashes, in this order."""
+    key = hashlib.sha256("".join(sha256).encode()).hexdigest()[:16]
+    return cache.with_name(f"{cache.stem}-{key}.npy")
+
+
 def load_sources(paths: list[Path], sha256: list[str], cache: Path) -> np.ndarray:
     """The source photos at ``paths`` as one (N, H, W, 3) uint8 array (all must share one size, as LFW's and
     CelebA's 160 px crops do); decoded once and kept in ``cache`` (an .npy keyed by the images' hashes)."""
     from model.decode import decode_image
 
-    key = hashlib.sha256("".join(sha256).encode()).hexdigest()[:16]
-    path = cache.with_name(f"{cache.stem}-{key}.npy")
+    path = sources_cache_path(sha256, cache)
     if path.exists():
         return np.load(path, mmap_mode="r")  # batches read only their rows: ~1 GB stays on disk, not in RSS
     images = [np.asarray(decode_image(p.read_bytes())) for p in paths]

@@ -27,6 +27,7 @@ CENTRED_LANDMARKS = np.array(
     [[0.3717, 0.4282], [0.6374, 0.4211], [0.5056, 0.5815], [0.393, 0.7112], [0.6283, 0.704]]
 )
 CHUNK = 32
+DEFAULT_PAD = 0.28  # grey margin around each photo for the detector, as a share of its size (``--pad``)
 
 
 @dataclass
@@ -96,6 +97,14 @@ def _init_worker() -> None:
     _detector = FaceDetector()
 
 
+def crop_from_source(image: Image.Image, source_points: np.ndarray, pad: float = DEFAULT_PAD) -> np.ndarray:
+    """The aligned crop ``prepare`` writes, from a photo and the landmarks its manifest records (source pixels)."""
+    from model.align import CROP_SIZE, align_face
+
+    canvas, ox, oy = _pad(image, pad)
+    return align_face(canvas, np.asarray(source_points, dtype=np.float64) + np.array([ox, oy]), CROP_SIZE)
+
+
 def align_or_centre(images: list[Image.Image], detector, pad: float) -> list[tuple[np.ndarray, str, float, np.ndarray]]:
     """Aligned crop, status, score and landmarks (source-image pixels) for each image: the detected face
     nearest the centre, or the centred face region when there is none (the LFW protocol's fallback; counted
@@ -162,7 +171,7 @@ class PrepareSummary:
     manifest: str
 
 
-def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: float = 0.28,
+def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: float = DEFAULT_PAD,
             progress: bool = True) -> PrepareSummary:
     """Align every image under ``src`` into ``dst``; resumable and idempotent."""
     from tqdm import tqdm

@@ -249,8 +249,13 @@ def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = 
             with Image.open(path) as img:
                 canvas = teacher.canvas(img)
             cached[key] = teacher.chip_transform(canvas, boxes.get(key)) @ offset
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
-        np.savez(tmp, keys=np.array(list(cached)), matrices=np.stack(list(cached.values())))
-        tmp.replace(cache_path)
+        save_chip_matrices(cache_path, list(cached), np.stack(list(cached.values())))
     return np.stack([cached[k] for k in keys])
+
+
+def save_chip_matrices(cache_path: Path, keys: list[str], matrices: np.ndarray) -> None:
+    """Write ``teacher_chip_matrices``' cache: keys are the photos' resolved paths (``str(path.resolve())``)."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(cache_path.name + ".tmp.npz")
+    np.savez(tmp, keys=np.array(keys), matrices=matrices)
+    tmp.replace(cache_path)

@@ -207,7 +207,10 @@ class ViewSource:
     def to(self, device: torch.device) -> ViewSource:
         """The photos moved to ``device`` (~1 GB for LFW + CelebA), so that views are warped there: on a GPU the
         CPU would otherwise spend longer drawing a batch than the GPU spends training on it."""
-        return replace(self, images=torch.as_tensor(np.asarray(self.images)).to(device))
+        images = self.images
+        if not isinstance(images, torch.Tensor):  # (a read-only memmap of the decoded-photo cache, usually)
+            images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+        return replace(self, images=images.to(device))
 
     def draw(self, idx: np.ndarray, resolution: int, augment: ViewAugment, gen: torch.Generator):
         if isinstance(self.images, torch.Tensor):

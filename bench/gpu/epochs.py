@@ -13,7 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from training.config import load_config  # noqa: E402
+from training.config import load_config
+
+CHECKPOINT = 0.2  # s: ~14 MB of weights and optimiser state, with margin
 
 run, log, wall, left = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 per_epoch = int(Path(sys.argv[5]).read_text())
@@ -26,7 +28,7 @@ t_step = float(value) if unit == "s/batch" else 1 / float(value)
 t_val = max(0.5, (second - first) - int(steps) * t_step)
 warm_up = max(0.0, first - (second - first))
 fixed = wall - second  # start-up, loading, and the finish (cohort + calibration)
-epoch = per_epoch * t_step + t_val / val_every
+epoch = per_epoch * t_step + t_val / val_every + CHECKPOINT  # the checkpoint is written every epoch
 epochs = int((left - fixed - warm_up) / (epoch * 1.08))
 estimate = {"t_step": t_step, "t_val": t_val, "warm_up": warm_up, "fixed": fixed, "epoch": epoch,
             "steps_per_epoch": per_epoch, "val_every": val_every, "left": left, "epochs": epochs}

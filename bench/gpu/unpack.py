@@ -3,7 +3,6 @@ photos cache, the teacher centring and chip framings), under $VISAGE_WORK_DIR an
 
 from __future__ import annotations
 
-import hashlib
 import io
 import lzma
 import os
@@ -23,22 +22,21 @@ def decode(b: bytes) -> np.ndarray:
 
 
 def crop(item: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """The aligned crop ``visage prepare`` made, from the photo and the landmarks it recorded."""
-    from model.align import CROP_SIZE, align_face
-    from training.prepare import _pad
+    """The aligned crop ``visage prepare`` made (at its default pad), from the photo and the recorded landmarks."""
+    from training.prepare import crop_from_source
 
     image, marks = item
-    canvas, ox, oy = _pad(Image.fromarray(image), 0.28)
-    return align_face(canvas, marks + np.array([ox, oy]), CROP_SIZE)
+    return crop_from_source(Image.fromarray(image), marks)
 
 
 def main() -> None:
     from training.config import load_config
-    from training.data import _parse_landmarks
-    from training.loop import load_split
+    from training.data import _parse_landmarks, sources_cache_path
+    from training.loop import CHIPS_CACHE, SOURCES_CACHE, load_split
     from training.paths import shared_data, work_dir
     from training.prepare import read_manifest
     from training.sampler import PKSampler
+    from training.teacher import save_chip_matrices
 
     t0, work, shared = time.time(), work_dir(), shared_data()
     cfg = load_config(CONFIG, [])
@@ -66,15 +64,15 @@ def main() -> None:
                  desc=z["desc"].astype(np.float32), desc_flip=z["desc_flip"].astype(np.float32))
     split = load_split(cfg, need_teacher=True)
     train = [(i.split("/")[0], s) for i, s in zip(split.train.identities, split.train.sources, strict=True)]
-    # the caches training.data.load_sources and training.teacher.teacher_chip_matrices would have written
-    key = hashlib.sha256("".join(split.train.sha256).encode()).hexdigest()[:16]
-    (work / "cache").mkdir(parents=True, exist_ok=True)
-    np.save(work / "cache" / f"sources-{key}.npy", np.stack([images[where[k]] for k in train]))
+    # the caches training.loop.load_views reads (load_sources, teacher_chip_matrices), as they would write them
+    photos = sources_cache_path(split.train.sha256, work / SOURCES_CACHE)
+    photos.parent.mkdir(parents=True, exist_ok=True)
+    np.save(photos, np.stack([images[where[k]] for k in train]))
     chips = np.load(PAYLOAD / "train_chips.npy")
     if len(chips) != len(train):
         raise SystemExit(f"payload holds {len(chips)} chip framings for {len(train)} training photos")
     paths = [str((shared / cfg.sources[ns] / s).resolve()) for ns, s in train]
-    np.savez(work / "cache" / "teacher_chips.npz", keys=np.array(paths), matrices=chips)
+    save_chip_matrices(work / CHIPS_CACHE, paths, chips)
     (work / "steps_per_epoch").write_text(str(len(PKSampler(split.train.labels, cfg.p, cfg.k))))
     print(f"unpacked {len(images)} photos: {len(train)} training, {len(split.val.crops)} held out, "
           f"{time.time() - t0:.0f} s", flush=True)
