@@ -175,7 +175,7 @@ def test_the_students_view_warped_into_the_chip_frame_still_shows_the_teacher_th
     assert np.linalg.norm(teacher_of(wrong) - ref, axis=1).mean() > 0.2
 
 
-@pytest.mark.parametrize("augment", [ViewAugment(), ViewAugment(mixup=0.5, cutmix=0.5, occlude=0.5)],
+@pytest.mark.parametrize("augment", [ViewAugment(), ViewAugment(mixup=0.5, cutmix=0.5, occlude=0.5, degrade=0.5)],
                          ids=["plain", "blends"])
 def test_views_drawn_from_photos_on_a_device_are_the_same_views(setup, augment):
     """``ViewSource.to`` moves the photos (to a GPU in training); the batch must not change. The "meta" device
@@ -202,3 +202,27 @@ def test_crop_from_source_rebuilds_the_crop_prepare_wrote(setup):
     for i in range(len(faces)):
         rebuilt = crop_from_source(Image.fromarray(np.asarray(views.images[i])), faces.landmarks[i]).astype(float)
         assert np.abs(rebuilt - faces.crops[i]).mean() < 0.1  # a 0.5 px shift: > 3; no pad: up to 0.17
+
+
+def detail(x: torch.Tensor) -> torch.Tensor:
+    """Per-image energy of the horizontal and vertical pixel differences: what blurring removes."""
+    return (x.diff(dim=-1) ** 2).mean(dim=(1, 2, 3)) + (x.diff(dim=-2) ** 2).mean(dim=(1, 2, 3))
+
+
+def test_degrade_blurs_the_same_photos_in_both_views(setup):
+    """``degrade`` resamples a sample's photo through a smaller size before both warps: the student's view and the
+    teacher's chip lose detail together, and the samples it leaves alone are exactly the plain views."""
+    _, views, ref, _ = setup
+    idx = np.arange(12)
+    plain_x, plain_chips, _ = views.draw(idx, 112, STILL, torch.Generator().manual_seed(5))
+    half = ViewAugment(STILL.base, degrade=0.5, degrade_scale=(0.4, 0.4))
+    x, chips, mixed = views.draw(idx, 112, half, torch.Generator().manual_seed(5))
+    hit = (x - plain_x).abs().mean(dim=(1, 2, 3)) > 1e-4
+    assert 0 < int(hit.sum()) < 12 and not mixed.any()  # the identity is kept: not a blend
+    assert torch.equal(hit, (chips - plain_chips).abs().mean(dim=(1, 2, 3)) > 1e-3)
+    for view, plain in ((x, plain_x), (chips, plain_chips)):
+        ratio = detail(view[hit]) / detail(plain[hit])
+        assert (ratio < 0.9).all() and ratio.mean() < 0.65
+    assert torch.equal(x[~hit], plain_x[~hit]) and torch.equal(chips[~hit], plain_chips[~hit])
+    # still the same person to the teacher
+    assert cosine(teacher_of(chips[hit]), ref[hit.numpy()]).mean() > 0.85

@@ -29,6 +29,7 @@ class TrainConfig:
     mixup: float = 0.0  # online only: fraction of samples blended with another (the teacher describes the blend)
     cutmix: float = 0.0  # online only: fraction of the rest given a rectangle of another aligned face (views.py)
     occlude: float = 0.0  # online only: fraction of all samples with a one-colour rectangle over part of the face
+    degrade: float = 0.0  # online only: fraction of all samples whose photo is blurred (resampled at 35-100 %)
     augment_geometry: float = 1.0  # multiplies the rotation (8 deg), scale (8 %) and shift (6 %) ranges
     # model
     backbone: str = "mobilenet_v1"
@@ -100,7 +101,7 @@ class TrainConfig:
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")
         if self.teacher_mode not in ("cached", "online"):
             raise ValueError(f"teacher_mode must be cached or online, got {self.teacher_mode!r}")
-        for name in ("mixup", "cutmix", "occlude"):
+        for name in ("mixup", "cutmix", "occlude", "degrade"):
             share = getattr(self, name)
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "

@@ -307,7 +307,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         if device.type != "cpu":
             views = views.to(device)
         teacher_net = load_teacher_net(device)
-        view_augment = ViewAugment(augment, mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude)
+        view_augment = ViewAugment(augment, mixup=cfg.mixup, cutmix=cfg.cutmix, occlude=cfg.occlude,
+                                   degrade=cfg.degrade)
         centre = centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")

@@ -74,6 +74,23 @@ class ViewAugment:
     cutmix_area: tuple[float, float] = (0.15, 0.5)  # the rectangle's share of the crop, drawn uniformly
     occlude: float = 0.0  # fraction of all samples with a rectangle of one random colour (identity kept)
     occlude_area: tuple[float, float] = (0.05, 0.3)
+    degrade: float = 0.0  # fraction of all samples whose photo is downscaled and upscaled back before both warps
+    degrade_scale: tuple[float, float] = (0.35, 1.0)  # the downscale factor, drawn uniformly
+
+    def degraded(self, src: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """``src`` (n, 3, H, W) with a share ``degrade`` of its photos resampled through a smaller size: a blurred,
+        low-resolution photo, as many of LFW's are. Before the warps, so the teacher sees the same loss of detail."""
+        if self.degrade <= 0:  # (no draw otherwise: runs without it keep their random stream)
+            return src
+        n, size = src.shape[0], src.shape[-2:]
+        lo, hi = self.degrade_scale
+        chosen = (torch.rand(n, generator=gen) < self.degrade).nonzero()[:, 0].tolist()
+        factors = (lo + torch.rand(n, generator=gen) * (hi - lo)).tolist()
+        out = src.clone()
+        for i in chosen:
+            small = F.interpolate(src[i:i + 1], scale_factor=factors[i], mode="bilinear", antialias=True)
+            out[i:i + 1] = F.interpolate(small, size=size, mode="bilinear")
+        return out
 
     def rectangles(self, n: int, gen: torch.Generator, area: tuple[float, float] | None = None) -> np.ndarray:
         """(n, 112, 112) masks, 1 inside a random rectangle of the augmented crop (aspect 1:2 to 2:1, clipped),
@@ -148,6 +165,7 @@ def draw_views(
     src = images.permute(0, 3, 1, 2).float()
     dev = src.device
     src = colour_jitter(src, augment.base.colour, augment.base.grey, gen, unit=STD).clamp_(0, 255) - GREY
+    src = augment.degraded(src, gen)
     g = augment.geometry(n, gen)
     view_to_crop = np.linalg.inv(crop_to_view(resolution))
     chip_crop = chip_to_crop(student, teacher)
