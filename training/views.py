@@ -158,7 +158,8 @@ def draw_views(
     teacher chips in 0..255, bool mask of mixed samples, on the CPU).
 
     The views are computed where ``images`` lives (a tensor on a GPU: ``ViewSource.to``). The random draws
-    always come from ``gen`` on the CPU, so a batch is the same on either device."""
+    always come from ``gen`` on the CPU, so a batch has the same draws on either device (its values agree up to
+    floating-point rounding)."""
     n = len(images)
     if not isinstance(images, torch.Tensor):
         images = torch.as_tensor(np.require(images, requirements=["C", "W"]))
