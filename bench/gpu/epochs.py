@@ -13,13 +13,15 @@ import re
 import sys
 from pathlib import Path
 
+from payload import CONFIG
+
 from training.config import load_config
 
 CHECKPOINT = 0.2  # s: ~14 MB of weights and optimiser state, with margin
 
 run, log, wall, left = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 per_epoch = int(Path(sys.argv[5]).read_text())
-val_every = load_config("training/configs/gpu.toml", [a for a in sys.argv[6:] if "=" in a]).val_every
+val_every = load_config(CONFIG, [a for a in sys.argv[6:] if "=" in a]).val_every
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 first, second = records[0]["seconds"], records[1]["seconds"]
 bars = re.findall(r"(\d+)/(\d+) \[[^\]]*?([\d.]+)(s/batch|batch/s)", log.read_text(errors="replace"))

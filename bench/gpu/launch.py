@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
+from payload import PAYLOAD
 
 import training.loop
 from model.console import main
@@ -15,7 +15,7 @@ from training.dlib_resnet import DlibResNet
 
 def load_teacher_net(device: torch.device) -> torch.nn.Module:
     net = DlibResNet()
-    state = torch.load(Path(__file__).resolve().parents[2] / ".gpu" / "payload" / "teacher16.pt")
+    state = torch.load(PAYLOAD / "teacher16.pt")
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return net.eval().to(device, memory_format=torch.channels_last).requires_grad_(False)
 

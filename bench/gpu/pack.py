@@ -19,10 +19,10 @@ import io
 import lzma
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
+from payload import CONFIG, PAYLOAD
 from PIL import Image
 
 from training.config import load_config
@@ -31,8 +31,7 @@ from training.paths import shared_data, work_dir
 from training.prepare import read_manifest
 from training.teacher import teacher_network
 
-CONFIG = "training/configs/gpu.toml"
-OUT = Path(".gpu/payload")
+OUT = PAYLOAD
 VAL_QUALITY = 50
 
 

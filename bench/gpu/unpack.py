@@ -8,13 +8,10 @@ import lzma
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
+from payload import CONFIG, PAYLOAD
 from PIL import Image
-
-PAYLOAD = Path(".gpu/payload")
-CONFIG = "training/configs/gpu.toml"
 
 
 def decode(b: bytes) -> np.ndarray:

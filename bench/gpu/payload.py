@@ -1,0 +1,6 @@
+"""Where the GPU run's payload lives and which recipe it is packed for: one place for pack, unpack, launch, epochs."""
+
+from pathlib import Path
+
+PAYLOAD = Path(__file__).resolve().parents[2] / ".gpu" / "payload"  # git-ignored; carried to the device
+CONFIG = "training/configs/gpu.toml"
