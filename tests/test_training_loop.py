@@ -112,3 +112,27 @@ def test_geometry_scaled_widens_rotation_scale_and_shift_only():
         (2 * base.max_rotate_deg, 2 * base.max_scale, 2 * base.max_shift))
     assert (wide.flip, wide.colour, wide.grey) == (base.flip, base.colour, base.grey)
     assert geometry_scaled(base, 1.0) == base
+
+
+def test_weight_average_is_an_exponential_moving_average_of_weights_and_bn_statistics():
+    from training.loop import weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = weight_average(net, 0.75)
+    history = []
+    for value in (1.0, 2.0, 4.0):  # the first update copies, each later one moves a quarter of the way
+        with torch.no_grad():
+            net[0].weight.fill_(value)
+            net[1].running_mean.fill_(-value)
+        ema.update_parameters(net)
+        history.append((ema.module[0].weight.detach()[0, 0].item(), ema.module[1].running_mean[0].item()))
+    assert history == [(1.0, -1.0), (1.25, -1.25), (1.9375, -1.9375)]
+    assert float(net[0].weight[0, 0]) == 4.0  # the trained network itself is untouched
+
+
+def test_ema_must_be_a_decay_below_one():
+    for bad in (1.0, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="ema"):
+            TrainConfig(ema=bad).validate()
+    TrainConfig(ema=0.999).validate()

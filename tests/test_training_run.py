@@ -171,6 +171,27 @@ def test_val_every_validates_every_nth_epoch_and_after_the_last(work):
     assert all("seconds" in h and "loss" in h for h in history) and (run / "training.png").exists()
 
 
+def test_ema_validates_and_ships_the_weight_average_and_keeps_it_across_resume(work):
+    import torch
+
+    root, _, pairs = work
+    run = root / "ema"
+    cfg = config(pairs, 1)
+    cfg.ema = 0.5
+    train(cfg, run, progress=False, max_steps=2)
+    first = torch.load(run / "last.pt", weights_only=False)
+    assert int(first["ema"]["n_averaged"]) == 2
+    cfg.epochs = 2
+    bundle = load_bundle(train(cfg, run, resume=True, progress=False, max_steps=2))
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert int(ckpt["ema"]["n_averaged"]) == 4  # the average continued from the checkpoint, not from a copy
+    average = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
+    weights = [k for k in bundle.state_dict if "num_batches" not in k]
+    assert all(torch.equal(bundle.state_dict[k], average[k]) for k in weights)
+    assert not all(torch.equal(bundle.state_dict[k], ckpt["model"][k]) for k in weights)  # not the last step's
+    assert load_bundle(export_checkpoint(run)).weights_digest() == bundle.weights_digest()
+
+
 def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
     """``init_weights`` loads the weights only: a fresh schedule from epoch 1, and the first epoch starts from the
     given network, not a random one (with lr 0 the fine-tuned weights are the initial ones, exactly)."""

@@ -64,6 +64,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
+    # exponential moving average of the weights (and BN statistics), updated every step with this decay; 0: off.
+    # Validation and the bundle use the average: a cheap, within-run version of the soups in docs/TRAINING.md
+    ema: float = 0.0
     seed: int = 0
     threads: int = 0  # 0: torch's default
     # validate on the held-out pairs every this many epochs (and after the last): on a GPU one validation (CPU
@@ -112,6 +115,8 @@ class TrainConfig:
         check_shift(self.test_time_shift, self.resolution, "test_time_shift")
         if isinstance(self.val_every, bool) or not isinstance(self.val_every, int) or self.val_every < 1:
             raise ValueError(f"val_every must be a whole number of epochs >= 1, got {self.val_every!r}")
+        if isinstance(self.ema, bool) or not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {self.ema!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 
