@@ -128,7 +128,7 @@ def test_weight_average_is_an_exponential_moving_average_of_weights_and_bn_stati
         ema.update_parameters(net)
         history.append((ema.module[0].weight.detach()[0, 0].item(), ema.module[1].running_mean[0].item()))
     assert history == [(1.0, -1.0), (1.25, -1.25), (1.9375, -1.9375)]
-    assert float(net[0].weight[0, 0]) == 4.0  # the trained network itself is untouched
+    assert net[0].weight.detach()[0, 0].item() == 4.0  # the trained network itself is untouched
 
 
 def test_ema_must_be_a_decay_below_one():
