@@ -49,22 +49,27 @@ def monkeypatch_module():
     mp.undo()
 
 
-def config(pairs: Path, epochs: int):
+def config(pairs: Path, epochs: int, *overrides: str):
     return load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]",
-                              "p=2", "k=2", f"epochs={epochs}", "threads=1"])
+                              "p=2", "k=2", f"epochs={epochs}", "threads=1", *overrides])
+
+
+def metrics(run: Path) -> list[dict]:
+    """The run's metrics.jsonl, one record an epoch."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     root, src, pairs = work
     run = root / "run"
     train(config(pairs, 1), run, progress=False, max_steps=2)
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = metrics(run)
     assert [h["epoch"] for h in history] == [1]
     assert {"distill", "triplet", "active", "loss", "val_accuracy", "val_auc"} <= set(history[0])
     assert (run / "training.png").stat().st_size > 10_000 and (run / "last.pt").exists()
 
     out = train(config(pairs, 2), run, resume=True, progress=False, max_steps=2)  # continues at epoch 2
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = metrics(run)
     assert [h["epoch"] for h in history] == [1, 2]
     bundle = load_bundle(out)
     meta = bundle.metadata
@@ -163,10 +168,8 @@ def test_calibrate_embeds_the_cohort_as_the_bundle_serves_and_keeps_its_views(wo
 def test_val_every_validates_every_nth_epoch_and_after_the_last(work):
     root, _, pairs = work
     run = root / "sparse"
-    cfg = config(pairs, 3)
-    cfg.val_every = 2
-    train(cfg, run, progress=False, max_steps=1)
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train(config(pairs, 3, "val_every=2"), run, progress=False, max_steps=1)
+    history = metrics(run)
     assert [("val_accuracy" in h, "val_auc" in h) for h in history] == [(False, False), (True, True), (True, True)]
     assert all("seconds" in h and "loss" in h for h in history) and (run / "training.png").exists()
 
@@ -176,13 +179,10 @@ def test_ema_validates_and_ships_the_weight_average_and_keeps_it_across_resume(w
 
     root, _, pairs = work
     run = root / "ema"
-    cfg = config(pairs, 1)
-    cfg.ema = 0.5
-    train(cfg, run, progress=False, max_steps=2)
+    train(config(pairs, 1, "ema=0.5"), run, progress=False, max_steps=2)
     first = torch.load(run / "last.pt", weights_only=False)
     assert int(first["ema"]["n_averaged"]) == 2
-    cfg.epochs = 2
-    bundle = load_bundle(train(cfg, run, resume=True, progress=False, max_steps=2))
+    bundle = load_bundle(train(config(pairs, 2, "ema=0.5"), run, resume=True, progress=False, max_steps=2))
     ckpt = torch.load(run / "last.pt", weights_only=False)
     assert int(ckpt["ema"]["n_averaged"]) == 4  # the average continued from the checkpoint, not from a copy
     average = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k != "n_averaged"}
@@ -209,7 +209,7 @@ def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
         assert all(torch.equal(state[k], bundle.state_dict[k]) for k in bundle.state_dict)
         run = root / f"fine-{source.stem}"
         tuned = load_bundle(train(cfg, run, progress=False, max_steps=1))
-        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+        assert [h["epoch"] for h in metrics(run)] == [1]
         weights = [k for k in bundle.state_dict if "running" not in k and "num_batches" not in k]
         assert all(torch.equal(tuned.state_dict[k], bundle.state_dict[k]) for k in weights)
 
@@ -235,7 +235,7 @@ def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(wor
     monkeypatch.setattr(loop, "ViewAugment", lambda base, **kw: augments.append(base) or ViewAugment(base, **kw))
     bundle = load_bundle(train(cfg, run, progress=False, max_steps=2))
     assert augments[0].max_rotate_deg == 2 * Augment().max_rotate_deg  # augment_geometry=2 reaches the views
-    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    record = metrics(run)[0]
     assert {"distill", "relation", "proxy", "triplet", "loss", "val_accuracy"} <= set(record)
     # every term enters the loss with its weight (per-step means of a linear sum)
     assert record["loss"] == pytest.approx(
@@ -275,7 +275,7 @@ def test_torchrun_trains_with_the_same_command_on_two_cpu_processes(work):
          "teacher_cache=ddp_teacher_cache.npz"],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = metrics(run)
     assert [h["epoch"] for h in history] == [1, 2]  # one line per epoch: only rank 0 writes
     bundle = load_bundle(run / "bundle.pt")
     assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
