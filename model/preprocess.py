@@ -9,10 +9,17 @@ from torch.nn import functional as F
 MEAN, STD = 127.5, 128.0
 
 
+def as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor of ``images`` as they are (no copy unless needed). Arrays may be read-only views (aligned crops,
+    memory-mapped caches), and torch needs writable, contiguous memory: those are copied."""
+    if isinstance(images, torch.Tensor):
+        return images
+    return torch.from_numpy(np.require(images, requirements=["C", "W"]))
+
+
 def crops_to_tensor(crops: np.ndarray | torch.Tensor, resolution: int) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, resolution, resolution) float in about [-1, 1]."""
-    # crops may be read-only views (aligned crops, memory-mapped caches): torch needs writable memory
-    x = torch.as_tensor(np.require(crops, requirements=["C", "W"]) if isinstance(crops, np.ndarray) else crops)
+    x = as_tensor(crops)
     if x.ndim == 3:
         x = x.unsqueeze(0)
     x = x.permute(0, 3, 1, 2).float().sub_(MEAN).div_(STD)

@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from model.align import CROP_SIZE, similarity_to_template
-from model.preprocess import MEAN, STD
+from model.preprocess import MEAN, STD, as_tensor
 from training.data import Augment, colour_jitter
 from training.dlib_resnet import CHIP_SIZE
 
@@ -161,9 +161,7 @@ def draw_views(
     always come from ``gen`` on the CPU, so a batch has the same draws on either device (its values agree up to
     floating-point rounding)."""
     n = len(images)
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(np.require(images, requirements=["C", "W"]))
-    src = images.permute(0, 3, 1, 2).float()
+    src = as_tensor(images).permute(0, 3, 1, 2).float()
     dev = src.device
     src = colour_jitter(src, augment.base.colour, augment.base.grey, gen, unit=STD).clamp_(0, 255) - GREY
     src = augment.degraded(src, gen)
@@ -226,10 +224,8 @@ class ViewSource:
     def to(self, device: torch.device) -> ViewSource:
         """The photos moved to ``device`` (~1 GB for LFW + CelebA), so that views are warped there: on a GPU the
         CPU would otherwise spend longer drawing a batch than the GPU spends training on it."""
-        images = self.images
-        if not isinstance(images, torch.Tensor):  # (a read-only memmap of the decoded-photo cache, usually)
-            images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
-        return replace(self, images=images.to(device))
+        # (the photos are usually a read-only memmap of the decoded-photo cache)
+        return replace(self, images=as_tensor(self.images).to(device))
 
     def draw(self, idx: np.ndarray, resolution: int, augment: ViewAugment, gen: torch.Generator):
         if isinstance(self.images, torch.Tensor):
