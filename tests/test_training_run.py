@@ -261,6 +261,28 @@ def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(wor
             load_config(None, [blend])
 
 
+def test_feature_hints_train_a_regressor_beside_the_student_that_resumes_and_is_not_shipped(work):
+    """w_hint: the student's 7x7 map regresses the teacher's mid-level map; the loss enters with its weight, the
+    regressor is checkpointed for --resume and left out of the bundle. Refused without the online teacher."""
+    import torch
+
+    root, src, pairs = work
+    run = root / "hint"
+    overrides = ("teacher_mode=online", f'sources={{lfw = "{src}"}}', "mixup=0.5", "w_hint=2")
+    train(config(pairs, 1, *overrides), run, progress=False, max_steps=2)
+    record = metrics(run)[0]
+    assert 0.0 < record["hint"] < 4.0  # 2 - 2 cos per cell
+    assert record["loss"] == pytest.approx(record["distill"] + record["triplet"] + 2 * record["hint"], rel=1e-4)
+    first = torch.load(run / "last.pt", weights_only=False)["hint"]
+    bundle = load_bundle(train(config(pairs, 2, *overrides), run, resume=True, progress=False, max_steps=2))
+    second = torch.load(run / "last.pt", weights_only=False)["hint"]
+    assert int(second["proj.1.num_batches_tracked"]) == 2 * int(first["proj.1.num_batches_tracked"])
+    assert not any(k.startswith("proj") for k in bundle.state_dict)
+    for refused in (["w_hint=1"], ["w_hint=1", "teacher_mode=online", "backbone=mobilenet_v2"], ["w_hint=-1"]):
+        with pytest.raises(ValueError, match="w_hint"):
+            load_config(None, refused)
+
+
 def test_torchrun_trains_with_the_same_command_on_two_cpu_processes(work):
     """DistributedDataParallel through torchrun (gloo on CPU, as NCCL on GPUs) with gpu.toml's recipe (online
     teacher, blends): two ranks share the batches, rank 0 alone writes the caches and validates, checkpoints and

@@ -47,6 +47,8 @@ class TrainConfig:
     w_relation: float = 0.0  # the teacher's pairwise cosines in the batch (losses.similarity_distillation_loss)
     # margin softmax against every identity's teacher centroid (losses.proxy_margin_loss); unblended samples only
     w_proxy: float = 0.0
+    # online only: the student's 7x7 map regresses the teacher's mid-level map cell by cell (training/hints.py)
+    w_hint: float = 0.0
     proxy_scale: float = 30.0
     proxy_margin: float = 0.2
     # scoring (model/score_norm.py): the bundle carries a cohort of this many training faces' embeddings, and a
@@ -99,6 +101,9 @@ class TrainConfig:
             raise ValueError("proxy_scale must be > 0 and proxy_margin in [0, 1)")
         if self.w_proxy > 0 and not self.teacher_center:
             raise ValueError("w_proxy needs teacher_center: raw dlib descriptors point almost the same way")
+        if self.w_hint < 0 or (self.w_hint and (self.teacher_mode != "online" or self.backbone != "mobilenet_v1")):
+            raise ValueError("w_hint must be >= 0 and needs teacher_mode=online and backbone mobilenet_v1 (the "
+                             "teacher's map is read on the view the student sees, at a MobileNet v1 layer)")
         if not (isinstance(self.val_folds, list) and self.val_folds
                 and all(isinstance(f, int) and f >= 1 for f in self.val_folds)):
             raise ValueError(f"val_folds must be a non-empty list of 1-based fold numbers, got {self.val_folds!r}")

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from model.tta import version_suffix
 from training.config import TrainConfig
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
+from training.hints import STUDENT_LAYER, TEACHER_BLOCK, TEACHER_CHANNELS, HintHead, hint_loss, tapped, teacher_grid
 from training.losses import (
     distillation_loss,
     proxy_margin_loss,
@@ -235,7 +237,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for key in ("loss", "distill", "triplet", "proxy"):
+    for key in ("loss", "distill", "triplet", "proxy", "hint"):
         if any(key in h for h in history):
             a.plot(ep, [h.get(key, np.nan) for h in history], label=key)
     a.set_xlabel("epoch"), a.set_title("training loss"), a.legend(), a.grid(alpha=0.3)
@@ -267,8 +269,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    hint = hint_net = None
+    if cfg.w_hint > 0:  # a regressor that trains beside the student and is not shipped
+        hint = HintHead(model.body.features[STUDENT_LAYER].pointwise[0].out_channels, TEACHER_CHANNELS).to(device)
+        hint_net = nn.parallel.DistributedDataParallel(hint) if world > 1 else hint
+    trained = [*model.parameters(), *(hint.parameters() if hint is not None else ())]
+    params = [{"params": [p for p in trained if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0}]
     opt = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.optimizer == "adamw"
            else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True))
     steps_per_epoch = len(sampler) // world
@@ -285,6 +292,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
+        if hint is not None:
+            hint.load_state_dict(ckpt["hint"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
     served = ema.module if ema is not None else model  # what validation sees and the bundle holds
@@ -329,13 +338,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             mixed = torch.zeros(len(idx), dtype=torch.bool)
             if views is not None:
                 x, chips, mixed = views.draw(idx, cfg.resolution, view_augment, gen)
-                with torch.no_grad():  # full precision: the targets' small differences are the signal
+                teacher_tap = tapped(teacher_net.blocks[TEACHER_BLOCK]) if hint is not None else nullcontext([])
+                # full precision: the targets' small differences are the signal
+                with torch.no_grad(), teacher_tap as teacher_maps:
                     online_target = teacher_net(chips.to(device, memory_format=torch.channels_last)).float() - centre
             else:
                 x, flipped = augment(crops[idx], cfg.resolution, gen)
             x = x.to(device, memory_format=memory_format)
             labels = labels_all[idx].to(device)
-            with autocast:
+            student_tap = tapped(model.body.features[STUDENT_LAYER]) if hint is not None else nullcontext([])
+            with autocast, student_tap as student_maps:
                 emb = net(x).float()
             loss = emb.sum() * 0.0
             stats = {}
@@ -352,6 +364,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 r = similarity_distillation_loss(emb, target)
                 loss = loss + cfg.w_relation * r
                 stats["relation"] = float(r.detach())
+            if hint is not None:
+                grid = teacher_grid(views.student[idx], views.teacher[idx], cfg.resolution,
+                                    student_maps[0].shape[-1], teacher_maps[0].shape[-1])
+                with autocast:
+                    projected = hint_net(student_maps[0])
+                h = hint_loss(projected, teacher_maps[0], grid)
+                loss = loss + cfg.w_hint * h
+                stats["hint"] = float(h.detach())
             pure = ~mixed.to(device)  # a blend has no single identity: the label terms use the unblended samples
             if cfg.w_proxy > 0:
                 c = proxy_margin_loss(emb[pure], labels[pure], proxies, cfg.proxy_scale, cfg.proxy_margin)
@@ -384,6 +404,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 fh.write(json.dumps(record) + "\n")
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         **({"ema": ema.state_dict()} if ema is not None else {}),
+                        **({"hint": hint.state_dict()} if hint is not None else {}),
                         "epoch": epoch, "history": history, "config": cfg.to_dict()}, run_dir / "last.pt.tmp")
             (run_dir / "last.pt.tmp").replace(ckpt_path)
             if validating:  # (a plot takes ~0.15 s here: 7 % of an epoch on the H200)
