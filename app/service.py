@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,10 @@ def subject_ref(name: str | None = None, subject_id: int | None = None) -> Subje
 
 
 def clean_name(name: str) -> str:
-    name = name.strip()
-    if not name or len(name) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in name):
+    """A subject name as stored: NFC (one spelling of "José", however it was typed), trimmed, and printable
+    (no control, format or invisible characters: a right-to-left override or a zero-width space names nobody)."""
+    name = unicodedata.normalize("NFC", name).strip()
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
         raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} printable characters")
     return name
 
@@ -210,9 +213,19 @@ class FaceService:
         selector2: FaceSelector,
         threshold: Threshold,
     ) -> CompareResult:
-        a, b = self.one_face(data1, selector1), self.one_face(data2, selector2)
+        a, b = (self._nth_face(n, data, selector) for n, data, selector in ((1, data1, selector1),
+                                                                            (2, data2, selector2)))
         similarity = self.pipeline.embedder.bundle.scorer.score(a.embedding, b.embedding)
         return CompareResult(similarity >= threshold.value, similarity, threshold, a, b)
+
+    def _nth_face(self, n: int, data: bytes, selector: FaceSelector) -> Face:
+        """``one_face`` of the n-th of several uploads, its errors prefixed with which one it was."""
+        try:
+            return self.one_face(data, selector)
+        except VisageError as err:
+            err.detail = f"image{n}: {err.detail}"
+            err.args = (err.detail,)
+            raise
 
     def reindex(self, progress: Callable[[int, int], None] | None = None) -> ReindexReport:
         """Re-embed every face stored under another model version from its stored original image.

@@ -26,6 +26,7 @@ import numpy as np
 from app.errors import FaceNotFound, NameTaken, SubjectNotFound
 
 SCHEMA_VERSION = "1"
+MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
 BUSY_TIMEOUT_S = 30.0
 _CHUNK = 900  # bound on "?" parameters per statement
 

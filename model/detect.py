@@ -80,6 +80,8 @@ class FaceDetector:
         for size, idx in groups.items():
             scale = min(1.0, self.config.max_side / max(size))
             small = [self._downscale(images[i], scale) for i in idx]
+            if min(small[0].size) < self.config.min_face_size:
+                continue  # no face that small is looked for (MTCNN's pyramid would be empty: it raises)
             arr = np.stack([np.asarray(im, dtype=np.uint8) for im in small])
             with torch.inference_mode():
                 boxes, probs, points = self._mtcnn.detect(arr, landmarks=True)

@@ -147,11 +147,37 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
              "bad_parameter"),
             (client.patch("/subjects/1", json={"nickname": "x"}), 422, "bad_parameter"),
             (client.delete("/subjects/1/faces/999"), 404, "face_not_found"),
+            # ids past SQLite's signed 64-bit integers name no row: refused before the database sees them
+            (client.post("/verify", files={"image": jpeg}, data={"subject_id": str(2**63)}), 422, "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}, data={"subject_id": str(10**25)}), 422, "bad_parameter"),
+            (client.get(f"/subjects/{2**63}"), 422, "bad_parameter"),
+            (client.delete(f"/subjects/{2**63}"), 422, "bad_parameter"),
+            (client.delete(f"/subjects/1/faces/{10**20}"), 422, "bad_parameter"),
+            (client.get("/subjects", params={"offset": 10**20}), 422, "bad_parameter"),
+            (client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "nan"}), 422,
+             "bad_parameter"),
+            (client.post("/enroll", files={"image": jpeg}, data={"subject": "a", "metadata": '{"n": NaN}'}), 422,
+             "bad_parameter"),
+            *((client.post("/enroll", files={"image": jpeg}, data={"subject": name}), 422, "bad_parameter")
+              for name in ("zero\x7fdel", "a\u202eb", "\u200b")),  # control, format, invisible-only
             (client.get("/no/such/route"), 404, "not_found"),
             (client.put("/enroll"), 405, "method_not_allowed"),
         ]
         for response, status, code in cases:
             is_error(response, status, code)
+        nan = client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "inf"})
+        assert "finite" in nan.json()["detail"]
+        which = client.post("/compare", files={"image1": png(RED), "image2": png()})
+        is_error(which, 422, "no_face_found")
+        assert which.json()["detail"].startswith("image2: ")
+        assert client.get("/subjects", params={"offset": 2**63 - 1}).json()["items"] == []
+
+
+def test_a_name_has_one_spelling_however_it_was_typed(client):
+    composed, decomposed = "Jos\u00e9", "Jose\u0301"  # the same name: an accented letter, or e + an accent
+    first = enroll(client, png(RED), subject=decomposed)
+    assert first["subject"]["name"] == composed
+    assert enroll(client, png(BLUE), subject=composed)["subject"]["id"] == first["subject"]["id"]
 
 
 def test_api_key_is_required_except_on_health(tmp_path):

@@ -126,9 +126,11 @@ def test_identify_both_in_the_group_photo(api):
 
 
 def test_every_bad_input_gets_a_4xx_json_error(server, api):
-    pcx = io.BytesIO()
+    pcx, thin = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (64, 64)).save(pcx, "PCX")
+    Image.new("RGB", (1280, 19)).save(thin, "PNG")  # too small for any face MTCNN looks for
     cases = [
+        (post_image(api, "/identify", thin.getvalue()), 422, "no_face_found"),
         (post_image(api, "/enroll", read("edge/bad/truncated.jpg"), subject="x"), 400, "unreadable_image"),
         (post_image(api, "/enroll", read("edge/bad/not_an_image.jpg"), subject="x"), 400, "unreadable_image"),
         (post_image(api, "/enroll", read("edge/bad/empty.jpg"), subject="x"), 400, "empty_image"),

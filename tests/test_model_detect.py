@@ -80,6 +80,16 @@ def test_large_photo_boxes_come_back_in_original_coordinates(detector):
     np.testing.assert_allclose(big.landmarks, small.landmarks * scale, atol=0.02 * big.width)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (5, 5), (300, 19), (1280, 19), (1, 20000), (20000, 1)])
+def test_images_too_small_to_hold_a_face_have_none(detector, size):
+    """Below MTCNN's smallest face (20 px, counted after large photos are shrunk to 1280 px) its image pyramid is
+    empty and facenet-pytorch raises: these images simply hold no face."""
+    from PIL import Image
+
+    assert detector.detect(Image.new("RGB", size, (128, 128, 128))) == []
+    assert detector.detect_batch([Image.new("RGB", size), read_image_file(str(photo("obama.jpg")))])[0] == []
+
+
 def test_batch_detection_matches_one_by_one_and_keeps_the_order(detector):
     rels = ["edge/obama_grey.jpg", "edge/obama_tiny_face.jpg", "nonface/coffee.jpg", "edge/obama.webp"]
     images = [read_image_file(str(photo(r))) for r in rels]

@@ -19,6 +19,7 @@ from app.api.schemas import (
 )
 from app.gallery import Gallery
 from app.service import clean_name
+from app.store import MAX_ROW_ID
 
 router = APIRouter(
     prefix="/subjects",
@@ -31,7 +32,7 @@ router = APIRouter(
         503: {"model": ErrorResponse, "description": "still loading"},
     },
 )
-SubjectId = Annotated[int, Path(ge=1, description="subject id")]
+SubjectId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="subject id")]
 
 
 def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
@@ -46,7 +47,7 @@ def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
 @router.get("", response_model=SubjectPage, summary="List subjects, by id")
 async def list_subjects(
     gallery: GalleryDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     name: Annotated[str | None, Query(max_length=200, description="name prefix")] = None,
 ) -> SubjectPage:
@@ -82,7 +83,9 @@ async def delete_subject(service: ServiceDep, subject_id: SubjectId) -> DeletedS
 
 
 @router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
-async def delete_face(service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1)]) -> DeletedFace:
+async def delete_face(
+    service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+) -> DeletedFace:
     def work() -> None:
         service.gallery.store.delete_face(face_id, subject_id)
         service.gallery.sync()

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_
 
 from app.gallery import SubjectHit
 from app.service import MAX_NAME_LENGTH, Threshold
-from app.store import FaceRow, SubjectRow
+from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
 
 MAX_METADATA_BYTES = 16 * 1024
@@ -17,7 +17,13 @@ FACE_HELP = "which face: 'single' (refuse several), 'largest', or a box 'left,to
 
 
 def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is not None and len(json.dumps(value)) > MAX_METADATA_BYTES:
+    if value is None:
+        return value
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except ValueError:
+        raise ValueError("metadata must be standard JSON (NaN and Infinity are not)") from None
+    if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
     return value
 
@@ -55,7 +61,8 @@ class SubjectOut(BaseModel):
 
 class ThresholdParams(BaseModel):
     threshold: float | None = Field(
-        None, ge=-2.0, le=2.0, description="explicit score threshold (see similarity); overrides far"
+        None, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description="explicit score threshold (see similarity); overrides far"
     )
     far: str | None = Field(
         None,
@@ -67,7 +74,7 @@ class ThresholdParams(BaseModel):
 
 class SubjectParams(BaseModel):
     subject: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="subject name")
-    subject_id: int | None = Field(None, ge=1, description="subject id (instead of the name)")
+    subject_id: int | None = Field(None, ge=1, le=MAX_ROW_ID, description="subject id (instead of the name)")
 
 
 # -- faces: enroll, verify, identify, compare, embed ---------------------------------------------------------
