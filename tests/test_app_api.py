@@ -248,6 +248,12 @@ def test_enroll_and_delete_racing_never_500(client):
     assert client.app.state.runtime.service.gallery.agreement()["agree"]
 
 
+def test_health_probes_answer_head_as_well_as_get(client):
+    for path in ("/healthz", "/readyz"):
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b""
+
+
 def test_readyz_reports_loading_failure_and_endpoints_answer_503(tmp_path):
     app = create_app(Settings(data_dir=tmp_path, api_keys=KEY, weights=tmp_path / "missing.pt"))
     with TestClient(app, headers={"X-API-Key": KEY}) as client:

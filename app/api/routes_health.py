@@ -15,11 +15,14 @@ from app.metrics import Metrics
 router = APIRouter(tags=["health"])
 
 
+# load balancers and uptime checkers often probe with HEAD: answered, and left out of the OpenAPI document
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness: the process answers")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> HealthResponse:
     return HealthResponse()
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get(
     "/readyz",
     response_model=ReadyResponse,
