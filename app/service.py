@@ -141,11 +141,15 @@ class FaceService:
             if not -2.0 <= value <= 2.0:
                 raise BadParameter("threshold is a similarity score in [-2, 2]")
             return Threshold(float(value), None)
+        bundle = self.pipeline.embedder.bundle
         far = (far or self.default_far).strip()
         known = self.thresholds
-        if known and far not in known:
-            raise BadParameter(f"far must be one of {', '.join(sorted(known))} (calibrated in the weights)")
-        return Threshold(self.pipeline.embedder.bundle.threshold(far), far)
+        if known:
+            key = bundle.calibrated_far(far)
+            if key is None:
+                raise BadParameter(f"far must be one of {', '.join(sorted(known))} (calibrated in the weights)")
+            far = key
+        return Threshold(bundle.threshold(far), far)
 
     # -- faces from bytes ------------------------------------------------------------------------------------
 

@@ -54,14 +54,26 @@ class Bundle:
         """Thresholds on ``scorer``'s scores, keyed by false-accept rate, e.g. ``{"1e-3": 0.034, "1e-4": 0.093}``."""
         return {str(k): float(v) for k, v in (self.metadata.get("thresholds") or {}).items()}
 
+    def calibrated_far(self, far: str) -> str | None:
+        """The key of ``far``'s calibrated threshold however the number is written ("0.001" is "1e-3"), or None."""
+        thresholds = self.thresholds
+        if far in thresholds:
+            return far
+        try:
+            value = float(far)
+        except ValueError:
+            return None
+        return next((key for key in thresholds if float(key) == value), None)
+
     def threshold(self, far: str = DEFAULT_FAR) -> float:
         """The calibrated threshold for ``far``; an uncalibrated bundle (fresh network) gets a fixed fallback."""
         thresholds = self.thresholds
         if not thresholds:
             return FALLBACK_THRESHOLD
-        if far not in thresholds:
+        key = self.calibrated_far(far)
+        if key is None:
             raise ValueError(f"these weights are calibrated for FAR {sorted(thresholds)}, not {far!r}")
-        return thresholds[far]
+        return thresholds[key]
 
     def weights_digest(self) -> str:
         h = hashlib.sha256()

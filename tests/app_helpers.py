@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from model.bundle import Bundle
 from model.decode import DecodeLimits
 from model.detect import DetectedFace
 from model.faces import FacePipeline
@@ -88,6 +89,8 @@ class FakeBundle:
     @property
     def model_version(self) -> str:
         return self.version
+
+    calibrated_far = Bundle.calibrated_far  # the real lookup ("0.001" is "1e-3") over the fake's thresholds
 
     def threshold(self, far: str = "1e-3") -> float:
         return self.thresholds.get(far, 0.5)

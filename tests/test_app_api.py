@@ -69,6 +69,8 @@ def test_enroll_is_idempotent_and_verify_uses_the_calibrated_threshold(client):
     assert other["match"] is False and other["subject"] == bob["subject"]
     strict = client.post("/verify", files={"image": png(RED)}, data={"subject": "alice", "far": "1e-4"}).json()
     assert strict["threshold"] == 0.95 and strict["far"] == "1e-4"
+    decimal = client.post("/verify", files={"image": png(RED)}, data={"subject": "alice", "far": "0.0001"}).json()
+    assert decimal["threshold"] == 0.95 and decimal["far"] == "1e-4"  # the calibrated key, however it was written
     explicit = client.post("/verify", files={"image": png(BLUE)}, data={"subject": "alice", "threshold": "-1"})
     assert explicit.json()["match"] is True and explicit.json()["far"] is None
 

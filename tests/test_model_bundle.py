@@ -75,6 +75,8 @@ def test_config_and_metadata_travel_with_the_weights(net_and_path):
     assert bundle.thresholds == {"1e-3": 0.4213, "1e-4": 0.5377}
     assert bundle.threshold() == 0.4213  # the default operating point is FAR 1e-3
     assert bundle.threshold("1e-4") == 0.5377
+    assert bundle.threshold("0.0001") == bundle.threshold("1E-4 ") == 0.5377  # however the number is written
+    assert bundle.calibrated_far("0.001") == "1e-3" and bundle.calibrated_far("abc") is None
     with pytest.raises(ValueError, match="calibrated for FAR"):
         bundle.threshold("1e-6")  # an operating point it was never calibrated for is an error, not a guess
 
