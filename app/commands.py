@@ -127,6 +127,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     settings = _settings(args)
     items = scan(args.dir)
     failures_path = args.failures or settings.failures_path
+    if failures_path.is_dir():  # found now, not after the whole batch
+        raise IsADirectoryError(f"--failures {failures_path} is a folder; give the CSV file's path")
     if args.url:
         import httpx
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.console import add_json_flag, print_json, print_table
+from model.console import add_json_flag, error_code, print_json, print_table
 
 
 def register(sub) -> None:
@@ -21,7 +21,8 @@ def register(sub) -> None:
     p.add_argument("--resolution", type=int, default=224, help="input size in pixels (default 224)")
     p.add_argument("--head", choices=["imagenet", "embedding", "none"], default="imagenet",
                    help="imagenet: 1000-class FC as in the paper; embedding: the 128-d face head")
-    p.add_argument("--embedding-dim", type=int, default=128)
+    p.add_argument("--embedding-dim", type=int, default=128,
+                   help="size of the embedding with --head embedding, 8 to 4096 (default 128)")
     p.add_argument("--standard-conv", action="store_true",
                    help="price the full-convolution baseline (each separable block as one 3x3 conv)")
     add_json_flag(p)
@@ -42,8 +43,10 @@ def register(sub) -> None:
     p.add_argument("image1", type=Path)
     p.add_argument("image2", type=Path)
     p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")
-    p.add_argument("--far", default="1e-3", help="operating point: false accept rate whose threshold to use")
-    p.add_argument("--threshold", type=float, help="explicit score threshold (overrides --far)")
+    p.add_argument("--far", default="1e-3",
+                   help="operating point: the false accept rate whose calibrated threshold to use, one of those "
+                   "in the weights (the shipped ones: 1e-2, 1e-3, 1e-4; default 1e-3)")
+    p.add_argument("--threshold", type=float, help="explicit score threshold in [-2, 2] (overrides --far)")
     add_json_flag(p)
     p.set_defaults(func=cmd_compare)
 
@@ -76,6 +79,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     from model.cost import mobilenet_v1_cost
 
+    if not 8 <= args.embedding_dim <= 4096:
+        raise ValueError(f"--embedding-dim must be from 8 to 4096, got {args.embedding_dim}")
     report = mobilenet_v1_cost(args.alpha, args.resolution, args.head, args.standard_conv,
                                embedding_dim=args.embedding_dim)
     if args.json:
@@ -94,6 +99,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def _read(path: Path) -> bytes:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return path.read_bytes()
@@ -115,10 +122,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
                              " ".join(f"{v:+.3f}" for v in f.embedding[:4]) + " ..."))
             if not faces:
                 rows.append((str(path), "-", "no face found", "", ""))
-        except (VisageError, FileNotFoundError) as exc:
+        except (VisageError, OSError) as exc:
             failed += 1
             detail = getattr(exc, "detail", str(exc))
-            results.append({"image": str(path), "error": getattr(exc, "code", "file_not_found"), "detail": detail})
+            code = exc.code if isinstance(exc, VisageError) else error_code(exc)
+            results.append({"image": str(path), "error": code, "detail": detail})
             rows.append((str(path), "-", f"error: {detail}", "", ""))
     if args.json:
         print_json({"model_version": pipe.embedder.model_version, "dim": pipe.embedder.dim, "images": results})
@@ -129,11 +137,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from model.detect import choose_face
+    from model.errors import VisageError
     from model.faces import load_pipeline
 
+    if args.threshold is not None and not -2.0 <= args.threshold <= 2.0:  # (also refuses nan)
+        raise ValueError(f"--threshold is a score in [-2, 2], got {args.threshold}")
     pipe = load_pipeline(args.weights)
-    a = choose_face(pipe.faces(_read(args.image1)), "largest")
-    b = choose_face(pipe.faces(_read(args.image2)), "largest")
+
+    def largest(path: Path):
+        try:
+            return choose_face(pipe.faces(_read(path)), "largest")
+        except VisageError as exc:
+            exc.detail = f"{path}: {exc.detail}"
+            raise
+
+    a, b = largest(args.image1), largest(args.image2)
     threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)
     sim = pipe.embedder.bundle.scorer.score(a.embedding, b.embedding)
     out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "match": sim >= threshold,

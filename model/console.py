@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -38,7 +39,8 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=float))
+    """One JSON object on stdout; strict JSON (a NaN or an infinity is a bug upstream, not output)."""
+    print(json.dumps(obj, indent=2, default=float, allow_nan=False))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +74,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VisageError as exc:
         _fail(args, exc.code, exc.detail)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(args, type(exc).__name__, str(exc))
+    except (OSError, ValueError) as exc:  # a missing file, a folder given for a file, a bad value...
+        _fail(args, error_code(exc), str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return EXIT_USER_ERROR
+
+
+def error_code(exc: Exception) -> str:
+    """A stable snake_case code for a Python exception, like the API's: FileNotFoundError -> file_not_found."""
+    if type(exc) is ValueError:
+        return "invalid_value"
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    return name.removesuffix("_error") or "error"
 
 
 def _fail(args: argparse.Namespace, code: str, detail: str) -> None:

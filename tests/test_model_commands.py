@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -135,7 +136,43 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
         ["compare", "--weights", str(weights), str(photo("obama.jpg")), str(photo("nonface/coffee.jpg"))]
     )
     assert code == 2
-    assert "no face" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no face" in err and "coffee.jpg" in err  # which of the two images
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "--threshold", "nan", "a.jpg", "b.jpg"], "--threshold is a score in [-2, 2]"),
+        (["cost", "--head", "embedding", "--embedding-dim", "-5"], "--embedding-dim must be from 8 to 4096"),
+        (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
+        (["soup", "--set", "score_k=4", "{folder}/a.pt", "--out", "{folder}/x.pt"], "weights file not found"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_and_json_says_why(tmp_path, capsys, args, message):
+    """Whatever is wrong (a value, a folder where a file belongs), a clear message and exit code 2, and with
+    --json one parseable object with a snake_case code: never a traceback, never NaN in the output."""
+    args = [a.replace("{folder}", str(tmp_path)) for a in args]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert main([*args, "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert message in out["detail"] and re.fullmatch("[a-z_]+", out["error"])
+
+
+def test_embed_of_a_folder_says_so(tmp_path, capsys):
+    assert main(["embed", str(tmp_path), "--json"]) == 1  # (every image failed)
+    image = json.loads(capsys.readouterr().out)["images"][0]
+    assert image["error"] == "is_a_directory" and "is a folder, not an image file" in image["detail"]
+
+
+def test_soup_set_takes_one_setting_each_and_leaves_the_bundles_alone():
+    from model.console import build_parser
+
+    args = build_parser().parse_args(["soup", "--set", "score_k=4", "a.pt", "b.pt", "--set", "score_cohort=0",
+                                      "--out", "x.pt"])
+    assert [str(w) for w in args.weights] == ["a.pt", "b.pt"]
+    assert args.overrides == ["score_k=4", "score_cohort=0"]
 
 
 def test_a_checkout_that_was_never_installed_still_has_every_command(monkeypatch):

@@ -63,6 +63,10 @@ def test_windows_line_endings_and_blank_lines(tmp_path):
         ("2 2\nAnn_Lee\t1\t2\n", "first line"),
         ("1\t2\nAnn_Lee\t1\t2\n", "expected 4 pair lines"),
         ("1\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\n", "2 fields"),
+        ("1\t1\nAnn_Lee\t1\t2\n\nAnn_Lee\t1\n", "line 4 has 2 fields"),  # numbered as the file is, blanks too
+        ("0\t0\n", "first line"),
+        ("x\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\tBo\t1\n", "first line"),
+        ("1\t1\nAnn_Lee\tone\t2\nAnn_Lee\t1\tBo\t1\n", "line 2: image numbers must be whole numbers"),
     ],
 )
 def test_malformed_files_are_refused(tmp_path, text, message):

@@ -190,3 +190,18 @@ def test_a_manifest_from_before_landmarks_is_upgraded_in_place(prepared, tmp_pat
     assert again.done_before == 8  # nothing redone
     assert (old / MANIFEST).read_text().splitlines()[0].endswith(",landmarks")
     assert all(r.landmarks == "" for r in read_manifest(old))
+
+
+@pytest.mark.parametrize("pad", [-0.1, 1.5, float("nan")])
+def test_a_pad_outside_0_to_1_is_refused_before_any_work(tmp_path, pad):
+    (tmp_path / "src" / "someone").mkdir(parents=True)
+    with pytest.raises(ValueError, match="pad is a share of the image from 0 to 1"):
+        prepare(tmp_path / "src", tmp_path / "dst", workers=1, pad=pad, progress=False)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_file_as_destination_is_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").write_text("not a folder")
+    with pytest.raises(FileExistsError, match="must be a folder"):
+        prepare(tmp_path / "src", tmp_path / "dst", workers=1, progress=False)

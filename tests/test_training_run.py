@@ -139,6 +139,23 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert souped.thresholds == bundle.thresholds
 
 
+def test_eval_aligns_only_the_pairs_images_and_checks_the_folds(work, capsys):
+    """Without --prepared, `visage eval` aligns the images its pairs name (8 here), not the whole folder (~50):
+    on LFW's 10,000 photos that is seconds instead of an hour. Folds outside the file's header are refused."""
+    from model.console import main
+    from training.data import load_prepared
+
+    root, src, pairs = work
+    assert main(["eval", "--pairs", str(pairs), "--images", str(src), "--roc", str(root / "roc_only"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["pairs"] == 4 and report["images"] == 8 and report["roc_png"] == str(root / "roc_only.png")
+    (cache,) = (root / "work" / "eval-cache").iterdir()
+    assert len(load_prepared(cache).sources) == 8 < sum(1 for _ in src.rglob("*.jpg"))
+    for folds in ("3", "0", "x"):
+        assert main(["eval", "--pairs", str(pairs), "--images", str(src), "--folds", folds]) == 2
+        assert "--folds" in capsys.readouterr().err
+
+
 def test_calibrate_embeds_the_cohort_as_the_bundle_serves_and_keeps_its_views(work):
     """The scoring cohort must be embedded with the views the bundle will serve; recalibrating keeps a bundle's
     views (none for bundles made before they existed) unless test_time_shift says otherwise."""

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from training.paths import shared_data, teacher_reference
-from training.teacher import DlibTeacher, TeacherCache, sha256_file, teacher_embed
+from training.teacher import DlibTeacher, TeacherCache, sha256_file, teacher_embed, teacher_vectors
 
 IMAGES = [
     "lfw/images/Colin_Powell/Colin_Powell_0001.jpg",
@@ -79,13 +79,27 @@ def test_teacher_embed_computes_only_images_missing_from_the_cache(tmp_path, ref
     ref_known, ref_new = reference[IMAGES[0]], reference[IMAGES[1]]
     cache_path = tmp_path / "teacher_cache.npz"
     TeacherCache([sha256_file(known)], ref_known[0][None], ref_known[1][None]).save(cache_path)
-    cache, computed = teacher_embed([known, new], cache_path, progress=False)
-    assert computed == 1
+    cache, computed, failed = teacher_embed([known, new], cache_path, progress=False)
+    assert computed == 1 and failed == {}
     index = cache.index()
     assert set(index) == {sha256_file(known), sha256_file(new)}
     assert sha256_file(new) == hashlib.sha256(new.read_bytes()).hexdigest()
     np.testing.assert_allclose(cache.desc[index[sha256_file(new)]], ref_new[0], atol=1e-4)
     np.testing.assert_allclose(cache.desc_flip[index[sha256_file(new)]], ref_new[1], atol=1e-4)
     assert TeacherCache.load(cache_path).keys == cache.keys  # saved
-    _, computed = teacher_embed([known, new], cache_path, progress=False)
+    _, computed, _ = teacher_embed([known, new], cache_path, progress=False)
     assert computed == 0
+
+
+def test_an_unreadable_image_is_listed_and_the_rest_are_kept(tmp_path):
+    """One bad file in a large folder must not throw away the descriptors computed around it."""
+    good = shared_data() / IMAGES[1]
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    cache_path = tmp_path / "teacher_cache.npz"
+    TeacherCache.empty().save(cache_path)
+    cache, computed, failed = teacher_embed([bad, good], cache_path, progress=False)
+    assert computed == 1 and list(failed) == [str(bad)]
+    assert TeacherCache.load(cache_path).keys == [sha256_file(good)] == cache.keys
+    with pytest.raises(ValueError, match="could not be read by the teacher"):
+        teacher_vectors([bad, good], cache_path, progress=False)

@@ -28,8 +28,9 @@ def register(sub) -> None:
     p.add_argument("dst", type=Path)
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.add_argument("--pad", type=float, default=DEFAULT_PAD,
-                   help="grey border added on each side, as a fraction of the image, so tight crops give the "
-                   "detector context (0.28 turns a 160 px LFW crop back into its 250 px frame)")
+                   help=f"grey border added on each side, as a fraction of the image (0 to 1, default {DEFAULT_PAD}), "
+                   "so tight crops give the detector context (0.28 turns a 160 px LFW crop back into its 250 px "
+                   "frame)")
     add_json_flag(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -37,9 +38,12 @@ def register(sub) -> None:
                        description="dlib ResNet descriptors (plain and mirrored) of every image under FOLDER, "
                        "cached by image hash. Starts from the shipped reference descriptors, so only new images "
                        "cost time: dlib finds the face and landmarks, the descriptor network runs in PyTorch (about "
-                       "60 ms an image for both views on these 2 cores). Needs the 'teacher' extra.")
+                       "60 ms an image for both views on these 2 cores). Needs the 'teacher' extra. Unreadable "
+                       "images are listed and skipped (exit code 1); the cache is saved every 64 images.")
     p.add_argument("folder", type=Path)
-    p.add_argument("--cache", type=Path, default=None, help="cache file (default: <work dir>/teacher_cache.npz)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="cache file (default: $VISAGE_WORK_DIR/teacher_cache.npz; the work dir defaults to data/work "
+                   "in the repo)")
     add_json_flag(p)
     p.set_defaults(func=cmd_teacher_embed)
 
@@ -75,8 +79,8 @@ def register(sub) -> None:
                        "bundles (fine-tunes from the same starting weights), then calibrated as `visage calibrate` "
                        "does (scoring cohort + FAR thresholds, settings from the first bundle's recipe).")
     p.add_argument("weights", nargs="+", type=Path, help="two or more bundles of the same network")
-    p.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="settings over the recipe, e.g. --set score_cohort=4096")
+    p.add_argument("--set", dest="overrides", action="extend", nargs=1, default=[], metavar="KEY=VALUE",
+                   help="a setting over the recipe, once per setting, e.g. --set score_cohort=4096 --set score_k=16")
     _calibration_options(p, cmd_soup)
 
     p = sub.add_parser("eval", help="LFW-protocol verification accuracy on a pairs file",
@@ -89,8 +93,11 @@ def register(sub) -> None:
     p.add_argument("--folds", help="comma-separated 1-based folds to use (default: all)")
     p.add_argument("--no-flip", action="store_true",
                    help="no mirror averaging of the test faces (the bundle's cohort stays mirror-averaged, as served)")
-    p.add_argument("--prepared", type=Path, help="aligned crops from `visage prepare` (default: made and cached)")
-    p.add_argument("--roc", type=Path, default=Path("roc.png"), help="where to write the ROC curve (default roc.png)")
+    p.add_argument("--prepared", type=Path,
+                   help="aligned crops from `visage prepare` (default: the pairs' images are aligned once and cached "
+                   "under the work dir)")
+    p.add_argument("--roc", type=Path, default=Path("roc.png"),
+                   help="where to write the ROC curve, a PNG (default roc.png in the current folder)")
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -124,14 +131,16 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such folder: {args.folder}")
     images = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     cache_path = args.cache or work_dir() / "teacher_cache.npz"
-    cache, computed = teacher_embed(images, cache_path, progress=not args.json)
-    out = {"images": len(images), "computed": computed, "cached": len(images) - computed,
-           "cache": str(cache_path), "cache_rows": len(cache.keys)}
+    cache, computed, failed = teacher_embed(images, cache_path, progress=not args.json)
+    out = {"images": len(images), "computed": computed, "cached": len(images) - computed - len(failed),
+           "failed": len(failed), "cache": str(cache_path), "cache_rows": len(cache.keys)}
     if args.json:
-        print_json(out)
+        print_json({**out, "failures": failed})
     else:
         print_table("dlib teacher descriptors", list(out), [list(out.values())])
-    return 0
+        for path, reason in failed.items():
+            print(f"failed: {path}: {reason}")
+    return 1 if failed else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -207,18 +216,18 @@ def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
     from training.paths import work_dir
     from training.prepare import prepare
 
+    bundle = load_bundle(args.weights)  # (before any aligning: a wrong path fails at once)
     prepared = args.prepared
-    if prepared is None:
+    if prepared is None:  # only the pairs' images: a few pairs of a 10,000-photo folder align in seconds
         key = hashlib.sha256(str(args.images.resolve()).encode()).hexdigest()[:12]
         prepared = work_dir() / "eval-cache" / key
-        prepare(args.images, prepared, progress=not args.json)
+        prepare(args.images, prepared, progress=not args.json, only=set(names))
     faces = load_prepared(prepared)
     where = {s: i for i, s in enumerate(faces.sources)}
     missing = [n for n in names if n not in where]
     if missing:
         raise ValueError(f"{len(missing)} pair images are missing from {prepared} (e.g. {missing[0]})")
     idx = np.array([where[n] for n in names])
-    bundle = load_bundle(args.weights)
     emb = Embedder(bundle, flip=not args.no_flip).embed(faces.crops[idx])
     return dict(zip(names, emb, strict=True)), int(faces.fallback[idx].sum()), bundle
 
@@ -233,14 +242,28 @@ def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
     return dict(zip(names, desc, strict=True)), 0, None
 
 
+def parse_folds(text: str, n_folds: int) -> set[int]:
+    """``--folds 7,8`` -> {6, 7} (0-based), each checked against the pairs file's header."""
+    try:
+        folds = {int(f) for f in text.split(",") if f.strip()}
+    except ValueError:
+        raise ValueError(f"--folds takes comma-separated fold numbers, e.g. 7,8; got {text!r}") from None
+    bad = sorted(f for f in folds if not 1 <= f <= n_folds)
+    if bad or not folds:
+        raise ValueError(f"--folds must be numbers from 1 to {n_folds} (the pairs file's folds); got {text!r}")
+    return {f - 1 for f in folds}
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import plot_roc, verify
     from training.pairs import read_pairs
 
-    _, pairs = read_pairs(args.pairs)
+    n_folds, pairs = read_pairs(args.pairs)
     if args.folds:
-        wanted = {int(f) - 1 for f in args.folds.split(",")}
+        wanted = parse_folds(args.folds, n_folds)
         pairs = [p for p in pairs if p.fold in wanted]
+    if not pairs:
+        raise ValueError(f"{args.pairs} has no pairs to evaluate")
     names = _pair_images(pairs)
     vectors, fallbacks, bundle = (_teacher_scores if args.teacher else _student_scores)(args, names)
     a = np.stack([vectors[p.left] for p in pairs])

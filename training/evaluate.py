@@ -112,6 +112,8 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # matplotlib would add ".png" itself, and the caller would report the wrong name
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

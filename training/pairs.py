@@ -20,23 +20,35 @@ def lfw_image(name: str, number: int | str, ext: str = ".jpg") -> str:
 
 def read_pairs(path: str | Path) -> tuple[int, list[Pair]]:
     """Parse a pairs file in LFW format; the header gives the number of folds and pairs per class per fold."""
-    lines = [ln.split("\t") for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if not lines or len(lines[0]) != 2:
-        raise ValueError(f"{path}: the first line must be '<folds>\\t<pairs per fold and class>'")
-    n_folds, n = (int(v) for v in lines[0])
-    body = lines[1:]
+    numbered = [(no, ln.split("\t")) for no, ln in enumerate(Path(path).read_text().splitlines(), 1) if ln.strip()]
+    header = "the first line must be '<folds>\\t<pairs per fold and class>', two whole numbers above 0"
+    if not numbered or len(numbered[0][1]) != 2:
+        raise ValueError(f"{path}: {header}")
+    try:
+        n_folds, n = (int(v) for v in numbered[0][1])
+    except ValueError:
+        raise ValueError(f"{path}: {header}") from None
+    if n_folds < 1 or n < 1:
+        raise ValueError(f"{path}: {header}")
+    body = numbered[1:]
     if len(body) != n_folds * 2 * n:
         raise ValueError(f"{path}: expected {n_folds * 2 * n} pair lines for header {n_folds}x{n}, got {len(body)}")
     pairs = []
-    for i, parts in enumerate(body):
-        fold = i // (2 * n)
-        if len(parts) == 3:
-            pairs.append(Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[0], parts[2]), True))
-        elif len(parts) == 4:
-            pairs.append(Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[2], parts[3]), False))
-        else:
-            raise ValueError(f"{path}: line {i + 2} has {len(parts)} fields, expected 3 or 4")
+    for i, (no, parts) in enumerate(body):
+        if len(parts) not in (3, 4):
+            raise ValueError(f"{path}: line {no} has {len(parts)} fields, expected 3 or 4")
+        try:
+            pairs.append(_pair(i // (2 * n), parts))
+        except ValueError:
+            raise ValueError(f"{path}: line {no}: image numbers must be whole numbers, got {parts}") from None
     return n_folds, pairs
+
+
+def _pair(fold: int, parts: list[str]) -> Pair:
+    """``name a b`` (the same person) or ``name a other b`` (two people)."""
+    if len(parts) == 3:
+        return Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[0], parts[2]), True)
+    return Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[2], parts[3]), False)
 
 
 def people_in_folds(pairs: list[Pair], folds: set[int]) -> set[str]:

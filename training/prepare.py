@@ -172,20 +172,25 @@ class PrepareSummary:
 
 
 def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: float = DEFAULT_PAD,
-            progress: bool = True) -> PrepareSummary:
-    """Align every image under ``src`` into ``dst``; resumable and idempotent."""
+            progress: bool = True, only: set[str] | None = None) -> PrepareSummary:
+    """Align every image under ``src`` (or only those whose relative paths are in ``only``) into ``dst``;
+    resumable and idempotent: a later call with other images adds them to the same manifest."""
     from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
+    if not 0.0 <= pad <= 1.0:  # (also refuses nan)
+        raise ValueError(f"pad is a share of the image from 0 to 1, got {pad}")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} is a file: the destination must be a folder")
     dst.mkdir(parents=True, exist_ok=True)
     existing = read_manifest(dst)
     manifest = dst / MANIFEST
     if existing and "landmarks" not in manifest.open().readline():
         _write_manifest(manifest, existing)  # written before the landmarks column: upgrade the header in place
     done = {r.source for r in existing if r.status == "failed" or (dst / r.crop).exists()}
-    todo = [it for it in list_images(src) if it[1] not in done]
+    todo = [it for it in list_images(src) if it[1] not in done and (only is None or it[1] in only)]
     new_file = not manifest.exists() or manifest.stat().st_size == 0
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:

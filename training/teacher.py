@@ -175,23 +175,29 @@ def reference_cache(path: Path | None = None) -> TeacherCache:
     return TeacherCache(keys, desc.astype(np.float32), desc_flip.astype(np.float32))
 
 
-def teacher_embed(images: list[Path], cache_path: Path, progress: bool = True) -> tuple[TeacherCache, int]:
-    """Make sure every image has teacher descriptors in the cache; returns the cache and how many were computed.
+def teacher_embed(images: list[Path], cache_path: Path,
+                  progress: bool = True) -> tuple[TeacherCache, int, dict[str, str]]:
+    """Make sure every image has teacher descriptors in the cache; returns the cache, how many were computed, and
+    the images that could not be read (path -> reason: listed, and the others go on).
 
     The cache starts from the shipped reference rows when it does not exist yet, so only new images cost dlib time.
     """
-    cache, computed, _ = _embed(images, cache_path, progress)
-    return cache, computed
+    cache, computed, _, failed = _embed(images, cache_path, progress)
+    return cache, computed, failed
 
 
 def teacher_vectors(images: list[Path], cache_path: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(desc, desc_flip) of each image, in order, computing and caching only what the cache lacks."""
-    cache, _, hashes = _embed(images, cache_path, progress)
+    cache, _, hashes, failed = _embed(images, cache_path, progress)
+    if failed:
+        path, reason = next(iter(failed.items()))
+        raise ValueError(f"{len(failed)} images could not be read by the teacher (e.g. {path}: {reason})")
     rows = np.array([cache.index()[h] for h in hashes], dtype=np.int64)
     return cache.desc[rows], cache.desc_flip[rows]
 
 
-def _embed(images: list[Path], cache_path: Path, progress: bool) -> tuple[TeacherCache, int, list[str]]:
+def _embed(images: list[Path], cache_path: Path,
+           progress: bool) -> tuple[TeacherCache, int, list[str], dict[str, str]]:
     from tqdm import tqdm
 
     if cache_path.exists():
@@ -203,22 +209,26 @@ def _embed(images: list[Path], cache_path: Path, progress: bool) -> tuple[Teache
     known = cache.index()
     hashes = [sha256_file(p) for p in images]
     todo = [(p, h) for p, h in zip(images, hashes, strict=True) if h not in known]
+    failed: dict[str, str] = {}
+    cache.save(cache_path)
     if todo:
         teacher = DlibTeacher()
-        keys, d, df = [], [], []
         with tqdm(total=len(todo), desc="teacher (dlib)", unit="img", disable=not progress) as bar:
             for start in range(0, len(todo), 64):
-                chunk = todo[start : start + 64]
-                chips = []
-                for p, _ in chunk:
-                    with Image.open(p) as img:
-                        chips.extend(teacher.chips(teacher.canvas(img))[:2])
-                desc = teacher.describe_chips(np.stack(chips))
-                keys.extend(h for _, h in chunk), d.append(desc[0::2]), df.append(desc[1::2])
-                bar.update(len(chunk))
-        cache = cache.merged(keys, np.concatenate(d), np.concatenate(df))
-    cache.save(cache_path)
-    return cache, len(todo), hashes
+                keys, chips = [], []
+                for p, h in todo[start : start + 64]:
+                    try:
+                        with Image.open(p) as img:
+                            chips.extend(teacher.chips(teacher.canvas(img))[:2])
+                        keys.append(h)
+                    except (OSError, ValueError) as exc:  # empty, truncated, not an image
+                        failed[str(p)] = str(exc)
+                if keys:
+                    desc = teacher.describe_chips(np.stack(chips))
+                    cache = cache.merged(keys, desc[0::2], desc[1::2])
+                    cache.save(cache_path)  # every chunk is kept: an interruption loses at most one chunk
+                bar.update(min(64, len(todo) - start))
+    return cache, len(todo) - len(failed), hashes, failed
 
 
 def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = True) -> np.ndarray:
