@@ -123,7 +123,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     try:
         payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the caller
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        # (not torch's message: its advice to re-run with weights_only=False is not for our users)
+        raise WeightsError(f"{path} is not a Visage weights bundle (torch.load: {type(exc).__name__}; a "
+                           "damaged bundle, or another kind of file)") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a Visage weights bundle (expected format {FORMAT})")
     try:

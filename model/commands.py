@@ -29,7 +29,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_cost)
 
     p = sub.add_parser("embed", help="detect, align and embed every face in images",
-                       description="Detect every face, align it to the 112x112 template and print its embedding.")
+                       description="Detect every face, align it to the 112x112 template and print its embedding.",
+                       epilog="Exit status: 0 when at least one image was read (an image without a face is not an "
+                       "error: it lists no faces), 1 when none could be read, 2 for bad arguments or weights.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--weights", help="weights bundle (default: the shipped model/weights bundle)")
     p.add_argument("--no-flip", action="store_true", help="skip mirror averaging (faster, slightly less accurate)")

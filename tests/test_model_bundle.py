@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import photo
 from PIL import Image
 
 from model.bundle import FORMAT, Bundle, bundle_from_model, load_bundle, save_bundle
@@ -122,6 +123,14 @@ def test_random_bytes_are_a_weights_error(tmp_path):
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(WeightsError):
         load_bundle(path)
+
+
+def test_a_photo_given_as_weights_is_named_as_not_a_bundle(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(photo("obama.jpg").read_bytes())
+    with pytest.raises(WeightsError, match="not a Visage weights bundle") as err:
+        load_bundle(path)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)  # none of torch's advice
 
 
 def test_truncated_bundle_is_a_weights_error(net_and_path, tmp_path):
