@@ -171,6 +171,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from app.runtime import open_service
 
     settings = _settings(args)
+    if not settings.db_path.is_file():  # a mistyped --data-dir would otherwise get a new, empty gallery
+        raise FileNotFoundError(f"no gallery at {settings.db_path}: check --data-dir / VISAGE_DATA_DIR")
     service = open_service(settings, with_index=False)
     bar = None
     try:

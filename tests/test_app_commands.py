@@ -59,3 +59,11 @@ def test_a_loaded_service_runs_numpy_blas_on_the_configured_threads(monkeypatch,
             assert blas_threads(openmp=True) == {2} and faiss.omp_get_max_threads() == 2
     finally:
         faiss.omp_set_num_threads(faiss_before)
+
+
+def test_reindex_of_a_folder_without_a_gallery_is_refused_and_creates_nothing(tmp_path, capsys):
+    """A mistyped --data-dir must not quietly create an empty gallery and report "0 faces redone"."""
+    missing = tmp_path / "typo"
+    assert main(["reindex", "--data-dir", str(missing), "--json"]) == 2
+    assert "no gallery at" in capsys.readouterr().err
+    assert not missing.exists()
