@@ -121,7 +121,7 @@ class Runtime:
         try:
             service = open_service(self.settings, pipeline=self._pipeline)
             known = service.thresholds
-            if known and self.settings.default_far not in known:
+            if known and service.pipeline.embedder.bundle.calibrated_far(self.settings.default_far) is None:
                 service.gallery.close()
                 raise InvalidConfig(
                     f"VISAGE_DEFAULT_FAR={self.settings.default_far} is not calibrated in the weights "

@@ -67,12 +67,22 @@ def subject_ref(name: str | None = None, subject_id: int | None = None) -> Subje
     return SubjectRef(name=clean_name(name or ""))
 
 
+# bidirectional overrides and isolates: they make a name display as another (U+202A-202E, U+2066-2069)
+_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+
+
 def clean_name(name: str) -> str:
-    """A subject name as stored: NFC (one spelling of "José", however it was typed), trimmed, and printable
-    (no control, format or invisible characters: a right-to-left override or a zero-width space names nobody)."""
-    name = unicodedata.normalize("NFC", name).strip()
-    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
-        raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} printable characters")
+    """A subject name as stored: trimmed, as typed otherwise (names stored earlier stay reachable by name).
+
+    Refused: control, surrogate and private-use characters, bidirectional overrides, and names with nothing
+    visible (only spaces and zero-width characters). Allowed: any script, a no-break or ideographic space, the
+    zero-width joiners that Persian and Indic names and emoji sequences need."""
+    name = name.strip()
+    visible = any(unicodedata.category(c)[0] not in "CZ" for c in name)
+    bad = any(unicodedata.category(c) in ("Cc", "Cs", "Co") or c in _BIDI_CONTROLS for c in name)
+    if not visible or bad or len(name) > MAX_NAME_LENGTH:
+        raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} characters, some of them visible, without "
+                           "control characters or direction overrides")
     return name
 
 

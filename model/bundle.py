@@ -59,11 +59,8 @@ class Bundle:
         thresholds = self.thresholds
         if far in thresholds:
             return far
-        try:
-            value = float(far)
-        except ValueError:
-            return None
-        return next((key for key in thresholds if float(key) == value), None)
+        value = _as_number(far)
+        return None if value is None else next((k for k in thresholds if _as_number(k) == value), None)
 
     def threshold(self, far: str = DEFAULT_FAR) -> float:
         """The calibrated threshold for ``far``; an uncalibrated bundle (fresh network) gets a fixed fallback."""
@@ -113,6 +110,13 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def _as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:

@@ -81,7 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_cost(args: argparse.Namespace) -> int:
     from model.cost import mobilenet_v1_cost
 
-    if not 8 <= args.embedding_dim <= 4096:
+    if args.head == "embedding" and not 8 <= args.embedding_dim <= 4096:
         raise ValueError(f"--embedding-dim must be from 8 to 4096, got {args.embedding_dim}")
     report = mobilenet_v1_cost(args.alpha, args.resolution, args.head, args.standard_conv,
                                embedding_dim=args.embedding_dim)

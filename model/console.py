@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import tomllib
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from model.errors import VisageError
 
@@ -39,8 +42,18 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def print_json(obj: Any) -> None:
-    """One JSON object on stdout; strict JSON (a NaN or an infinity is a bug upstream, not output)."""
-    print(json.dumps(obj, indent=2, default=float, allow_nan=False))
+    """One JSON object on stdout, strict JSON: a NaN or an infinity (a metric with nothing to measure) is null."""
+    print(json.dumps(_finite(obj), indent=2, default=float, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +99,7 @@ def error_code(exc: Exception) -> str:
     """A stable snake_case code for a Python exception, like the API's: FileNotFoundError -> file_not_found."""
     if type(exc) is ValueError:
         return "invalid_value"
-    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", type(exc).__name__).lower()
     return name.removesuffix("_error") or "error"
 
 

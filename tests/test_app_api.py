@@ -175,11 +175,15 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         assert client.get("/subjects", params={"offset": 2**63 - 1}).json()["items"] == []
 
 
-def test_a_name_has_one_spelling_however_it_was_typed(client):
-    composed, decomposed = "Jos\u00e9", "Jose\u0301"  # the same name: an accented letter, or e + an accent
-    first = enroll(client, png(RED), subject=decomposed)
-    assert first["subject"]["name"] == composed
-    assert enroll(client, png(BLUE), subject=composed)["subject"]["id"] == first["subject"]["id"]
+@pytest.mark.parametrize("name", ["\u5c71\u7530\u3000\u592a\u90ce", "Jean\u00a0Dupont",
+                                  "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f469\u200d\U0001f4bb",
+                                  "Jose\u0301"])
+def test_names_in_any_script_are_kept_as_typed(client, name):
+    """An ideographic or no-break space, a zero-width (non-)joiner, a combining accent: real names need them, and
+    a name is stored as typed, so one enrolled before is found again by the same string."""
+    first = enroll(client, png(RED), subject=name)
+    assert first["subject"]["name"] == name
+    assert enroll(client, png(BLUE), subject=name)["subject"]["id"] == first["subject"]["id"]
 
 
 def test_api_key_is_required_except_on_health(tmp_path):
@@ -248,6 +252,14 @@ def test_enroll_and_delete_racing_never_500(client):
         t.join()
     assert statuses and set(statuses) <= {200, 201, 404}, statuses
     assert client.app.state.runtime.service.gallery.agreement()["agree"]
+
+
+def test_the_default_far_is_matched_by_value_too(tmp_path):
+    with make_client(tmp_path, default_far="0.001") as client:
+        assert client.app.state.runtime.wait_ready(30) and client.get("/readyz").status_code == 200
+        enroll(client, png(RED), subject="alice")
+        answer = client.post("/verify", files={"image": png(RED)}, data={"subject": "alice"}).json()
+        assert answer["far"] == "1e-3" and answer["threshold"] == 0.9
 
 
 def test_health_probes_answer_head_as_well_as_get(client):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import photo
 
@@ -158,6 +159,18 @@ def test_bad_arguments_are_one_line_errors_and_json_says_why(tmp_path, capsys, a
     assert main([*args, "--json"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert message in out["detail"] and re.fullmatch("[a-z_]+", out["error"])
+
+
+def test_error_codes_are_snake_case_and_json_is_strict(capsys):
+    import tomllib
+
+    from model.console import error_code, print_json
+
+    assert error_code(OSError("x")) == "os" and error_code(FileNotFoundError()) == "file_not_found"
+    assert error_code(json.JSONDecodeError("x", "", 0)) == "json_decode"
+    assert error_code(tomllib.TOMLDecodeError("x")) == "toml_decode" and error_code(ValueError()) == "invalid_value"
+    print_json({"auc": float("nan"), "rows": [1.5, float("inf")], "n": np.float32(0.25)})
+    assert json.loads(capsys.readouterr().out) == {"auc": None, "rows": [1.5, None], "n": 0.25}
 
 
 def test_embed_of_a_folder_says_so(tmp_path, capsys):

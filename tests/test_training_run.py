@@ -295,7 +295,10 @@ def test_feature_hints_train_a_regressor_beside_the_student_that_resumes_and_is_
     second = torch.load(run / "last.pt", weights_only=False)["hint"]
     assert int(second["proj.1.num_batches_tracked"]) == 2 * int(first["proj.1.num_batches_tracked"])
     assert not any(k.startswith("proj") for k in bundle.state_dict)
-    for refused in (["w_hint=1"], ["w_hint=1", "teacher_mode=online", "backbone=mobilenet_v2"], ["w_hint=-1"]):
+    with pytest.raises(ValueError, match="trained with w_hint=2"):
+        train(config(pairs, 3, *overrides[:-1]), run, resume=True, progress=False, max_steps=1)
+    for refused in (["w_hint=1"], ["w_hint=1", "teacher_mode=online", "backbone=mobilenet_v2"], ["w_hint=-1"],
+                    ["w_hint=nan", "teacher_mode=online"], ["w_hint=true", "teacher_mode=online"]):
         with pytest.raises(ValueError, match="w_hint"):
             load_config(None, refused)
 

@@ -39,7 +39,7 @@ def register(sub) -> None:
                        "cached by image hash. Starts from the shipped reference descriptors, so only new images "
                        "cost time: dlib finds the face and landmarks, the descriptor network runs in PyTorch (about "
                        "60 ms an image for both views on these 2 cores). Needs the 'teacher' extra. Unreadable "
-                       "images are listed and skipped (exit code 1); the cache is saved every 64 images.")
+                       "images are listed and skipped (exit code 1); the cache is saved every minute while it works.")
     p.add_argument("folder", type=Path)
     p.add_argument("--cache", type=Path, default=None,
                    help="cache file (default: $VISAGE_WORK_DIR/teacher_cache.npz; the work dir defaults to data/work "

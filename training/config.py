@@ -101,7 +101,9 @@ class TrainConfig:
             raise ValueError("proxy_scale must be > 0 and proxy_margin in [0, 1)")
         if self.w_proxy > 0 and not self.teacher_center:
             raise ValueError("w_proxy needs teacher_center: raw dlib descriptors point almost the same way")
-        if self.w_hint < 0 or (self.w_hint and (self.teacher_mode != "online" or self.backbone != "mobilenet_v1")):
+        hint = self.w_hint
+        if (isinstance(hint, bool) or not isinstance(hint, int | float) or not hint >= 0  # (refuses nan)
+                or (hint and (self.teacher_mode != "online" or self.backbone != "mobilenet_v1"))):
             raise ValueError("w_hint must be >= 0 and needs teacher_mode=online and backbone mobilenet_v1 (the "
                              "teacher's map is read on the view the student sees, at a MobileNet v1 layer)")
         if not (isinstance(self.val_folds, list) and self.val_folds

@@ -289,6 +289,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     ema = weight_average(model, cfg.ema)
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if bool(ckpt["config"].get("w_hint")) != (hint is not None):  # the optimiser holds the regressor or not
+            raise ValueError(f"{ckpt_path} was trained with w_hint={ckpt['config'].get('w_hint', 0)}: resume it "
+                             "with hints on or off as it was (the weight itself may change)")
         model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"]), sched.load_state_dict(ckpt["sched"])
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 
 CANVAS, OFFSET, GREY = 250, 45, (128, 128, 128)
+SAVE_EVERY_S = 60.0  # teacher-embed rewrites its cache this often while it works (and at the end)
 CHIP_PADDING = 0.25  # dlib's default for its 150 px descriptor chips
 RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 FALLBACK_BOX = (50, 50, 200, 200)
@@ -211,6 +213,7 @@ def _embed(images: list[Path], cache_path: Path,
     todo = [(p, h) for p, h in zip(images, hashes, strict=True) if h not in known]
     failed: dict[str, str] = {}
     cache.save(cache_path)
+    saved = time.monotonic()
     if todo:
         teacher = DlibTeacher()
         with tqdm(total=len(todo), desc="teacher (dlib)", unit="img", disable=not progress) as bar:
@@ -226,8 +229,11 @@ def _embed(images: list[Path], cache_path: Path,
                 if keys:
                     desc = teacher.describe_chips(np.stack(chips))
                     cache = cache.merged(keys, desc[0::2], desc[1::2])
-                    cache.save(cache_path)  # every chunk is kept: an interruption loses at most one chunk
+                if time.monotonic() - saved > SAVE_EVERY_S:  # an interruption loses at most a minute's work
+                    cache.save(cache_path)
+                    saved = time.monotonic()
                 bar.update(min(64, len(todo) - start))
+        cache.save(cache_path)
     return cache, len(todo) - len(failed), hashes, failed
 
 
