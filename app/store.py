@@ -149,7 +149,9 @@ def _face(row: sqlite3.Row) -> FaceRow:
 
 
 def _subject(row: sqlite3.Row) -> SubjectRow:
-    return SubjectRow(row["id"], row["name"], json.loads(row["metadata"]), row["created_at"], row["face_count"])
+    # (NaN or Infinity, which versions before session 13 accepted and stored, read as null: a response cannot hold them)
+    metadata = json.loads(row["metadata"], parse_constant=lambda _: None)
+    return SubjectRow(row["id"], row["name"], metadata, row["created_at"], row["face_count"])
 
 
 _FACE_COLS = (

@@ -80,6 +80,15 @@ def test_store_subjects_page_rename_and_generation(tmp_path):
         store.subject(page[0].id)
 
 
+def test_metadata_stored_with_nan_by_older_versions_reads_as_null(tmp_path):
+    store = Store(tmp_path / "visage.db")
+    add(store, "old", unit(1, 0))
+    subject = store.list_subjects(name="old")[1][0].id
+    store.update_subject(subject, metadata={"n": float("nan"), "m": 1})  # json.dumps writes NaN, as before
+    assert store.subject(subject).metadata == {"n": None, "m": 1}
+    json.dumps(store.subject(subject).metadata, allow_nan=False)  # what the response encoder demands
+
+
 # -- index ---------------------------------------------------------------------------------------------------------
 
 
