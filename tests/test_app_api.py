@@ -172,6 +172,9 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         which = client.post("/compare", files={"image1": png(RED), "image2": png()})
         is_error(which, 422, "no_face_found")
         assert which.json()["detail"].startswith("image2: ")
+        empty = client.post("/compare", files={"image1": ("a.png", b""), "image2": png(RED)})
+        is_error(empty, 400, "empty_image")
+        assert empty.json()["detail"] == "image1: a.png is empty"
         assert client.get("/subjects", params={"offset": 2**63 - 1}).json()["items"] == []
 
 

@@ -68,15 +68,15 @@ async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
     return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
 
 
-async def read_upload(upload: UploadFile, settings: Settings) -> bytes:
-    """The uploaded file's bytes, refusing more than ``max_upload_bytes`` without reading further."""
+async def read_upload(upload: UploadFile, settings: Settings, field: str = "image") -> bytes:
+    """The uploaded file's bytes, refusing more than ``max_upload_bytes`` without reading further. Errors start
+    with the form field, as the decoding errors of ``/compare``'s two images do."""
     data = await upload.read(settings.max_upload_bytes + 1)
+    name = f"{field}: {upload.filename or 'the file'}"
     if len(data) > settings.max_upload_bytes:
-        raise ImageTooLarge(
-            f"{upload.filename or 'the file'} is larger than the limit of {settings.max_upload_bytes} bytes"
-        )
+        raise ImageTooLarge(f"{name} is larger than the limit of {settings.max_upload_bytes} bytes")
     if not data:
-        raise EmptyImage(f"{upload.filename or 'the file'} is empty")
+        raise EmptyImage(f"{name} is empty")
     return data
 
 

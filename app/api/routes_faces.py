@@ -147,7 +147,7 @@ async def compare(
 ) -> CompareResponse:
     threshold = service.threshold(form.threshold, form.far)
     sel1, sel2 = FaceSelector.parse(form.face1, "largest"), FaceSelector.parse(form.face2, "largest")
-    data1, data2 = await read_upload(image1, settings), await read_upload(image2, settings)
+    data1, data2 = await read_upload(image1, settings, "image1"), await read_upload(image2, settings, "image2")
     result = await run_cpu(request, service.compare, data1, data2, sel1, sel2, threshold)
     return CompareResponse(
         match=result.match,
