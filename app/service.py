@@ -237,9 +237,7 @@ class FaceService:
         try:
             return self.one_face(data, selector)
         except VisageError as err:
-            err.detail = f"image{n}: {err.detail}"
-            err.args = (err.detail,)
-            raise
+            raise err.prefixed(f"image{n}") from None
 
     def reindex(self, progress: Callable[[int, int], None] | None = None) -> ReindexReport:
         """Re-embed every face stored under another model version from its stored original image.

@@ -150,8 +150,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             return choose_face(pipe.faces(_read(path)), "largest")
         except VisageError as exc:
-            exc.detail = f"{path}: {exc.detail}"
-            raise
+            raise exc.prefixed(str(path)) from None
 
     a, b = largest(args.image1), largest(args.image2)
     threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)

@@ -17,6 +17,12 @@ class VisageError(Exception):
         super().__init__(detail)
         self.detail = detail
 
+    def prefixed(self, where: str) -> VisageError:
+        """This error with ``where:`` before its detail (which of several inputs failed), ready to re-raise."""
+        self.detail = f"{where}: {self.detail}"
+        self.args = (self.detail,)
+        return self
+
 
 class EmptyImage(VisageError):
     code = "empty_image"
