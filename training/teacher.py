@@ -212,7 +212,6 @@ def _embed(images: list[Path], cache_path: Path,
     hashes = [sha256_file(p) for p in images]
     todo = [(p, h) for p, h in zip(images, hashes, strict=True) if h not in known]
     failed: dict[str, str] = {}
-    cache.save(cache_path)
     saved = time.monotonic()
     if todo:
         teacher = DlibTeacher()
@@ -233,7 +232,7 @@ def _embed(images: list[Path], cache_path: Path,
                     cache.save(cache_path)
                     saved = time.monotonic()
                 bar.update(min(64, len(todo) - start))
-        cache.save(cache_path)
+    cache.save(cache_path)
     return cache, len(todo) - len(failed), hashes, failed
 
 
