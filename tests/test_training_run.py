@@ -273,19 +273,20 @@ def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(wor
                                "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}'])
     with pytest.raises(ValueError, match="re-run it"):
         train(stale, root / "stale", progress=False, max_steps=1)
-    for blend in ("mixup=0.2", "cutmix=0.2", "occlude=0.2"):
+    for blend in ("mixup=0.2", "cutmix=0.2", "occlude=0.2", "teacher_mirror=true"):
         with pytest.raises(ValueError, match="teacher_mode=online"):
             load_config(None, [blend])
 
 
 def test_feature_hints_train_a_regressor_beside_the_student_that_resumes_and_is_not_shipped(work):
-    """w_hint: the student's 7x7 map regresses the teacher's mid-level map; the loss enters with its weight, the
-    regressor is checkpointed for --resume and left out of the bundle. Refused without the online teacher."""
+    """w_hint: the student's 7x7 map regresses the teacher's mid-level map (of the chip, not of its mirror, with
+    teacher_mirror); the loss enters with its weight, the regressor is checkpointed for --resume and left out of
+    the bundle. Refused without the online teacher."""
     import torch
 
     root, src, pairs = work
     run = root / "hint"
-    overrides = ("teacher_mode=online", f'sources={{lfw = "{src}"}}', "mixup=0.5", "w_hint=2")
+    overrides = ("teacher_mode=online", f'sources={{lfw = "{src}"}}', "mixup=0.5", "teacher_mirror=true", "w_hint=2")
     train(config(pairs, 1, *overrides), run, progress=False, max_steps=2)
     record = metrics(run)[0]
     assert 0.0 < record["hint"] < 4.0  # 2 - 2 cos per cell

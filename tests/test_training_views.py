@@ -85,6 +85,23 @@ def test_a_mirrored_view_is_mirrored_for_both(setup):
     assert cosine(teacher_of(chips), ref_flip).mean() > 0.98
 
 
+def test_the_mirror_target_is_dlibs_flip_mean_and_the_same_for_a_view_and_its_mirror(setup):
+    """teacher_mirror: the target of a chip is the mean of the teacher's descriptors of it and of its mirror, so a
+    view and its mirror image get one target, the photo's flip-mean descriptor of the shipped reference."""
+    from training.loop import describe
+
+    _, views, ref, ref_flip = setup
+    _, chips, _ = views.draw(np.arange(12), 112, STILL, torch.Generator().manual_seed(0))
+    net = teacher_network()
+    with torch.no_grad():
+        mean, of_mirror = describe(net, chips, mirror=True), describe(net, chips.flip(-1), mirror=True)
+        plain, mirrored = describe(net, chips, mirror=False), describe(net, chips.flip(-1), mirror=False)
+    assert torch.allclose(mean, (plain + mirrored) / 2, atol=1e-5)
+    assert torch.allclose(mean, of_mirror, atol=1e-5)
+    assert cosine(mean.numpy(), (ref + ref_flip) / 2).min() > 0.99
+    assert cosine(plain.numpy(), mirrored.numpy()).min() < 0.999  # (so the mean is not the plain descriptor)
+
+
 def test_chip_matrix_is_dlibs_chip_mapping():
     import dlib
     from PIL import Image

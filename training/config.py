@@ -30,6 +30,9 @@ class TrainConfig:
     cutmix: float = 0.0  # online only: fraction of the rest given a rectangle of another aligned face (views.py)
     occlude: float = 0.0  # online only: fraction of all samples with a one-colour rectangle over part of the face
     degrade: float = 0.0  # online only: fraction of all samples whose photo is blurred (resampled at 35-100 %)
+    # online only: the target is the mean of the teacher's descriptors of the chip and of its mirror image: dlib's
+    # flip-mean (99.02 % against 98.79 % on LFW), and the student is served as the mean of a face and its mirror
+    teacher_mirror: bool = False
     augment_geometry: float = 1.0  # multiplies the rotation (8 deg), scale (8 %) and shift (6 %) ranges
     # model
     backbone: str = "mobilenet_v1"
@@ -116,6 +119,9 @@ class TrainConfig:
             if not 0.0 <= share < 1.0 or (share and self.teacher_mode != "online"):
                 raise ValueError(f"{name} must be in [0, 1) and needs teacher_mode=online (a cached target "
                                  "ignores what the view shows)")
+        if self.teacher_mirror is not False and (self.teacher_mirror is not True or self.teacher_mode != "online"):
+            raise ValueError(f"teacher_mirror must be true or false and needs teacher_mode=online (the cached "
+                             f"targets are of the plain and mirrored photo already), got {self.teacher_mirror!r}")
         geometry = self.augment_geometry
         if isinstance(geometry, bool) or not isinstance(geometry, int | float) or not 0.0 <= geometry <= 4.0:
             raise ValueError(f"augment_geometry must be in [0, 4], got {self.augment_geometry!r}")

@@ -119,6 +119,16 @@ def load_teacher_net(device: torch.device) -> nn.Module:
     return teacher_network().to(device, memory_format=torch.channels_last).requires_grad_(False)
 
 
+def describe(teacher_net: nn.Module, chips: torch.Tensor, mirror: bool) -> torch.Tensor:
+    """The teacher's descriptors of the chips, in float32; with ``mirror``, the mean with their mirror images'.
+
+    A hook on the teacher then sees the chips first and their mirrors after them."""
+    if not mirror:
+        return teacher_net(chips).float()
+    both = teacher_net(torch.cat([chips, chips.flip(-1)])).float()
+    return (both[:len(chips)] + both[len(chips):]) / 2
+
+
 def validate(bundle: Bundle, split: Split) -> tuple[dict, np.ndarray]:
     """The protocol on the held-out pairs, scored as the bundle scores (plain cosine while training: no cohort)."""
     emb = Embedder(bundle, flip=True).embed(split.val.crops)
@@ -344,7 +354,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                 teacher_tap = tapped(teacher_net.blocks[TEACHER_BLOCK]) if hint is not None else nullcontext([])
                 # full precision: the targets' small differences are the signal
                 with torch.no_grad(), teacher_tap as teacher_maps:
-                    online_target = teacher_net(chips.to(device, memory_format=torch.channels_last)).float() - centre
+                    chips = chips.to(device, memory_format=torch.channels_last)
+                    online_target = describe(teacher_net, chips, cfg.teacher_mirror) - centre
             else:
                 x, flipped = augment(crops[idx], cfg.resolution, gen)
             x = x.to(device, memory_format=memory_format)
@@ -372,7 +383,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                                     student_maps[0].shape[-1], teacher_maps[0].shape[-1])
                 with autocast:
                     projected = hint_net(student_maps[0])
-                h = hint_loss(projected, teacher_maps[0], grid)
+                h = hint_loss(projected, teacher_maps[0][:len(idx)], grid)  # (not the mirrors' maps)
                 loss = loss + cfg.w_hint * h
                 stats["hint"] = float(h.detach())
             pure = ~mixed.to(device)  # a blend has no single identity: the label terms use the unblended samples
