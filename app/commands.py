@@ -70,10 +70,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace, **extra: Any):
-    from app.settings import Settings
+    from app.settings import load_settings
 
     overrides = {"data_dir": args.data_dir, "weights": args.weights, **extra}
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.runtime import Runtime
-from app.settings import Settings
+from app.settings import Settings, load_settings
 from model.faces import FacePipeline
 
 VERSION = "0.1.0"
@@ -42,7 +42,7 @@ def configure_logging(level: str) -> None:
 def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
     """Build the app from ``settings`` (default: the ``VISAGE_*`` environment); ``pipeline`` lets tests share
     an already-loaded model."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
     configure_logging(settings.log_level)
     runtime = Runtime(settings, pipeline)
 

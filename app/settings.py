@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
@@ -100,6 +100,18 @@ class Settings(BaseSettings):
     def max_request_bytes(self) -> int:
         """Whole request body: two images (``/compare``) plus form fields."""
         return 2 * self.max_upload_bytes + 1024 * 1024
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment and ``overrides``. A bad value is one ValueError line naming each variable,
+    what it held and what it should be (pydantic's own message takes three lines a field, with a web link)."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"VISAGE_{'_'.join(map(str, e['loc'])).upper()}={e['input']!r}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"invalid settings: {problems}") from None
 
 
 def resolve_api_keys(settings: Settings) -> tuple[list[str], bool]:

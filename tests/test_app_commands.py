@@ -67,3 +67,14 @@ def test_reindex_of_a_folder_without_a_gallery_is_refused_and_creates_nothing(tm
     assert main(["reindex", "--data-dir", str(missing), "--json"]) == 2
     assert "no gallery at" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_a_bad_setting_is_one_line_naming_each_variable(monkeypatch, tmp_path, capsys):
+    """pydantic's own report takes three lines a field with a web link; the command names the variables."""
+    monkeypatch.setenv("VISAGE_PORT", "99999")
+    monkeypatch.setenv("VISAGE_MAX_PIXELS", "lots")
+    assert main(["serve", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "https://" not in err
+    assert "VISAGE_PORT='99999': Input should be less than or equal to 65535" in err
+    assert "VISAGE_MAX_PIXELS='lots': Input should be a valid integer" in err
