@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 import warnings
 from collections.abc import Iterator
@@ -296,6 +297,22 @@ def test_metrics_count_requests_by_route_and_gallery_size(client):
     assert 'route="unmatched"' in text and "/nowhere" not in text
     assert 'visage_http_request_duration_seconds_bucket{le="0.5",method="POST",route="/enroll"}' in text
     assert 'visage_gallery{kind="current_faces"} 1.0' in text and "visage_ready 1.0" in text
+
+
+def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplog):
+    """No traceback in the body, one in the log (not re-raised for the server to log again), and the metrics see
+    the 500 like any other answer."""
+
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    client.app.add_api_route("/boom", boom)
+    with caplog.at_level(logging.ERROR):
+        r = client.get("/boom")  # (TestClient re-raises what reaches the server: nothing must)
+    assert r.status_code == 500 and r.json()["error"] == "internal_error" and "secret" not in r.text
+    logged = [rec for rec in caplog.records if rec.exc_info]
+    assert len(logged) == 1 and "GET /boom" in logged[0].getMessage()
+    assert 'visage_http_requests_total{method="GET",route="/boom",status="500"} 1.0' in client.get("/metrics").text
 
 
 def test_openapi_documents_a_model_for_every_response(client):
