@@ -147,8 +147,11 @@ def test_eval_aligns_only_the_pairs_images_and_checks_the_folds(work, capsys):
 
     root, src, pairs = work
     assert main(["eval", "--pairs", str(pairs), "--images", str(src), "--roc", str(root / "roc_only"), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    report = json.loads(out)
     assert report["pairs"] == 4 and report["images"] == 8 and report["roc_png"] == str(root / "roc_only.png")
+    # 2 impostor pairs cannot measure FAR 1e-2 or 1e-3: both TARs are said to be stricter points
+    assert report["impostor_pairs"] == 2 and len(report["warnings"]) == 2 and err.count("warning: TAR @ FAR") == 2
     (cache,) = (root / "work" / "eval-cache").iterdir()
     assert len(load_prepared(cache).sources) == 8 < sum(1 for _ in src.rglob("*.jpg"))
     for folds in ("3", "0", "x"):

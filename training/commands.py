@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -274,7 +275,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = verify(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
     roc = plot_roc({f"{version} (AUC {result.auc:.4f})": (result.fpr, result.tpr)}, args.roc,
                    f"{args.pairs.name}: {len(pairs)} pairs")
+    impostors = sum(not p.same for p in pairs)
+    # with fewer than 1/FAR impostor pairs no impostor may pass: the TAR is at the highest impostor's score
+    warnings = [f"TAR @ FAR {far} rests on {impostors} impostor pairs, fewer than {round(1 / float(far))}: it is "
+                "the TAR above the highest impostor score, a stricter point than that FAR"
+                for far in result.tar_at_far if impostors * float(far) < 1]
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     out = {**result.to_dict(), "model": version, "images": len(names), "detection_fallbacks": fallbacks,
+           "impostor_pairs": impostors, "warnings": warnings,
            "metric": "negative euclidean distance" if bundle is None else bundle.scorer.tag, "roc_png": str(roc)}
     if args.json:
         print(json.dumps(out))
