@@ -307,6 +307,31 @@ def test_feature_hints_train_a_regressor_beside_the_student_that_resumes_and_is_
             load_config(None, refused)
 
 
+def test_sam_steps_with_another_gradient_and_counts_each_batch_once_in_batchnorm(work):
+    """sam: the step's first forward pass is the one without it, so after one step BatchNorm's running statistics
+    equal those of a run without SAM to the bit (the second pass, at the moved weights, must not count the batch
+    again), while the weights took another gradient; here with the online teacher, blends and hints, whose
+    regressor takes the second pass too. (Two steps cannot be compared: on a fresh network a 1e-9 move changes
+    the gradients at 1e-5, and the steps amplify it.)"""
+    import torch
+
+    root, src, pairs = work
+    recipe = ("teacher_mode=online", f'sources={{lfw = "{src}"}}', "mixup=0.5", "w_hint=1")
+    states = {}
+    for name, rho in (("off", 0), ("on", 0.05)):
+        train(config(pairs, 1, *recipe, f"sam={rho}"), root / f"sam_{name}", progress=False, max_steps=1)
+        ckpt = torch.load(root / f"sam_{name}" / "last.pt", weights_only=False)
+        states[name] = {**ckpt["model"], **{f"hint.{k}": v for k, v in ckpt["hint"].items()}}
+    statistics = [k for k in states["off"] if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in states["off"] if k.endswith(("weight", "bias"))]
+    assert len(statistics) > 50 and any(k.startswith("hint.") for k in statistics)
+    assert all(torch.equal(states["on"][k], states["off"][k]) for k in statistics)
+    assert sum(not torch.allclose(states["on"][k], states["off"][k]) for k in weights) > len(weights) / 2
+    for refused in ("sam=-0.1", "sam=2", "sam=true", "sam=nan"):
+        with pytest.raises(ValueError, match="sam must be"):
+            load_config(None, [refused])
+
+
 def test_torchrun_trains_with_the_same_command_on_two_cpu_processes(work):
     """DistributedDataParallel through torchrun (gloo on CPU, as NCCL on GPUs) with gpu.toml's recipe (online
     teacher, blends): two ranks share the batches, rank 0 alone writes the caches and validates, checkpoints and

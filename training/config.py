@@ -72,6 +72,9 @@ class TrainConfig:
     # exponential moving average of the weights (and BN statistics), updated every step with this decay; 0: off.
     # Validation and the bundle use the average: a cheap, within-run version of the soups in docs/TRAINING.md
     ema: float = 0.0
+    # sharpness-aware minimisation (training/sam.py): each step's gradient is taken at the worst point within this
+    # L2 radius of the weights; 0: off. It costs a second forward and backward of the student per step
+    sam: float = 0.0
     seed: int = 0
     threads: int = 0  # 0: torch's default
     # validate on the held-out pairs every this many epochs (and after the last): on a GPU one validation (CPU
@@ -130,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"val_every must be a whole number of epochs >= 1, got {self.val_every!r}")
         if isinstance(self.ema, bool) or not isinstance(self.ema, int | float) or not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1) (0: off), got {self.ema!r}")
+        if isinstance(self.sam, bool) or not isinstance(self.sam, int | float) or not 0.0 <= self.sam <= 1.0:
+            raise ValueError(f"sam must be a radius in [0, 1] (0: off; Foret et al. used 0.05), got {self.sam!r}")
         if self.w_triplet > 0 and self.k < 2:
             raise ValueError("the triplet term needs K >= 2 images per identity")
 

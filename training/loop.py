@@ -41,6 +41,7 @@ from training.losses import (
 from training.miners import MINERS
 from training.pairs import people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
+from training.sam import SharpnessAware, batchnorm_statistics_kept
 from training.sampler import PKSampler
 from training.teacher import TeacherCache, reference_cache, teacher_chip_matrices, teacher_network
 from training.views import ViewAugment, ViewSource, student_matrix
@@ -339,6 +340,43 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         centre = centre.to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+    sam = SharpnessAware(trained, cfg.sam) if cfg.sam > 0 else None
+
+    def objective(x: torch.Tensor, labels: torch.Tensor, mixed: torch.Tensor, target: torch.Tensor | None,
+                  idx: np.ndarray, teacher_map: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One batch's loss and its terms (as floats, for the log); ``mixed`` marks the blended samples."""
+        student_tap = tapped(model.body.features[STUDENT_LAYER]) if hint is not None else nullcontext([])
+        with autocast, student_tap as student_maps:
+            emb = net(x).float()
+        loss = emb.sum() * 0.0
+        stats: dict[str, float] = {}
+        if cfg.w_distill > 0:
+            d = distillation_loss(emb, target)
+            loss = loss + cfg.w_distill * d
+            stats["distill"] = float(d.detach())
+        if cfg.w_relation > 0:
+            r = similarity_distillation_loss(emb, target)
+            loss = loss + cfg.w_relation * r
+            stats["relation"] = float(r.detach())
+        if hint is not None:
+            grid = teacher_grid(views.student[idx], views.teacher[idx], cfg.resolution,
+                                student_maps[0].shape[-1], teacher_map.shape[-1])
+            with autocast:
+                projected = hint_net(student_maps[0])
+            h = hint_loss(projected, teacher_map, grid)
+            loss = loss + cfg.w_hint * h
+            stats["hint"] = float(h.detach())
+        pure = ~mixed  # a blend has no single identity: the label terms use the unblended samples
+        if cfg.w_proxy > 0:
+            c = proxy_margin_loss(emb[pure], labels[pure], proxies, cfg.proxy_scale, cfg.proxy_margin)
+            loss = loss + cfg.w_proxy * c
+            stats["proxy"] = float(c.detach())
+        if cfg.w_triplet > 0:
+            t, active = triplet_margin_loss(emb[pure], miner(emb[pure], labels[pure], cfg.margin), cfg.margin)
+            loss = loss + cfg.w_triplet * t
+            stats["triplet"], stats["active"] = float(t.detach()), active
+        return loss, stats
+
     t_start = time.time() - _previous_seconds(history, start_epoch)  # the clock continues across --resume
     for epoch in range(start_epoch, cfg.epochs):
         net.train()
@@ -359,44 +397,23 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             else:
                 x, flipped = augment(crops[idx], cfg.resolution, gen)
             x = x.to(device, memory_format=memory_format)
-            labels = labels_all[idx].to(device)
-            student_tap = tapped(model.body.features[STUDENT_LAYER]) if hint is not None else nullcontext([])
-            with autocast, student_tap as student_maps:
-                emb = net(x).float()
-            loss = emb.sum() * 0.0
-            stats = {}
+            target = None
             if cfg.uses_teacher:
                 if views is not None:
                     target = online_target
                 else:
                     target = torch.where(flipped[:, None], teacher_flip[idx], teacher[idx]).to(device)
-            if cfg.w_distill > 0:
-                d = distillation_loss(emb, target)
-                loss = loss + cfg.w_distill * d
-                stats["distill"] = float(d.detach())
-            if cfg.w_relation > 0:
-                r = similarity_distillation_loss(emb, target)
-                loss = loss + cfg.w_relation * r
-                stats["relation"] = float(r.detach())
-            if hint is not None:
-                grid = teacher_grid(views.student[idx], views.teacher[idx], cfg.resolution,
-                                    student_maps[0].shape[-1], teacher_maps[0].shape[-1])
-                with autocast:
-                    projected = hint_net(student_maps[0])
-                h = hint_loss(projected, teacher_maps[0][:len(idx)], grid)  # (not the mirrors' maps)
-                loss = loss + cfg.w_hint * h
-                stats["hint"] = float(h.detach())
-            pure = ~mixed.to(device)  # a blend has no single identity: the label terms use the unblended samples
-            if cfg.w_proxy > 0:
-                c = proxy_margin_loss(emb[pure], labels[pure], proxies, cfg.proxy_scale, cfg.proxy_margin)
-                loss = loss + cfg.w_proxy * c
-                stats["proxy"] = float(c.detach())
-            if cfg.w_triplet > 0:
-                t, active = triplet_margin_loss(emb[pure], miner(emb[pure], labels[pure], cfg.margin), cfg.margin)
-                loss = loss + cfg.w_triplet * t
-                stats["triplet"], stats["active"] = float(t.detach()), active
+            teacher_map = teacher_maps[0][:len(idx)] if hint is not None else None  # (not the mirrors' maps)
+            batch = (x, labels_all[idx].to(device), mixed.to(device), target, idx, teacher_map)
+            loss, stats = objective(*batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if sam is not None:  # the same batch again, at the worst point within rho of the weights
+                sam.ascend()
+                opt.zero_grad(set_to_none=True)
+                with batchnorm_statistics_kept(model, *([hint] if hint is not None else [])):
+                    objective(*batch)[0].backward()
+                sam.descend()
             opt.step()
             sched.step()
             if ema is not None:
