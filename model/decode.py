@@ -48,7 +48,8 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
     except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableImage(f"the image header is corrupt ({exc})") from exc
     if img.format not in SUPPORTED_FORMATS:
-        raise UnsupportedImageType(f"{img.format} images are not supported; send JPEG, PNG or WebP")
+        raise UnsupportedImageType(f"{img.format} images are not supported; send JPEG, PNG, WebP, BMP, TIFF, GIF or "
+                                   "PGM/PPM")
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
