@@ -48,12 +48,16 @@ def test_batchnorm_normalises_by_the_batch_but_keeps_its_statistics_in_the_secon
     bn = nn.BatchNorm1d(3).train()
     x = torch.randn(16, 3) * 5 + 2
     bn(x)
-    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    def statistics() -> list[torch.Tensor]:
+        return [bn.running_mean, bn.running_var, bn.num_batches_tracked]
+
+    kept = [b.clone() for b in statistics()]
     with batchnorm_statistics_kept(nn.Sequential(bn)):
         out = bn(x)
-    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+        assert not torch.equal(bn.running_mean, kept[0])  # (it did update them inside)
+    assert all(torch.equal(b, k) for b, k in zip(statistics(), kept, strict=True))
     assert torch.allclose(out.mean(0), torch.zeros(3), atol=1e-5)  # still the batch's own normalisation
-    assert bn.momentum == 0.1
     with pytest.raises(RuntimeError), batchnorm_statistics_kept(bn):
+        bn(torch.full((4, 3), float("inf")))  # a moved point gone wrong must not poison the statistics
         raise RuntimeError
-    assert bn.momentum == 0.1  # restored on the way out of an error too
+    assert all(torch.equal(b, k) for b, k in zip(statistics(), kept, strict=True))

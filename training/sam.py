@@ -41,14 +41,14 @@ class SharpnessAware:
 
 @contextmanager
 def batchnorm_statistics_kept(*models: nn.Module) -> Iterator[None]:
-    """BatchNorm layers still normalise by the batch but leave their running statistics as they are: the second
-    forward pass of a step sees the same batch and must not count it twice."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.momentum = 0.0
+    """BatchNorm layers still normalise by the batch, but their running statistics (and batch count) come out as
+    they went in: the second forward pass of a step sees the same batch and must not count it twice."""
+    layers = [m for model in models for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    kept = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
     try:
         yield
     finally:
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(layers, kept, strict=True):
+                m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
