@@ -127,9 +127,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 class UnexpectedErrors:
-    """ASGI middleware: anything no handler took becomes the 500 ``internal_error``, logged once with its
-    traceback. (An ``Exception`` handler would run in Starlette's outermost middleware, which re-raises after
-    answering, so uvicorn logged every such error a second time.)"""
+    """ASGI middleware, outermost: anything no handler took becomes the 500 ``internal_error``, logged once with
+    its traceback (the metrics middleware inside it counts a raise as a 500). An ``Exception`` handler would run
+    in Starlette's own outermost middleware, which re-raises after answering, so uvicorn logged it a second time."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 
 from app import __doc__ as app_doc
 from app.api import routes_faces, routes_health, routes_subjects
-from app.errors import UnexpectedErrors, install_error_handlers
+from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.runtime import Runtime
@@ -65,10 +65,9 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     )
     app.state.runtime = runtime
     app.state.metrics = Metrics()
-    install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    app.add_middleware(UnexpectedErrors)  # (again, outermost: an error in the two middlewares above as well)
+    install_error_handlers(app)  # last: its catch-all middleware goes outermost, round the two above as well
     app.include_router(routes_health.router)
     app.include_router(routes_faces.router)
     app.include_router(routes_subjects.router)
