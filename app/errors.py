@@ -47,6 +47,14 @@ class NameTaken(VisageError):
     status = 409
 
 
+class FaceOfImageEnrolled(VisageError):
+    """A subject holds one face per image: pointing at another face of an image already enrolled for it is
+    refused rather than answered with the stored face."""
+
+    code = "image_already_enrolled"
+    status = 409
+
+
 class NoCurrentFaces(VisageError):
     """The subject's faces were all embedded by another model version (run ``visage reindex``)."""
 

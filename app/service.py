@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import BadParameter
+from app.errors import BadParameter, FaceOfImageEnrolled
 from app.gallery import Gallery, SubjectHit
 from app.store import FaceRow, SubjectRef, SubjectRow, sha256
 from model.decode import decode_image
-from model.detect import DetectedFace, choose_face, face_at
+from model.detect import MIN_POINTED_IOU, DetectedFace, box_iou, choose_face, face_at
 from model.errors import NoFaceFound, VisageError
 from model.faces import Face, FacePipeline, align_faces
 
@@ -187,12 +187,21 @@ class FaceService:
         metadata: dict[str, Any] | None = None,
     ) -> EnrollResult:
         """Store one face of ``data`` for the subject (created if named and new). Idempotent per (subject,
-        image bytes): a repeat returns the stored face with ``created=False`` without running the model."""
+        image bytes): a repeat returns the stored face with ``created=False`` without running the model, unless
+        its ``face`` box points elsewhere in the image (409: one face per image and subject)."""
+        selector = selector or FaceSelector()
         digest = sha256(data)
         found = self.gallery.store.find_face(ref, digest)
         if found is not None:
-            return EnrollResult(found[0], found[1], created=False)
-        face = self.one_face(data, selector or FaceSelector())
+            stored, subject = found
+            if selector.box is not None and box_iou(stored.box, selector.box) <= MIN_POINTED_IOU:
+                raise FaceOfImageEnrolled(
+                    f"this image is already enrolled for subject {subject.name!r} as face {stored.id} at box "
+                    f"{list(stored.box)}, which the box {list(selector.box)} does not point at; a subject holds "
+                    f"one face per image: delete face {stored.id} first to enroll another face of it"
+                )
+            return EnrollResult(stored, subject, created=False)
+        face = self.one_face(data, selector)
         row, subject, created = self.gallery.store.add_face(
             ref,
             digest,

@@ -121,19 +121,23 @@ def choose_face(faces: list[DetectedFace], policy: str = "single") -> DetectedFa
     raise MultipleFaces(f"{len(faces)} faces were found; say which one (largest, or a box)")
 
 
+MIN_POINTED_IOU = 0.3  # a box given by a caller names the detected face it overlaps more than this
+
+
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two ``(left, top, right, bottom)`` boxes (0 when they do not meet)."""
+    left, top = max(a[0], b[0]), max(a[1], b[1])
+    right, bottom = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, right - left) * max(0.0, bottom - top)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def face_at(faces: list[DetectedFace], box: tuple[float, float, float, float]) -> DetectedFace:
     """The detected face that overlaps ``box`` best (intersection over union), for callers who point at one."""
     if not faces:
         raise NoFaceFound("no face was found in the image")
-
-    def iou(f: DetectedFace) -> float:
-        left, top = max(f.box[0], box[0]), max(f.box[1], box[1])
-        right, bottom = min(f.box[2], box[2]), min(f.box[3], box[3])
-        inter = max(0.0, right - left) * max(0.0, bottom - top)
-        union = f.area + (box[2] - box[0]) * (box[3] - box[1]) - inter
-        return inter / union if union > 0 else 0.0
-
-    best = max(faces, key=iou)
-    if iou(best) <= 0.3:
+    best = max(faces, key=lambda f: box_iou(f.box, box))
+    if box_iou(best.box, box) <= MIN_POINTED_IOU:
         raise NoFaceFound(f"no detected face overlaps the box {list(box)}")
     return best

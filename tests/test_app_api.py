@@ -103,6 +103,13 @@ def test_photos_with_several_faces_need_a_choice(client):
     assert largest["box"][0] == 20.0
     boxed = enroll(client, two, subject="y", face="150, 30, 230, 110")
     assert boxed["box"][0] == 140.0
+    # one face per image and subject: a retry pointing at the same face is idempotent, another face is refused
+    again = client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "145,25,235,115"})
+    assert again.status_code == 200 and again.json()["face_id"] == boxed["face_id"]
+    other = client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "20,20,120,120"})
+    is_error(other, 409, "image_already_enrolled")
+    assert f"face {boxed['face_id']}" in other.json()["detail"]
+    assert client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "largest"}).status_code == 200
     is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "500,0,600,50"}),
              422, "no_face_found")
     is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "3,2,1"}),

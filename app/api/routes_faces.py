@@ -52,6 +52,7 @@ ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, 
     responses={
         200: {"model": EnrollResponse, "description": "already enrolled (created: false)"},
         404: SUBJECT_ERRORS[404],
+        409: {"model": ErrorResponse, "description": "the image is enrolled for the subject with another face"},
     },
     summary="Add a face to a subject (created if new)",
 )
@@ -64,7 +65,8 @@ async def enroll(
     form: Annotated[EnrollForm, Form()],
 ) -> EnrollResponse:
     """Store one face of the image under the subject. A photo with several faces is refused unless ``face``
-    says which. The same image bytes for the same subject return the stored face with ``created: false``."""
+    says which. The same image bytes for the same subject return the stored face with ``created: false``
+    (a subject holds one face per image: a ``face`` box pointing at another face of it is a 409)."""
     ref = subject_ref(form.subject, form.subject_id)
     selector = FaceSelector.parse(form.face, "single")
     data = await read_upload(image, settings)
