@@ -122,7 +122,7 @@ def _progress(items: list, disable: bool, desc: str):
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from app.enroll import remote_enroller, run_batch, scan, write_failures
+    from app.enroll import remote_enroller, run_batch, scan, shown, write_failures
 
     settings = _settings(args)
     items = scan(args.dir)
@@ -161,7 +161,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         caption = (
             f"{report.seconds:.1f} s; failures in {failures_path}" if report.failures else f"{report.seconds:.1f} s"
         )
-        print_table(f"enroll {args.dir} -> {target}", ["", "count"], rows, caption=caption)
+        print_table(f"enroll {shown(args.dir)} -> {target}", ["", "count"], rows, caption=caption)
         if report.aborted:
             print(f"stopped early: {report.aborted}. Run the same command again to resume.", file=sys.stderr)
     return 1 if report.failures else 0

@@ -24,6 +24,7 @@ from model.errors import VisageError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"})
 FAILURE_COLUMNS = ("file", "subject", "error", "detail")
 CONNECTION_ATTEMPTS = 3
+NOT_READY_ATTEMPTS = 6  # a service still loading its model answers 503: wait for it (1 + 2 + ... + 16 s)
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,19 @@ class BatchReport:
         }
 
 
+def shown(path: Path | str) -> str:
+    """A path as printable UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate escapes, which
+    neither JSON, CSV nor an HTTP header can carry) are written as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class Abort(Exception):
     """Stop the whole batch (the service is unreachable or refuses the key): per-file errors do not."""
 
 
 def scan(root: Path) -> list[Item]:
-    """Every image under ``root/<subject>/``, sorted; the folder name is the subject name."""
+    """Every image under ``root/<subject>/``, sorted; the folder name is the subject name. A folder holding no
+    such image is an error: a mistyped path or layout must not end as "0 images, success"."""
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
     items = []
@@ -72,6 +80,11 @@ def scan(root: Path) -> list[Item]:
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
                 items.append(Item(path, folder.name))
+    if not items:
+        raise FileNotFoundError(
+            f"no images in {root}: expected one folder per subject, DIR/<subject>/<photo>, with photos ending in "
+            + ", ".join(sorted(IMAGE_SUFFIXES))
+        )
     return items
 
 
@@ -103,17 +116,30 @@ def remote_enroller(client: Any, face: str) -> Enroller:
 
     FaceSelector.parse(face)  # refuse a bad --face before the first request
 
-    def enroll(data: bytes, subject: str, filename: str) -> bool:
-        for attempt in range(1, CONNECTION_ATTEMPTS + 1):
+    def post(data: bytes, subject: str, filename: str) -> httpx.Response:
+        """One upload, retried while the service is unreachable (briefly) or still loading (503, longer)."""
+        transport_errors = not_ready = 0
+        while True:
             try:
                 response = client.post(
-                    "/enroll", files={"image": (filename, data)}, data={"subject": subject, "face": face}
+                    "/enroll", files={"image": (shown(filename), data)}, data={"subject": subject, "face": face}
                 )
-                break
             except httpx.TransportError as exc:
-                if attempt == CONNECTION_ATTEMPTS:
+                transport_errors += 1
+                if transport_errors == CONNECTION_ATTEMPTS:
                     raise Abort(f"the service at {client.base_url} is unreachable ({exc})") from exc
-                time.sleep(0.5 * 2**attempt)
+                time.sleep(0.5 * 2**transport_errors)
+                continue
+            if response.status_code != 503:
+                return response
+            not_ready += 1
+            if not_ready == NOT_READY_ATTEMPTS:
+                raise Abort(f"the service at {client.base_url} is not ready: {response.text[:200]}")
+            time.sleep(0.5 * 2**not_ready)
+
+    def enroll(data: bytes, subject: str, filename: str) -> bool:
+        subject = clean_name(subject)  # the service's own check, here: a name it cannot take is not sent
+        response = post(data, subject, filename)
         if response.status_code in (200, 201):
             return bool(response.json()["created"])
         try:
@@ -146,20 +172,20 @@ def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | No
         except Abort as exc:
             report.aborted = str(exc)
             report.failures.append(
-                {"file": str(item.path), "subject": item.subject, "error": "aborted", "detail": str(exc)}
+                {"file": shown(item.path), "subject": shown(item.subject), "error": "aborted", "detail": str(exc)}
             )
             break
         except VisageError as exc:
             report.failures.append(
-                {"file": str(item.path), "subject": item.subject, "error": exc.code, "detail": exc.detail}
+                {"file": shown(item.path), "subject": shown(item.subject), "error": exc.code, "detail": exc.detail}
             )
         except OSError as exc:
             report.failures.append(
                 {
-                    "file": str(item.path),
-                    "subject": item.subject,
+                    "file": shown(item.path),
+                    "subject": shown(item.subject),
                     "error": "unreadable_file",
-                    "detail": str(exc),
+                    "detail": shown(str(exc)),
                 }
             )
     report.seconds = time.perf_counter() - start

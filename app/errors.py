@@ -62,6 +62,13 @@ class NoCurrentFaces(VisageError):
     status = 409
 
 
+class StoreUnreadable(VisageError):
+    """The gallery's SQLite file is damaged or not a database at all."""
+
+    code = "store_unreadable"
+    status = 503
+
+
 class Unauthorized(VisageError):
     code = "unauthorized"
     status = 401

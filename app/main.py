@@ -32,7 +32,7 @@ log = logging.getLogger("visage")
 def configure_logging(level: str) -> None:
     """Give the ``visage.*`` loggers a handler like uvicorn's, unless the host application configured one."""
     logger = logging.getLogger("visage")
-    logger.setLevel(level.upper())
+    logger.setLevel(5 if level == "trace" else level.upper())  # uvicorn's TRACE is level 5
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))

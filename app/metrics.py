@@ -1,8 +1,9 @@
 """Prometheus metrics: request counts and latencies per route template, and the gallery's size.
 
 Each app gets its own registry (tests build several apps in one process). Routes are labelled by their
-template (``/subjects/{subject_id}``), and unknown paths all by ``unmatched``, so label cardinality stays
-bounded. With ``--workers N`` every worker counts its own requests (a scrape reaches one of them).
+template (``/subjects/{subject_id}``), unknown paths all by ``unmatched`` and made-up methods by ``other``, so
+label cardinality stays bounded. With ``--workers N`` every worker counts its own requests (a scrape reaches one
+of them).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -77,4 +79,5 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe(path, scope["method"], status, time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # clients invent methods
+            self.metrics.observe(path, method, status, time.perf_counter() - start)

@@ -62,7 +62,14 @@ class Settings(BaseSettings):
         "/verify latency and memory targets on 2 cores; 2 served ~30% more requests/s at 16 clients for ~40 MiB "
         "more and a slower single request (p50 ~105 ms; docs/BENCHMARKS.md section 6)"
     )
-    log_level: str = Field("info")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn's and Visage's log level"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("api_keys", mode="before")
     @classmethod

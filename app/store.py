@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import FaceNotFound, NameTaken, SubjectNotFound
+from app.errors import FaceNotFound, NameTaken, StoreUnreadable, SubjectNotFound
 
 SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
@@ -164,52 +164,80 @@ _SUBJECT_COLS = (
 
 
 class Store:
-    """SQLite access: thread-local connections for readers, one writer at a time (a lock in-process, SQLite's
-    ``BEGIN IMMEDIATE`` across processes)."""
+    """SQLite access: a pool of connections, one per concurrent transaction; one writer at a time (a lock
+    in-process, SQLite's ``BEGIN IMMEDIATE`` across processes)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._open: list[sqlite3.Connection] = []
+        self._idle: list[sqlite3.Connection] = []
         self._write_lock = threading.Lock()
-        with self.write() as conn:
-            for statement in SCHEMA:
-                conn.execute(statement)
-            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        try:
+            with self.write() as conn:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: say which file, not a traceback
+            self.close()
+            raise StoreUnreadable(
+                f"{self.path} is not a usable SQLite database ({exc}); restore it from a backup, or move it "
+                "away to start an empty gallery"
+            ) from exc
 
     # -- connections and transactions ------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         return conn
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A pooled connection, held for one transaction. The pool grows to the peak number of concurrent
+        transactions whatever threads run them: one connection per thread leaked a connection (two file
+        handles) for every worker thread the server's thread pool retired."""
+        with self._pool_lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self._connect()
+            with self._pool_lock:
+                self._open.append(conn)
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:  # a failed COMMIT: never hand on a connection inside a transaction
+                conn.execute("ROLLBACK")
+            with self._pool_lock:
+                if conn in self._open:  # not closed meanwhile
+                    self._idle.append(conn)
+
+    @property
+    def open_connections(self) -> int:
+        with self._pool_lock:
+            return len(self._open)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: every SELECT inside sees the same snapshot."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        with self._connection() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, committed (and synced) on success, rolled back on any exception."""
-        with self._write_lock:
-            conn = self._conn()
+        with self._write_lock, self._connection() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -219,11 +247,11 @@ class Store:
             conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
+        with self._pool_lock:
+            for conn in self._open:
                 conn.close()
-            self._conns.clear()
-        self._local = threading.local()
+            self._open.clear()
+            self._idle.clear()
 
     # -- subjects --------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import re
+import sqlite3
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args, exc.code, exc.detail)
     except (OSError, ValueError) as exc:  # a missing file, a folder given for a file, a bad value...
         _fail(args, error_code(exc), str(exc))
+    except sqlite3.Error as exc:  # the gallery's database: locked past the busy timeout, disk full, damaged
+        _fail(args, "database_error", f"database error: {exc}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -231,6 +231,14 @@ def test_subjects_list_get_rename_delete(client):
     renamed = client.patch("/subjects/1", json={"name": "  Alice  ", "metadata": {"k": 1}}).json()
     assert renamed["name"] == "Alice" and renamed["metadata"] == {"k": 1}
     is_error(client.patch("/subjects/2", json={"name": "Alice"}), 409, "name_taken")
+    # metadata that could be stored but never answered again: refused, and nothing is stored
+    deep: dict = {"k": 1}
+    for _ in range(40):
+        deep = {"d": deep}
+    for bad in ('{"metadata": {"note": "\\ud800"}}', json.dumps({"metadata": deep})):
+        is_error(client.patch("/subjects/1", content=bad.encode(), headers={"content-type": "application/json"}),
+                 422, "bad_parameter")
+    assert client.get("/subjects/1").json()["metadata"] == {"k": 1} and client.get("/subjects").status_code == 200
     assert client.delete(f"/subjects/1/faces/{second['face_id']}").json() == {
         "face_id": second["face_id"], "subject_id": 1}
     assert client.delete("/subjects/2").json() == {"subject_id": 2, "deleted_faces": 1}
@@ -298,7 +306,10 @@ def test_metrics_count_requests_by_route_and_gallery_size(client):
     client.get("/subjects/1")
     client.get("/subjects/99")
     client.get("/nowhere/1")
+    for made_up in ("FOOA", "FOOB"):
+        client.request(made_up, "/healthz")
     text = client.get("/metrics").text
+    assert 'method="other"' in text and "FOO" not in text  # invented methods cannot grow the label set
     assert 'visage_http_requests_total{method="POST",route="/enroll",status="201"} 1.0' in text
     assert 'visage_http_requests_total{method="GET",route="/subjects/{subject_id}",status="404"} 1.0' in text
     assert 'route="unmatched"' in text and "/nowhere" not in text

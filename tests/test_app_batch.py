@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import sqlite3
 import warnings
 
+import httpx
 import pytest
 from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
 
-from app.enroll import local_enroller, remote_enroller, run_batch, scan, write_failures
+from app.enroll import Abort, local_enroller, remote_enroller, run_batch, scan, write_failures
 from app.errors import NoCurrentFaces
 from app.main import create_app
 from app.runtime import open_service
@@ -41,6 +44,49 @@ def test_scan_takes_subject_folders_only(folder):
         ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("junk", "bad.jpg"), ("pair", "two.png")]
     with pytest.raises(FileNotFoundError):
         scan(folder / "missing")
+    (folder / "empty" / "nested" / "deeper").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no images in .*DIR/<subject>/<photo>"):
+        scan(folder / "empty")  # a wrong path or layout is an error, not "0 images, success"
+
+
+def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path, folder):
+    """Folder and file names are bytes on Linux: a subject name that is not text is a failure row, a file name that
+    is not UTF-8 still enrolls, and the failures CSV and the summary can be written (it was a crash)."""
+    (folder / os.fsdecode(b"inv\xff")).mkdir()
+    (folder / os.fsdecode(b"inv\xff") / "a.png").write_bytes(png(GREEN))
+    (folder / "alice" / os.fsdecode(b"f\xfe.png")).write_bytes(png(RED, width=350))
+    settings = Settings(data_dir=tmp_path / "data")
+    service = open_service(settings, with_index=False, pipeline=fake_pipeline())
+    local = run_batch(scan(folder), local_enroller(service, "single"))
+    service.gallery.close()
+    app = create_app(Settings(data_dir=tmp_path / "remote", api_keys="k"), pipeline=fake_pipeline())
+    with TestClient(app, base_url="http://visage", headers={"X-API-Key": "k"}) as client:
+        app.state.runtime.wait_ready(30)
+        remote = run_batch(scan(folder), remote_enroller(client, "single"))
+    for report in (local, remote):
+        assert report.created == 4 and report.aborted is None  # alice's odd file name included
+        odd = [f for f in report.failures if f["error"] == "bad_parameter"]
+        assert [(f["subject"], os.path.basename(f["file"])) for f in odd] == [("inv\\xff", "a.png")]
+        write_failures(tmp_path / "failures.csv", report.failures)
+        assert len(list(csv.DictReader((tmp_path / "failures.csv").open()))) == 3
+        json.dumps(report.to_dict(), ensure_ascii=False)
+
+
+def test_remote_batch_waits_for_a_service_that_is_still_loading(monkeypatch):
+    monkeypatch.setattr("app.enroll.time.sleep", lambda s: None)
+    answers = iter([503, 503, 201])
+
+    def service(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        body = {"created": True} if status == 201 else {"error": "not_ready", "detail": "loading"}
+        return httpx.Response(status, json=body)
+
+    with httpx.Client(base_url="http://visage", transport=httpx.MockTransport(service)) as client:
+        assert remote_enroller(client, "single")(png(RED), "alice", "a.png") is True
+    never_ready = httpx.MockTransport(lambda r: httpx.Response(503, json={"error": "not_ready", "detail": "x"}))
+    client = httpx.Client(base_url="http://visage", transport=never_ready)
+    with client, pytest.raises(Abort, match="not ready"):
+        remote_enroller(client, "single")(png(RED), "alice", "a.png")
 
 
 def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder):

@@ -3,6 +3,7 @@ tested against a real uvicorn in test_app_e2e.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import uvicorn
@@ -73,8 +74,22 @@ def test_a_bad_setting_is_one_line_naming_each_variable(monkeypatch, tmp_path, c
     """pydantic's own report takes three lines a field with a web link; the command names the variables."""
     monkeypatch.setenv("VISAGE_PORT", "99999")
     monkeypatch.setenv("VISAGE_MAX_PIXELS", "lots")
+    monkeypatch.setenv("VISAGE_LOG_LEVEL", "bogus")  # was uvicorn's KeyError traceback at start-up
     assert main(["serve", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "https://" not in err
     assert "VISAGE_PORT='99999': Input should be less than or equal to 65535" in err
     assert "VISAGE_MAX_PIXELS='lots': Input should be a valid integer" in err
+    assert "VISAGE_LOG_LEVEL='bogus': Input should be 'critical', 'error'" in err
+
+
+def test_a_damaged_gallery_database_is_one_line_and_json_says_why(tmp_path, capsys):
+    """`visage enroll` on a data folder whose visage.db is not a database: was a sqlite3 traceback, no JSON."""
+    (tmp_path / "photos" / "alice").mkdir(parents=True)
+    (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "visage.db").write_bytes(b"not a database " * 200)
+    code = main(["enroll", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "data"), "--json", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert json.loads(out)["error"] == "store_unreadable" and "visage.db is not a usable SQLite database" in err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from app_helpers import DIM, REPO, near, unit
 
-from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, SubjectNotFound
+from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
 from app.index import FaceIndex, IndexConfig
 from app.store import Store, SubjectRef
@@ -58,6 +58,41 @@ def test_store_add_is_idempotent_keeps_the_image_and_cleans_it_up(tmp_path):
         store.add_face(SubjectRef(id=999), "x", None, vec, V1, (0, 0, 1, 1), 1.0)
     with pytest.raises(FaceNotFound):
         store.delete_face(first[0].id)
+
+
+def test_store_connections_are_pooled_not_kept_per_thread(tmp_path):
+    """A server's thread pool retires idle threads and starts new ones: the store must not keep one connection
+    (two file handles) per thread it ever saw, only as many as ran transactions at once."""
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1, 0))
+    for _ in range(20):  # twenty short-lived threads, one after the other
+        worker = threading.Thread(target=lambda: store.list_subjects(limit=10))
+        worker.start()
+        worker.join()
+    assert store.open_connections == 1
+    barrier = threading.Barrier(4)
+
+    def together() -> None:
+        with store.read() as conn:
+            barrier.wait(timeout=10)  # four transactions open at the same time
+            conn.execute("SELECT COUNT(*) FROM faces").fetchone()
+
+    workers = [threading.Thread(target=together) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert store.open_connections == 4
+    store.close()
+    assert store.open_connections == 0
+    assert store.subject(SubjectRef(name="alice")).face_count == 1  # usable again after close
+
+
+def test_a_damaged_database_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "visage.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreUnreadable, match="visage.db is not a usable SQLite database"):
+        Store(path)
 
 
 def test_store_subjects_page_rename_and_generation(tmp_path):

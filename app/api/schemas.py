@@ -16,13 +16,33 @@ MAX_METADATA_BYTES = 16 * 1024
 FACE_HELP = "which face: 'single' (refuse several), 'largest', or a box 'left,top,right,bottom' in pixels"
 
 
+MAX_METADATA_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion: the input may be deep on purpose."""
+    depth, level = 0, [value]
+    while level:
+        level = [c for v in level if isinstance(v, dict | list) for c in (v.values() if isinstance(v, dict) else v)]
+        depth += 1
+    return depth - 1
+
+
 def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Metadata that is stored must also be answerable: standard JSON, valid UTF-8 text, bounded in size and
+    depth (what passes here is what every later ``GET`` can serialise)."""
     if value is None:
         return value
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise ValueError(f"metadata may nest at most {MAX_METADATA_DEPTH} levels deep")
     try:
-        size = len(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except ValueError:
         raise ValueError("metadata must be standard JSON (NaN and Infinity are not)") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("metadata must be valid Unicode text (a lone surrogate such as \\ud800 is not)") from None
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is limited to {MAX_METADATA_BYTES} bytes of JSON")
     return value
