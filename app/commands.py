@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.console import add_json_flag, print_json, print_table
+from model.console import add_json_flag, positive_int, print_json, print_table
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
     )
     p.add_argument("--host", help="bind address (default: VISAGE_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: VISAGE_PORT or 8000)")
-    p.add_argument("--workers", type=int, help="worker processes, each with its own model (default: 1)")
+    p.add_argument("--workers", type=positive_int, help="worker processes, each with its own model (default: 1)")
     _add_common(p)
     p.set_defaults(func=cmd_serve)
 

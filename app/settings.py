@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+from model.errors import validation_problems
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 KEY_FILE = "api_key"
@@ -115,9 +116,7 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"VISAGE_{'_'.join(map(str, e['loc'])).upper()}={e['input']!r}: {e['msg']}" for e in exc.errors()
-        )
+        problems = validation_problems(exc.errors(), lambda loc: f"VISAGE_{'_'.join(map(str, loc)).upper()}")
         raise ValueError(f"invalid settings: {problems}") from None
 
 

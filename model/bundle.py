@@ -106,9 +106,15 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     }
     if bundle.score_norm is not None and bundle.score_norm.enabled:
         payload["score_norm"] = bundle.score_norm.to_payload()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the weights file's path")
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -6,6 +6,8 @@ upload is always a clear 4xx and never a crash.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class VisageError(Exception):
     """Base class: ``code`` is a stable machine-readable name, ``status`` the HTTP status it maps to."""
@@ -69,3 +71,9 @@ class WeightsError(VisageError):
 
     code = "weights_error"
     status = 500
+
+
+def validation_problems(errors: list[dict], name: Callable[[tuple], str]) -> str:
+    """pydantic's ``ValidationError.errors()`` as one line, ``NAME='value': what it should be; ...``: its own
+    message takes three lines a field with a web link, and names fields as code does, not as users typed them."""
+    return "; ".join(f"{name(tuple(e['loc']))}={e['input']!r}: {e['msg']}" for e in errors)

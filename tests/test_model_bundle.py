@@ -111,6 +111,10 @@ def test_save_is_atomic_and_overwrites(net_and_path, tmp_path):
     save_bundle(bundle_from_model(net, ModelConfig(), {"model_version": "v2"}), path)
     assert load_bundle(path).model_version == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["w.pt"]  # no temp file left behind
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # was a rename error, and a 4 MB temp file left
+        save_bundle(bundle_from_model(net, ModelConfig()), tmp_path / "folder.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pt", "w.pt"]
 
 
 def test_missing_file_is_a_weights_error(tmp_path):

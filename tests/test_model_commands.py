@@ -148,6 +148,8 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
         (["cost", "--head", "embedding", "--embedding-dim", "-5"], "--embedding-dim must be from 8 to 4096"),
         (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
         (["soup", "--set", "score_k=4", "{folder}/a.pt", "--out", "{folder}/x.pt"], "weights file not found"),
+        (["eval", "--pairs", "p.txt", "--images", "x", "--teacher", "dlib", "--weights", "w.pt"],
+         "--weights and --prepared are the student's options"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_and_json_says_why(tmp_path, capsys, args, message):
@@ -159,6 +161,20 @@ def test_bad_arguments_are_one_line_errors_and_json_says_why(tmp_path, capsys, a
     assert main([*args, "--json"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert message in out["detail"] and re.fullmatch("[a-z_]+", out["error"])
+
+
+def test_bad_training_settings_and_counts_are_one_line_errors(tmp_path, capsys):
+    """A wrong type or range in a setting was a traceback deep in the loop (threads=abc) or a useless run
+    (epochs=-3); a count of 0 workers or steps silently meant "the default" or "no cap"."""
+    config = ["train", "--config", "training/configs/default.toml", "--run-dir", str(tmp_path)]
+    assert main([*config, "threads=abc", "epochs=-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "threads='abc': Input should be a valid integer" in err and "epochs=-3: Input should be greater" in err
+    for args in (["prepare", str(tmp_path), str(tmp_path / "out"), "--workers", "0"], [*config, "--max-steps", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_error_codes_are_snake_case_and_json_is_strict(capsys):

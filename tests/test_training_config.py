@@ -86,9 +86,9 @@ def test_unknown_keys_are_refused(tmp_path):
         ("miner=hardest", "miner"),
         ("optimizer=rmsprop", "optimizer"),
         ("k=1", "K >= 2"),
-        ("w_triplet=-1", "weights"),
-        ("w_relation=-0.5", "weights"),
-        ("w_proxy=-1", "weights"),
+        ("w_triplet=-1", "w_triplet=-1: Input should be greater than or equal to 0"),
+        ("w_relation=-0.5", "w_relation"),
+        ("w_proxy=-1", "w_proxy"),
         ("augment_geometry=-1", "augment_geometry"),
         ("augment_geometry=5", "augment_geometry"),
         ("augment_geometry=true", "augment_geometry"),
@@ -102,6 +102,20 @@ def test_unknown_keys_are_refused(tmp_path):
         ("test_time_shift=15", "test_time_shift"),
         ("test_time_shift=1.5", "test_time_shift"),
         ("test_time_shift=true", "test_time_shift"),
+        # every field's type and range, one line each (these were tracebacks, or a silent useless run)
+        ("threads=abc", "threads='abc': Input should be a valid integer"),
+        ("threads=-1", "threads=-1: Input should be greater than or equal to 0"),
+        ('prepared="x"', "prepared='x': Input should be a valid dictionary"),
+        ("epochs=1.5", "epochs=1.5: Input should be a valid integer"),
+        ("epochs=0", "epochs=0: Input should be greater than or equal to 1"),
+        ("seed=abc", "seed='abc'"),
+        ("margin=-5", "margin"),
+        ('lr="fast"', "lr='fast': Input should be a valid number"),
+        ("lr=-1", "lr=-1: Input should be greater than or equal to 0"),
+        ("score_k=0", "score_k"),
+        ("score_cohort=-5", "score_cohort"),
+        ("p=1", "p=1"),
+        ("mixup=true teacher_mode=online", "mixup=True: Input should be a valid number"),
     ],
 )
 def test_bad_values_are_refused(override, message):
@@ -122,7 +136,7 @@ def test_distillation_only_runs_need_no_pairs_of_images():
 
 
 def test_a_run_needs_some_loss_and_reads_the_teacher_only_when_a_term_uses_it():
-    with pytest.raises(ValueError, match="not all 0"):
+    with pytest.raises(ValueError, match="must not all be 0"):
         load_config(None, ["w_triplet=0", "w_distill=0"])
     assert not load_config(None, ["w_distill=0"]).uses_teacher
     relation_only = load_config(None, ["w_triplet=0", "w_distill=0", "w_relation=10", "k=1"])
@@ -158,3 +172,24 @@ def test_val_folds_must_be_a_list_of_1_based_fold_numbers(override):
     epoch fails), 7 (not a list) fails with a TypeError inside load_split."""
     with pytest.raises(ValueError, match="val_folds"):
         load_config(None, [override])
+
+
+def test_a_broken_or_binary_config_file_is_named(tmp_path):
+    broken, binary = tmp_path / "broken.toml", tmp_path / "binary.toml"
+    broken.write_text("epochs = \n")
+    binary.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=r"broken.toml is not valid TOML: Invalid value \(at line 1"):
+        load_config(broken)
+    with pytest.raises(ValueError, match="binary.toml is not a TOML config: not UTF-8 text"):
+        load_config(binary)
+
+
+def test_resume_needs_a_checkpoint_and_max_steps_a_positive_count(tmp_path):
+    """A mistyped run folder with --resume used to start a fresh run of hours; --max-steps 0 a full epoch."""
+    from training.loop import train
+
+    with pytest.raises(FileNotFoundError, match="nothing to resume: no checkpoint .*last.pt"):
+        train(load_config(), tmp_path / "typo", resume=True)
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        train(load_config(), tmp_path / "run", max_steps=0)
+    assert not (tmp_path / "typo").exists()

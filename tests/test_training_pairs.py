@@ -105,3 +105,10 @@ def test_people_in_folds_are_disjoint_across_folds(dev_pairs):
         for j in range(i + 1, 8):
             assert not people[i] & people[j], (i, j, sorted(people[i] & people[j])[:5])
     assert "Joseph_Biden" in people[2]  # README: Biden is in View 2 fold 3 (1-based)
+
+
+def test_a_binary_file_given_as_pairs_is_named(tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0 not text")
+    with pytest.raises(ValueError, match="photo.jpg is not a pairs file: not UTF-8 text"):
+        read_pairs(path)

@@ -328,7 +328,7 @@ def test_sam_steps_with_another_gradient_and_counts_each_batch_once_in_batchnorm
     assert all(torch.equal(states["on"][k], states["off"][k]) for k in statistics)
     assert sum(not torch.allclose(states["on"][k], states["off"][k]) for k in weights) > len(weights) / 2
     for refused in ("sam=-0.1", "sam=2", "sam=true", "sam=nan"):
-        with pytest.raises(ValueError, match="sam must be"):
+        with pytest.raises(ValueError, match="sam="):
             load_config(None, [refused])
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.console import add_json_flag, print_json, print_table
+from model.console import add_json_flag, positive_int, print_json, print_table
 from training.prepare import DEFAULT_PAD
 
 if TYPE_CHECKING:
@@ -24,10 +24,11 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="align a folder-per-identity photo set into 112x112 crops + manifest",
                        description="SRC/<identity>/<image> -> DST/crops/... aligned with MTCNN's 5 landmarks, and "
                        "DST/manifest.csv with identity, source, detection score and failure reason. Resumable: "
-                       "re-running skips finished images.")
+                       "re-running skips finished images. Exit status 1 when some images failed (their manifest rows "
+                       "say why), 0 when every image has a crop.")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core)")
     p.add_argument("--pad", type=float, default=DEFAULT_PAD,
                    help=f"grey border added on each side, as a fraction of the image (0 to 1, default {DEFAULT_PAD}), "
                    "so tight crops give the detector context (0.28 turns a 160 px LFW crop back into its 250 px "
@@ -56,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=5 alpha=0.25 miner=semi_hard")
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, plots, bundle.pt")
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
-    p.add_argument("--max-steps", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--export", action="store_true",
                    help="do not train: turn RUN_DIR/last.pt into a calibrated bundle (RUN_DIR/bundle-epochN.pt)")
     p.set_defaults(func=cmd_train)
@@ -98,7 +99,8 @@ def register(sub) -> None:
                    help="aligned crops from `visage prepare` (default: the pairs' images are aligned once and cached "
                    "under the work dir)")
     p.add_argument("--roc", type=Path, default=Path("roc.png"),
-                   help="where to write the ROC curve, a PNG (default roc.png in the current folder)")
+                   help="where to write the ROC curve, a PNG (default roc.png in the current folder; a folder: "
+                   "roc.png in it)")
     add_json_flag(p)
     p.set_defaults(func=cmd_eval)
 
@@ -120,7 +122,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     else:
         print_table(f"prepared {args.src} -> {args.dst}", ["images", "already done", "detected", "fallback", "failed"],
                     [(s.total, s.done_before, s.detected, s.fallback, s.failed)], caption=f"manifest: {s.manifest}")
-    return 0
+        if s.failed:
+            print(f"{s.failed} images failed: their rows in {s.manifest} have status 'failed' and say why",
+                  file=sys.stderr)
+    return 1 if s.failed else 0  # as enroll and teacher-embed: a script can tell a partial success
 
 
 def cmd_teacher_embed(args: argparse.Namespace) -> int:
@@ -178,6 +183,8 @@ def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) ->
     from training.config import load_config
     from training.loop import calibrate_bundle, load_split
 
+    if args.out.is_dir():  # found now, not after the calibration's minutes of embedding
+        raise IsADirectoryError(f"--out {args.out} is a folder; give the weights file's path")
     recipe = bundle.metadata.get("recipe") or {}
     # the embedding stays as it is unless asked: a bundle's own views (none before session 9) over its recipe's
     cfg = load_config(args.config, args.overrides, base={**recipe, "test_time_shift": bundle.test_time_shift})
@@ -259,6 +266,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import plot_roc, verify
     from training.pairs import read_pairs
 
+    if args.teacher and (args.weights or args.prepared):
+        raise ValueError("--teacher dlib evaluates dlib's own network on its own chips: --weights and --prepared "
+                         "are the student's options")
+    if args.roc.is_dir():
+        args.roc = args.roc / "roc.png"
     n_folds, pairs = read_pairs(args.pairs)
     if args.folds:
         wanted = parse_folds(args.folds, n_folds)

@@ -265,6 +265,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     """Train, validating every ``val_every`` epochs and after the last; returns the final weights bundle's path."""
     from tqdm import tqdm
 
+    if resume and not (Path(run_dir) / "last.pt").is_file():  # a mistyped run folder must not start hours afresh
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(run_dir) / 'last.pt'}; drop --resume to "
+                                "start a new run there")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if cfg.threads:
@@ -295,10 +300,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         opt, lambda s: lr_factor(s, total, int(cfg.warmup_epochs * steps_per_epoch)))
     start_epoch, history = 0, []
     ckpt_path = run_dir / "last.pt"
-    if cfg.init_weights and not (resume and ckpt_path.exists()):
+    if cfg.init_weights and not resume:
         model.load_state_dict(initial_weights(cfg))
     ema = weight_average(model, cfg.ema)
-    if resume and ckpt_path.exists():
+    if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if bool(ckpt["config"].get("w_hint")) != (hint is not None):  # the optimiser holds the regressor or not
             raise ValueError(f"{ckpt_path} was trained with w_hint={ckpt['config'].get('w_hint', 0)}: resume it "

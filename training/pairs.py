@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.paths import read_text
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -20,7 +22,8 @@ def lfw_image(name: str, number: int | str, ext: str = ".jpg") -> str:
 
 def read_pairs(path: str | Path) -> tuple[int, list[Pair]]:
     """Parse a pairs file in LFW format; the header gives the number of folds and pairs per class per fold."""
-    numbered = [(no, ln.split("\t")) for no, ln in enumerate(Path(path).read_text().splitlines(), 1) if ln.strip()]
+    lines = read_text(path, "pairs file").splitlines()
+    numbered = [(no, ln.split("\t")) for no, ln in enumerate(lines, 1) if ln.strip()]
     header = "the first line must be '<folds>\\t<pairs per fold and class>', two whole numbers above 0"
     if not numbered or len(numbered[0][1]) != 2:
         raise ValueError(f"{path}: {header}")

@@ -20,3 +20,11 @@ def teacher_reference() -> Path:
 def work_dir() -> Path:
     """Prepared crops, caches, runs: ``$VISAGE_WORK_DIR`` or ``<repo>/data/work`` (git-ignored)."""
     return Path(os.environ.get("VISAGE_WORK_DIR") or REPO_ROOT / "data" / "work")
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """A text file the user named (a config, a pairs file): one that is not UTF-8 is an error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a {what}: not UTF-8 text (byte {exc.start})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -198,11 +199,22 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         if new_file:
             writer.writeheader()
         jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
+        # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers start
+        # inside map(), and inherit SIGINT ignored: without it each printed its own KeyboardInterrupt traceback.
+        default_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            results = pool.map(_process_chunk, jobs)
+        finally:
+            signal.signal(signal.SIGINT, default_handler)
         with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
-            for rows in pool.map(_process_chunk, jobs):
-                writer.writerows(rows)
-                fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
-                bar.update(len(rows))
+            try:
+                for rows in results:
+                    writer.writerows(rows)
+                    fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
+                    bar.update(len(rows))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
+                raise
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], str(manifest))
