@@ -8,7 +8,8 @@ not dlib, not the package's own dependencies. Everything the online-teacher reci
 - the manifests ``visage prepare`` wrote (landmarks, hashes), xz-compressed;
 - dlib's descriptor network as float16 (descriptors within 6e-4 relative L2 of float32: bench/gpu/README.md);
 - the teacher descriptors (online, only their mean is used: the centring vector) as float16;
-- the teacher chip framings (found with dlib's landmark model, which stays here).
+- the teacher chip framings (found with dlib's landmark model, which stays here);
+- beside it, in ``.gpu/wheels``, the wheels of the packages the device lacks (``wheels.py``).
 
 Usage: VISAGE_WORK_DIR=... python bench/gpu/pack.py [QUALITY]
 """
@@ -22,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
+import wheels
 from payload import CONFIG, PAYLOAD
 from PIL import Image
 
@@ -69,6 +71,7 @@ def main(quality: int) -> None:
     (OUT / "pairs_dev.txt").write_bytes((shared_data() / cfg.pairs).read_bytes())
     sizes = {p.name: p.stat().st_size for p in sorted(OUT.iterdir())}
     print(sizes, f"total {sum(sizes.values()) / 2**20:.1f} MiB")
+    wheels.main()
 
 
 if __name__ == "__main__":

@@ -3,4 +3,5 @@
 from pathlib import Path
 
 PAYLOAD = Path(__file__).resolve().parents[2] / ".gpu" / "payload"  # git-ignored; carried to the device
+WHEELS = PAYLOAD.parent / "wheels"  # packages the device lacks (wheels.py), carried with the payload
 CONFIG = "training/configs/gpu.toml"

@@ -15,6 +15,11 @@ say() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$LOG"; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, numpy, PIL; print(torch.__version__, numpy.__version__, PIL.__version__, torch.cuda.is_available())"
   nproc; } >> "$LOG" 2>&1
+if ! $PY -c "import pydantic" 2> /dev/null; then  # pydantic & co. (bench/gpu/wheels.py): not in the device's image
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl \
+    >> "$LOG" 2>&1 || { say "installing .gpu/wheels failed"; tail -20 "$LOG"; exit 1; }
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 STAMP=$(cat .gpu/payload/*.npy | md5sum)
 if [ "$(cat "$W/payload.md5" 2>/dev/null)" != "$STAMP" ]; then  # a warm machine keeps the last call's work dir
   $PY bench/gpu/unpack.py >> "$LOG" 2>&1 || { say "unpack failed"; tail -30 "$LOG"; exit 1; }
