@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeLimits
+from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PILLOW_MAX_PIXELS, DecodeLimits
 from model.errors import validation_problems
 
 IndexType = Literal["flat", "hnsw", "ivf"]
@@ -55,7 +55,9 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(False, description="ask for the API key on /metrics too")
     max_upload_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1024, description="largest accepted image file")
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=10_000, description="largest accepted width x height")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=10_000, le=PILLOW_MAX_PIXELS, description="largest accepted width x height"
+    )
     default_far: str = Field("1e-3", description="false-accept rate whose calibrated threshold is the default")
     store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
     inference_threads: int = Field(

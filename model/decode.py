@@ -19,6 +19,12 @@ from model.errors import EmptyImage, ImageTooLarge, UnreadableImage, Unsupported
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "PPM"})  # PPM: .pgm/.ppm
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4000x2249 photo is 9 Mpx; a 20000x20000 bomb is 400 Mpx
+# Pillow refuses to open anything over twice its MAX_IMAGE_PIXELS whatever we allow: the highest usable limit
+PILLOW_MAX_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 0) or 2**62
+# Below that Pillow only warns; the limit that counts is ours, checked from the header right after opening.
+# Set once for the process: warnings.catch_warnings() per call is not thread-safe, and the service decodes on
+# several threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 BACKGROUND = (128, 128, 128)  # transparent pixels become mid-grey, as on the training canvas
 
 
@@ -38,10 +44,8 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(f"the file is {len(data)} bytes; the limit is {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image declares too many pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise UnreadableImage("the file is not an image in a format Visage can read") from exc

@@ -149,6 +149,17 @@ def test_pixel_and_byte_limits():
     assert decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=4000 * 2249)).size == (4000, 2249)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # what the service ignores too
+def test_our_pixel_limit_counts_above_pillows_warning_threshold(monkeypatch):
+    """Pillow warns over MAX_IMAGE_PIXELS (89 Mpx) and refuses over twice that; a limit the operator raised
+    between the two used to be cut to Pillow's warning threshold."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000_000)  # the 9 Mpx photo is now past Pillow's warning
+    data = photo("edge/obama_4000px.jpg").read_bytes()
+    assert decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=10_000_000)).size == (4000, 2249)
+    with pytest.raises(ImageTooLarge, match="4000x2249 pixels; the limit is 8000000"):
+        decode_image(data, DecodeLimits(max_bytes=len(data), max_pixels=8_000_000))
+
+
 def test_unsupported_formats_are_415():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, "TGA")
