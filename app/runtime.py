@@ -89,7 +89,7 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
             service.model_version,
             pipeline.embedder.bundle.threshold(),
         )
-    stale = gallery.store.counts(service.model_version)["stale_faces"]
+    stale = gallery.store.counts(service.model_version)["stale_faces"] if with_index else 0  # the service's warning
     if stale:
         log.warning(
             "%d stored faces were embedded by another model version and are not searchable; run `visage reindex`",
