@@ -15,8 +15,8 @@ from model.mobilenet import ModelConfig
 from model.tta import check_shift
 from training.paths import read_text
 
-# Range constraints that pydantic checks along with every field's type when a config is loaded (load_config);
-# the rules that tie several settings together are in TrainConfig.validate.
+# Ranges that pydantic checks with every field's type in TrainConfig.validate (the rules that tie several
+# settings together follow there, by hand).
 Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
