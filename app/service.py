@@ -20,12 +20,13 @@ from app.errors import BadParameter, FaceOfImageEnrolled
 from app.gallery import Gallery, SubjectHit
 from app.store import FaceRow, SubjectRef, SubjectRow, sha256
 from model.decode import decode_image
-from model.detect import MIN_POINTED_IOU, DetectedFace, box_iou, choose_face, face_at
+from model.detect import DetectedFace, box_iou, choose_face, face_at
 from model.errors import NoFaceFound, VisageError
 from model.faces import Face, FacePipeline, align_faces
 
 log = logging.getLogger("visage.service")
 MAX_NAME_LENGTH = 200
+SAME_FACE_IOU = 0.5  # a detection of the stored face again (same bytes, same detector) overlaps it ~1.0
 
 
 @dataclass(frozen=True)
@@ -187,19 +188,15 @@ class FaceService:
         metadata: dict[str, Any] | None = None,
     ) -> EnrollResult:
         """Store one face of ``data`` for the subject (created if named and new). Idempotent per (subject,
-        image bytes): a repeat returns the stored face with ``created=False`` without running the model, unless
-        its ``face`` box points elsewhere in the image (409: one face per image and subject)."""
+        image bytes): a repeat returns the stored face with ``created=False`` without embedding again, unless
+        its ``face`` box points at another face of the image (409: one face per image and subject)."""
         selector = selector or FaceSelector()
         digest = sha256(data)
         found = self.gallery.store.find_face(ref, digest)
         if found is not None:
             stored, subject = found
-            if selector.box is not None and box_iou(stored.box, selector.box) <= MIN_POINTED_IOU:
-                raise FaceOfImageEnrolled(
-                    f"this image is already enrolled for subject {subject.name!r} as face {stored.id} at box "
-                    f"{list(stored.box)}, which the box {list(selector.box)} does not point at; a subject holds "
-                    f"one face per image: delete face {stored.id} first to enroll another face of it"
-                )
+            if selector.box is not None:  # which face the box names, by face_at's own rule (422 if none)
+                self._check_same_face(stored, subject, face_at(self.detect(data)[1], selector.box).box)
             return EnrollResult(stored, subject, created=False)
         face = self.one_face(data, selector)
         row, subject, created = self.gallery.store.add_face(
@@ -212,8 +209,19 @@ class FaceService:
             face.quality,
             metadata,
         )
+        if not created:  # another request stored this image for the subject meanwhile: the same face?
+            self._check_same_face(row, subject, face.box)
         self.gallery.sync()
         return EnrollResult(row, subject, created, face)
+
+    @staticmethod
+    def _check_same_face(stored: FaceRow, subject: SubjectRow, box: tuple[float, float, float, float]) -> None:
+        if box_iou(stored.box, box) < SAME_FACE_IOU:
+            raise FaceOfImageEnrolled(
+                f"this image is already enrolled for subject {subject.name!r} as face {stored.id} at box "
+                f"{list(stored.box)}, and the face box points at another face; a subject holds one face per "
+                f"image: delete face {stored.id} first to enroll another face of it"
+            )
 
     def verify(self, data: bytes, ref: SubjectRef, selector: FaceSelector, threshold: Threshold) -> VerifyResult:
         subject = self.gallery.store.subject(ref)  # unknown subject: 404 before any image work

@@ -183,6 +183,8 @@ class Store:
                 )
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: say which file, not a traceback
             self.close()
+            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, disk full: the file itself is fine
+                raise
             raise StoreUnreadable(
                 f"{self.path} is not a usable SQLite database ({exc}); restore it from a backup, or move it "
                 "away to start an empty gallery"

@@ -109,6 +109,8 @@ def test_photos_with_several_faces_need_a_choice(client):
     other = client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "20,20,120,120"})
     is_error(other, 409, "image_already_enrolled")
     assert f"face {boxed['face_id']}" in other.json()["detail"]
+    nowhere = client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "500,0,600,50"})
+    is_error(nowhere, 422, "no_face_found")  # as for a new image: the box points at no face at all
     assert client.post("/enroll", files={"image": two}, data={"subject": "y", "face": "largest"}).status_code == 200
     is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "500,0,600,50"}),
              422, "no_face_found")

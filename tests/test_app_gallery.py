@@ -88,11 +88,22 @@ def test_store_connections_are_pooled_not_kept_per_thread(tmp_path):
     assert store.subject(SubjectRef(name="alice")).face_count == 1  # usable again after close
 
 
-def test_a_damaged_database_file_is_a_clear_error(tmp_path):
+def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
     path = tmp_path / "visage.db"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreUnreadable, match="visage.db is not a usable SQLite database"):
         Store(path)
+    good = tmp_path / "good.db"
+    Store(good).close()
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(good, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process writing: the healthy file is locked, not damaged
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            Store(good)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_store_subjects_page_rename_and_generation(tmp_path):

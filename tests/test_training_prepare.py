@@ -60,13 +60,8 @@ def test_every_image_is_in_the_manifest_exactly_once(prepared):
     src, dst, summary = prepared
     rows = read_manifest(dst)
     assert sorted(r.source for r in rows) == sorted(rel for _, rel in list_images(src))
-    assert (summary.total, summary.done_before, summary.detected, summary.fallback, summary.failed) == (
-        8,
-        0,
-        6,
-        1,
-        1,
-    )
+    assert (summary.total, summary.done_before, summary.detected, summary.fallback, summary.failed,
+            summary.failed_now) == (8, 0, 6, 1, 1, 1)
     assert summary.manifest == str(dst / MANIFEST)
     for r in rows:
         assert r.identity == r.source.split("/")[0]
@@ -234,3 +229,16 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_finished_chunks(tmp_path):
     kept = read_manifest(dst)  # whole rows only, however few
     assert len(kept) < len(list_images(src))
     assert prepare(src, dst, workers=1, progress=False, only=set()).done_before == len(kept)  # resumes there
+
+
+def test_a_re_run_reports_no_new_failures_and_runs_off_the_main_thread(prepared):
+    """The corrupt file stays failed (not retried), so a re-run has nothing new to report: exit status 0. And a
+    caller's worker thread may run prepare (signal handlers can only be changed in the main thread)."""
+    import threading
+
+    src, dst, _ = prepared
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(s=prepare(src, dst, workers=1, progress=False)))
+    worker.start()
+    worker.join()
+    assert (result["s"].done_before, result["s"].failed, result["s"].failed_now) == (8, 1, 0)

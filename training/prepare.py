@@ -11,8 +11,10 @@ import csv
 import hashlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,6 +171,7 @@ class PrepareSummary:
     detected: int
     fallback: int
     failed: int
+    failed_now: int  # of the images this run tried: a re-run does not retry earlier failures
     manifest: str
 
 
@@ -201,11 +204,8 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
         # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers start
         # inside map(), and inherit SIGINT ignored: without it each printed its own KeyboardInterrupt traceback.
-        default_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        with _sigint_ignored():
             results = pool.map(_process_chunk, jobs)
-        finally:
-            signal.signal(signal.SIGINT, default_handler)
         with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
             try:
                 for rows in results:
@@ -217,4 +217,20 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
                 raise
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
-    return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], str(manifest))
+    attempted = {source for _, source in todo}
+    failed_now = sum(r.status == "failed" and r.source in attempted for r in rows)
+    return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], failed_now,
+                          str(manifest))
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored meanwhile (in the main thread only: Python allows signal handlers nowhere else)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
