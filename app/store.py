@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,10 @@ from app.errors import FaceNotFound, NameTaken, StoreUnreadable, SubjectNotFound
 
 SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
+log = logging.getLogger("visage.store")
+
 BUSY_TIMEOUT_S = 30.0
+CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
 _CHUNK = 900  # bound on "?" parameters per statement
 
 SCHEMA = [
@@ -171,6 +175,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._pool_lock = threading.Lock()
+        self._returned = threading.Condition(self._pool_lock)  # a busy connection came back to the pool
         self._open: list[sqlite3.Connection] = []
         self._idle: list[sqlite3.Connection] = []
         self._write_lock = threading.Lock()
@@ -215,11 +220,14 @@ class Store:
         try:
             yield conn
         finally:
-            if conn.in_transaction:  # a failed COMMIT: never hand on a connection inside a transaction
-                conn.execute("ROLLBACK")
-            with self._pool_lock:
-                if conn in self._open:  # not closed meanwhile
-                    self._idle.append(conn)
+            try:
+                if conn.in_transaction:  # a failed COMMIT: never hand on a connection inside a transaction
+                    conn.execute("ROLLBACK")
+            finally:
+                with self._pool_lock:
+                    if conn in self._open:  # not closed meanwhile
+                        self._idle.append(conn)
+                        self._returned.notify_all()
 
     @property
     def open_connections(self) -> int:
@@ -248,8 +256,14 @@ class Store:
                 raise
             conn.execute("COMMIT")
 
-    def close(self) -> None:
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Close every connection, after the transactions running in other threads end (up to ``wait_s``):
+        closing a connection under a running transaction failed that request with a ProgrammingError. The
+        store stays usable: a later transaction opens a new connection."""
         with self._pool_lock:
+            if not self._returned.wait_for(lambda: len(self._idle) == len(self._open), timeout=wait_s):
+                log.warning("closing %s under %d running transaction(s) after %.0f s", self.path,
+                            len(self._open) - len(self._idle), wait_s)
             for conn in self._open:
                 conn.close()
             self._open.clear()

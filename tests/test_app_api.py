@@ -284,7 +284,7 @@ def test_the_default_far_is_matched_by_value_too(tmp_path):
 
 
 def test_health_probes_answer_head_as_well_as_get(client):
-    for path in ("/healthz", "/readyz"):
+    for path in ("/healthz", "/readyz", "/metrics"):
         head = client.head(path)
         assert head.status_code == 200 and head.content == b""
 

@@ -88,6 +88,30 @@ def test_store_connections_are_pooled_not_kept_per_thread(tmp_path):
     assert store.subject(SubjectRef(name="alice")).face_count == 1  # usable again after close
 
 
+def test_closing_the_store_waits_for_a_running_transaction(tmp_path):
+    """Shutdown closed connections under running requests (a ProgrammingError, the write lost): close() now
+    lets them finish first."""
+    store = Store(tmp_path / "visage.db")
+    inside, errors = threading.Event(), []
+
+    def slow_write() -> None:
+        try:
+            with store.write() as conn:
+                inside.set()
+                time.sleep(0.5)  # close() is called meanwhile
+                conn.execute("INSERT INTO subjects (name, metadata, created_at) VALUES ('late', '{}', 'now')")
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    worker = threading.Thread(target=slow_write)
+    worker.start()
+    assert inside.wait(10)
+    store.close()
+    worker.join()
+    assert errors == [] and store.open_connections == 0
+    assert store.subject(SubjectRef(name="late")).name == "late"
+
+
 def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
     path = tmp_path / "visage.db"
     path.write_bytes(b"this is not a database" * 100)

@@ -48,6 +48,7 @@ async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     )
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get(
     "/metrics",
     response_class=Response,
