@@ -1,4 +1,4 @@
-"""``visage serve``, ``visage enroll``, ``visage reindex``: the service package's subcommands."""
+"""``visage serve``, ``visage enroll``, ``visage reindex``, ``visage backup``: the service package's subcommands."""
 
 from __future__ import annotations
 
@@ -63,6 +63,20 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_reindex)
 
+    p = sub.add_parser(
+        "backup",
+        help="copy the gallery's database while the service runs",
+        description="Write a consistent copy of the gallery (subjects, faces and stored original images: "
+        "all in visage.db) to DEST, safe while the service and batch enrollments write. DEST is a new file, "
+        "or an existing folder to get a time-stamped visage-YYYYmmddTHHMMSSZ.db in it; an existing file is "
+        "never overwritten. The FAISS index needs no backup (it is rebuilt from the store). To restore: stop "
+        "the service, put the copy in place as <data dir>/visage.db (removing visage.db-wal and -shm), start it.",
+    )
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_backup)
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
@@ -72,7 +86,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _settings(args: argparse.Namespace, **extra: Any):
     from app.settings import load_settings
 
-    overrides = {"data_dir": args.data_dir, "weights": args.weights, **extra}
+    overrides = {"data_dir": args.data_dir, "weights": getattr(args, "weights", None), **extra}
     return load_settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -213,3 +227,36 @@ def cmd_reindex(args: argparse.Namespace) -> int:
                 [(f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"]) for f in report.failed],
             )
     return 1 if report.failed else 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from app.store import Store
+
+    settings = _settings(args, weights=None)
+    if not settings.db_path.is_file():  # never back up a new, empty gallery made by a mistyped --data-dir
+        raise FileNotFoundError(f"no gallery at {settings.db_path}: check --data-dir / VISAGE_DATA_DIR")
+    dest = Path(args.dest)
+    if args.dest.endswith(("/", os.sep)) and not dest.is_dir():  # meant a folder: not a file named like it
+        raise FileNotFoundError(f"no folder {args.dest}")
+    if dest.is_dir():
+        dest = dest / f"visage-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.db"
+    store = Store(settings.db_path)
+    try:
+        report = store.backup(dest)
+    finally:
+        store.close()
+    out = {
+        "path": str(report.path),
+        "bytes": report.bytes,
+        "subjects": report.subjects,
+        "faces": report.faces,
+        "images": report.images,
+        "seconds": round(report.seconds, 3),
+    }
+    if args.json:
+        print_json(out)
+    else:
+        print_table(f"backup of {settings.db_path}", ["", ""], [(k, v) for k, v in out.items()])
+    return 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
+import numpy as np
 import uvicorn
 from app_helpers import fake_pipeline
 
@@ -93,3 +96,25 @@ def test_a_damaged_gallery_database_is_one_line_and_json_says_why(tmp_path, caps
     out, err = capsys.readouterr()
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert json.loads(out)["error"] == "store_unreadable" and "visage.db is not a usable SQLite database" in err
+
+
+def test_backup_command_writes_a_time_stamped_copy_and_never_overwrites(tmp_path, capsys):
+    from app.store import Store, SubjectRef
+
+    data, backups = tmp_path / "data", tmp_path / "backups"
+    backups.mkdir()
+    store = Store(data / "visage.db")
+    store.add_face(SubjectRef(name="alice"), "sha-a", b"photo", np.ones(4, np.float32) / 2, "v1", (0, 0, 9, 9), 0.9)
+    store.close()
+    assert main(["backup", str(backups), "--data-dir", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["subjects"] == out["faces"] == out["images"] == 1 and out["bytes"] > 0
+    copy = Path(out["path"])
+    assert copy.parent == backups and re.fullmatch(r"visage-\d{8}T\d{6}Z\.db", copy.name)
+    assert Store(copy).subject(SubjectRef(name="alice")).face_count == 1
+    assert main(["backup", str(copy), "--data-dir", str(data), "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["error"] == "file_exists"
+    assert main(["backup", str(backups / "x.db"), "--data-dir", str(tmp_path / "typo")]) == 2
+    assert "no gallery at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    assert main(["backup", f"{tmp_path / 'nowhere'}/", "--data-dir", str(data)]) == 2  # a folder that is not there
+    assert "no folder" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()

@@ -240,6 +240,26 @@ def test_restart_finds_the_gallery_intact(server, api):
         assert r["match"], r
 
 
+def test_backup_while_serving_then_the_documented_restore(server, tmp_path):
+    with server.client() as api:  # (a restart may have moved the server to another port)
+        before = api.get("/subjects").json()
+        out = visage("backup", f"{tmp_path}/", "--data-dir", str(server.data_dir), "--json")
+        assert out.returncode == 0, out.stderr
+        copy = Path(json.loads(out.stdout)["path"])
+        assert copy.parent == tmp_path and json.loads(out.stdout)["subjects"] == before["total"]
+        assert post_image(api, "/enroll", read("obama2.jpg"), subject="after-the-backup").status_code == 201
+    server.stop()  # docs/SERVICE.md "Restoring": stop, put the copy in place, drop the old WAL, start
+    for sidecar in ("visage.db-wal", "visage.db-shm"):
+        (server.data_dir / sidecar).unlink(missing_ok=True)
+    copy.replace(server.data_dir / "visage.db")
+    server.start()
+    with server.client() as fresh:
+        ready = fresh.get("/readyz").json()
+        assert ready["index_state"].startswith("rebuilt"), ready  # the saved index was ahead of the copy
+        assert fresh.get("/subjects").json() == before
+        assert post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()["match"]
+
+
 def test_kill_9_during_concurrent_enrollment_loses_no_acknowledged_face(tmp_path):
     """``visage serve`` with no key configured (it generates and prints one); three clients enroll at once;
     kill -9 mid-stream; after a restart every acknowledged face is there and store and index agree."""

@@ -112,6 +112,56 @@ def test_closing_the_store_waits_for_a_running_transaction(tmp_path):
     assert store.subject(SubjectRef(name="late")).name == "late"
 
 
+def test_backup_is_a_consistent_copy_taken_while_another_thread_writes(tmp_path):
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1, 0), image=b"original photo bytes")
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        i = 0
+        while not stop.is_set():
+            add(store, f"writer-{i}", unit(0, 1))
+            i += 1
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        time.sleep(0.05)
+        report = store.backup(tmp_path / "copy.db")
+    finally:
+        stop.set()
+        writer.join()
+    assert report.path == tmp_path / "copy.db" and report.images == 1 and report.faces == report.subjects > 1
+    assert not (tmp_path / "copy.db-wal").exists() and not (tmp_path / ".copy.db.partial").exists()
+    copy = Store(tmp_path / "copy.db")
+    with copy.read() as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert copy.counts(V1)["faces"] == report.faces  # one snapshot: every face of the copy has its subject
+    assert copy.image(copy.subject_faces(copy.subject(SubjectRef(name="alice")).id)[0].image_sha256) == (
+        b"original photo bytes")
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        store.backup(tmp_path / "copy.db")
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        store.backup(tmp_path / "missing" / "copy.db")
+    assert not any(p.name.endswith(".partial") for p in tmp_path.rglob("*"))
+
+
+def test_a_restored_backup_older_than_the_index_gets_the_index_rebuilt(tmp_path):
+    """The documented restore (stop, put the copy in place as visage.db): the saved index is ahead of the
+    restored store and must not be trusted."""
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1, 0))
+    gallery.store.backup(tmp_path / "backup.db")
+    add(gallery.store, "bob", unit(0, 1))
+    gallery.close()  # syncs and saves the index: two faces
+    for sidecar in ("visage.db-wal", "visage.db-shm"):
+        (tmp_path / sidecar).unlink(missing_ok=True)
+    (tmp_path / "backup.db").replace(tmp_path / "visage.db")
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt") and len(gallery.index) == 1
+    gallery.close()
+
+
 def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
     path = tmp_path / "visage.db"
     path.write_bytes(b"this is not a database" * 100)
