@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +73,10 @@ def register(sub) -> None:
         "all in visage.db) to DEST, safe while the service and batch enrollments write. DEST is a new file, "
         "or an existing folder to get a time-stamped visage-YYYYmmddTHHMMSSZ.db in it; an existing file is "
         "never overwritten. The FAISS index needs no backup (it is rebuilt from the store). To restore: stop "
-        "the service, put the copy in place as <data dir>/visage.db (removing visage.db-wal and -shm), start it.",
+        "every writer, copy the backup to <data dir>/visage.db, delete visage.db-wal and visage.db-shm, start "
+        "(docs/SERVICE.md, Operations).",
     )
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("dest", metavar="DEST", help="the new backup file, or a folder to put a time-stamped one in")
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
     add_json_flag(p)
     p.set_defaults(func=cmd_backup)
@@ -230,23 +234,21 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from app.store import Store
+    from app.backup import backup_database, backup_into_folder
 
     settings = _settings(args, weights=None)
     if not settings.db_path.is_file():  # never back up a new, empty gallery made by a mistyped --data-dir
         raise FileNotFoundError(f"no gallery at {settings.db_path}: check --data-dir / VISAGE_DATA_DIR")
+    if not args.dest.strip():
+        raise ValueError("DEST is empty: give a file name or a folder")
     dest = Path(args.dest)
     if args.dest.endswith(("/", os.sep)) and not dest.is_dir():  # meant a folder: not a file named like it
         raise FileNotFoundError(f"no folder {args.dest}")
-    if dest.is_dir():
-        dest = dest / f"visage-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.db"
-    store = Store(settings.db_path)
-    try:
-        report = store.backup(dest)
-    finally:
-        store.close()
+    with _sigterm_as_interrupt():  # a killed backup (timeout, systemd, cron) cleans up its partial file too
+        if dest.is_dir():
+            report = backup_into_folder(settings.db_path, dest)
+        else:
+            report = backup_database(settings.db_path, dest)
     out = {
         "path": str(report.path),
         "bytes": report.bytes,
@@ -258,5 +260,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.json:
         print_json(out)
     else:
-        print_table(f"backup of {settings.db_path}", ["", ""], [(k, v) for k, v in out.items()])
+        print_table(f"backup of {settings.db_path.resolve()}", ["", "value"], list(out.items()))
     return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -98,6 +98,8 @@ class Gallery:
             raise IndexFileError(
                 f"index file holds {index.model_version} ({index.dim}-d) vectors, not {self.index_version}"
             )
+        if index.store_id != self.store.store_id:
+            raise IndexFileError("index file was built from another database (restored from a backup?)")
         if index.generation > self.store.generation():
             raise IndexFileError("index file is ahead of the store (was the database replaced?)")
         return index
@@ -130,6 +132,7 @@ class Gallery:
                 self.scorer.gallery_vectors(snap.vectors.reshape(-1, self.dim)),
                 snap.generation,
             )
+            self.index.store_id = self.store.store_id
             self.opened_by = f"rebuilt ({reason})"
             log.info("index rebuilt from the store: %s; %d faces", reason, len(snap.ids))
 

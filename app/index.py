@@ -6,8 +6,9 @@ remove vectors, so removed faces become *tombstones*: they are filtered out of e
 rebuilt from the store once they exceed a fifth of it, or when a removed face comes back with a new vector
 (reindex).
 
-The file written by ``save`` carries the store generation it reflects, the live id count and a checksum of the
-ids, so start-up can tell a current cache from a stale or foreign one (``app.gallery`` decides what to do).
+The file written by ``save`` carries the store generation it reflects, the id of the database it was built
+from, the live id count and a checksum of the ids, so start-up can tell a current cache from a stale or foreign
+one (``app.gallery`` decides what to do).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class FaceIndex:
     def __init__(self, dim: int, config: IndexConfig, model_version: str) -> None:
         self.dim, self.config, self.model_version = dim, config, model_version
         self.generation = 0
+        self.store_id = ""  # the database it was built from (``Store.store_id``)
         self.trained_on = 0
         self.tombstones: set[int] = set()
         self._index = self._new_index(np.zeros((0, dim), dtype=np.float32))
@@ -208,6 +210,7 @@ class FaceIndex:
             "dim": self.dim,
             "kind": self.kind,
             "generation": self.generation,
+            "store_id": self.store_id,
             "count": len(self),
             "ids_sha256": self.checksum(),
             "tombstones": sorted(self.tombstones),
@@ -255,6 +258,7 @@ class FaceIndex:
         index = cls(int(header["dim"]), config, str(header["model_version"]))
         index._index = inner
         index.generation = int(header["generation"])
+        index.store_id = str(header.get("store_id", ""))
         index.trained_on = int(header.get("trained_on", 0))
         index.tombstones = {int(i) for i in header.get("tombstones", [])}
         if inner.d != index.dim or len(index) != header["count"] or index.checksum() != header["ids_sha256"]:

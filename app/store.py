@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import threading
-import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,16 +112,6 @@ class FaceRow:
 
 
 @dataclass(frozen=True)
-class BackupReport:
-    path: Path
-    bytes: int
-    subjects: int
-    faces: int
-    images: int  # stored originals (what `visage reindex` re-embeds from)
-    seconds: float
-
-
-@dataclass(frozen=True)
 class Changes:
     """What happened to faces between two generations: rows to (re-)add and ids to drop from the index."""
 
@@ -164,6 +153,13 @@ def _face(row: sqlite3.Row) -> FaceRow:
     )
 
 
+def new_store_id() -> str:
+    """Which database a saved index was built from. Ids and generations alone cannot tell two histories apart
+    (a backup restored, faces enrolled, another backup restored: the same face ids, other vectors), so every
+    database, and every backup copy of one, gets its own random id."""
+    return uuid.uuid4().hex
+
+
 def _subject(row: sqlite3.Row) -> SubjectRow:
     # (NaN or Infinity, which versions before session 13 accepted and stored, read as null: a response cannot hold them)
     metadata = json.loads(row["metadata"], parse_constant=lambda _: None)
@@ -191,6 +187,7 @@ class Store:
         self._open: list[sqlite3.Connection] = []
         self._idle: list[sqlite3.Connection] = []
         self._write_lock = threading.Lock()
+        self._held = threading.local()  # how many pooled connections this thread holds (close() waits for the rest)
         try:
             with self.write() as conn:
                 for statement in SCHEMA:
@@ -198,6 +195,8 @@ class Store:
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (new_store_id(),))
+                self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: say which file, not a traceback
             self.close()
             if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, disk full: the file itself is fine
@@ -229,16 +228,26 @@ class Store:
             conn = self._connect()
             with self._pool_lock:
                 self._open.append(conn)
+        self._held.count = getattr(self._held, "count", 0) + 1
+        usable = False
         try:
             yield conn
         finally:
             try:
                 if conn.in_transaction:  # a failed COMMIT: never hand on a connection inside a transaction
                     conn.execute("ROLLBACK")
+                usable = True
+            except sqlite3.Error:  # the COMMIT's own error is the one on its way to the caller
+                log.warning("ROLLBACK failed too: dropping the connection", exc_info=True)
             finally:
+                self._held.count -= 1
                 with self._pool_lock:
                     if conn in self._open:  # not closed meanwhile
-                        self._idle.append(conn)
+                        if usable:
+                            self._idle.append(conn)
+                        else:  # its ROLLBACK failed too: it may still hold SQLite's write lock
+                            self._open.remove(conn)
+                            conn.close()
                         self._returned.notify_all()
 
     @property
@@ -272,8 +281,9 @@ class Store:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):
         closing a connection under a running transaction failed that request with a ProgrammingError. The
         store stays usable: a later transaction opens a new connection."""
+        mine = getattr(self._held, "count", 0)  # a caller closing from inside a transaction: not waited for
         with self._pool_lock:
-            if not self._returned.wait_for(lambda: len(self._idle) == len(self._open), timeout=wait_s):
+            if not self._returned.wait_for(lambda: len(self._open) - len(self._idle) <= mine, timeout=wait_s):
                 log.warning("closing %s under %d running transaction(s) after %.0f s", self.path,
                             len(self._open) - len(self._idle), wait_s)
             for conn in self._open:
@@ -513,46 +523,6 @@ class Store:
             "current_faces": current,
             "stale_faces": faces - current,
         }
-
-    # -- backups ---------------------------------------------------------------------------------------------
-
-    def backup(self, dest: Path) -> BackupReport:
-        """Copy the whole gallery (subjects, faces, stored originals: all of it lives in this one file) to
-        ``dest`` while the service runs. SQLite's online backup reads one consistent snapshot (writers go on
-        in the WAL meanwhile); the copy is written beside ``dest``, checked, synced and renamed into place, so a
-        failure never leaves half a backup under the final name. The FAISS index needs no backup: it is
-        rebuilt from the store."""
-        dest = Path(dest)
-        if dest.exists():
-            raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)")
-        if not dest.parent.is_dir():
-            raise FileNotFoundError(f"no folder {dest.parent} to write the backup into")
-        partial = dest.with_name(f".{dest.name}.partial")
-        started = time.monotonic()
-        try:
-            target = sqlite3.connect(partial, isolation_level=None)
-            try:
-                with self._connection() as conn:
-                    conn.backup(target)  # one step: a stepped copy restarts each time another process writes
-                check = target.execute("PRAGMA integrity_check").fetchone()[0]
-                if check != "ok":
-                    raise StoreUnreadable(f"the copy of {self.path} failed SQLite's integrity check: {check}")
-                counts = target.execute(
-                    "SELECT (SELECT COUNT(*) FROM subjects), (SELECT COUNT(*) FROM faces), (SELECT COUNT(*) FROM blobs)"
-                ).fetchone()
-                target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
-            finally:
-                target.close()
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, dest)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        return BackupReport(
-            path=dest, bytes=dest.stat().st_size, subjects=counts[0], faces=counts[1], images=counts[2],
-            seconds=time.monotonic() - started,
-        )
 
     # -- re-embedding ----------------------------------------------------------------------------------------
 

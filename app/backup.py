@@ -1,0 +1,111 @@
+"""``visage backup``: a consistent copy of the gallery's database, taken while the service runs.
+
+Everything the gallery holds (subjects, faces, the stored originals) lives in ``visage.db``; the FAISS index is a
+cache of it and needs no backup. The copy is SQLite's online backup of one snapshot, read through a read-only
+connection (writers go on in the WAL meanwhile), into a private temporary file beside the destination. It is then
+integrity-checked, made self-contained (no ``-wal`` beside it), given a database id of its own (``app.store``:
+an index saved from the live database is never trusted over it after a restore), synced, and published with a
+hard link, which cannot overwrite a file, even one created at the same moment by a concurrent backup.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from app.errors import StoreUnreadable
+from app.store import BUSY_TIMEOUT_S, new_store_id
+
+NAME_ATTEMPTS = 100  # time-stamped names tried in a folder (-1, -2, ... within one second)
+
+
+@dataclass(frozen=True)
+class BackupReport:
+    path: Path
+    bytes: int
+    subjects: int
+    faces: int
+    images: int  # stored originals (what `visage reindex` re-embeds from)
+    seconds: float
+
+
+def backup_database(db_path: Path, dest: Path) -> BackupReport:
+    """Copy ``db_path`` to the new file ``dest`` (``FileExistsError`` if it exists; never half-written)."""
+    started = time.monotonic()
+    dest = Path(os.path.abspath(dest))
+    if not dest.parent.is_dir():
+        raise FileNotFoundError(f"no folder {dest.parent} to write the backup into")
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)")
+    # mkstemp: a unique name (concurrent backups never share it), owner-only permissions (faces and photos), and a
+    # PermissionError that names the folder when it is not writable
+    fd, partial_name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
+    os.close(fd)
+    partial = Path(partial_name)
+    try:
+        counts = _copy(db_path, partial)
+        _publish(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+        Path(f"{partial}-journal").unlink(missing_ok=True)
+    subjects, faces, images = counts
+    return BackupReport(dest, dest.stat().st_size, subjects, faces, images, time.monotonic() - started)
+
+
+def backup_into_folder(db_path: Path, folder: Path) -> BackupReport:
+    """A backup named ``visage-YYYYmmddTHHMMSSZ.db`` in ``folder`` (``-1``, ``-2``, ... when taken within one
+    second of another)."""
+    stamp = f"visage-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    for n in range(NAME_ATTEMPTS):
+        try:
+            return backup_database(db_path, folder / (f"{stamp}-{n}.db" if n else f"{stamp}.db"))
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{NAME_ATTEMPTS} backups named {stamp}*.db already in {folder}")
+
+
+def _copy(db_path: Path, partial: Path) -> tuple[int, int, int]:
+    """The snapshot into ``partial``, checked; returns (subjects, faces, stored images)."""
+    source = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    try:
+        target = sqlite3.connect(partial, isolation_level=None)
+        try:
+            source.backup(target)  # one step: a stepped copy starts over each time another connection writes
+            check = target.execute("PRAGMA integrity_check").fetchone()[0]
+            if check != "ok":
+                raise StoreUnreadable(f"the copy of {db_path} failed SQLite's integrity check: {check}")
+            counts = target.execute(
+                "SELECT (SELECT COUNT(*) FROM subjects), (SELECT COUNT(*) FROM faces), (SELECT COUNT(*) FROM blobs)"
+            ).fetchone()
+            target.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('store_id', ?)", (new_store_id(),))
+            target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        finally:
+            target.close()
+    finally:
+        source.close()
+    with open(partial, "rb+") as fh:
+        os.fsync(fh.fileno())
+    return tuple(counts)
+
+
+def _publish(partial: Path, dest: Path) -> None:
+    """Give the finished copy its name: a hard link fails if ``dest`` exists (os.replace would overwrite it);
+    then sync the folder so the name survives a power cut."""
+    try:
+        os.link(partial, dest)
+    except FileExistsError:
+        raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)") from None
+    except OSError:  # a file system without hard links: check, then rename (a narrow race, no longer atomic)
+        if dest.exists():
+            raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)") from None
+        os.replace(partial, dest)
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
