@@ -353,3 +353,17 @@ def test_openapi_documents_a_model_for_every_response(client):
                 assert schema["$ref"].endswith("/ErrorResponse"), (path, method, status)
         if (method, path) in PROTECTED or path.startswith("/subjects"):
             assert op.get("security") == [{"APIKeyHeader": []}], (path, method)
+
+
+def test_form_text_that_is_not_utf8_is_read_as_latin1(client):
+    """docs/SERVICE.md: a client that encodes its form fields in Latin-1 still gets the name it meant."""
+    boundary = "visage-boundary"
+    body = b"".join([
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\n".encode(), b"Jos\xe9\r\n",
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+        "Content-Type: image/png\r\n\r\n".encode(), png(RED), f"\r\n--{boundary}--\r\n".encode(),
+    ])
+    r = client.post("/enroll", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 201, r.text
+    assert r.json()["subject"]["name"] == "José"
+    assert enroll(client, png(RED), subject="José")["created"] is False  # the same subject, sent as UTF-8
