@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--weights", help="student bundle (default: the shipped one)")
     ap.add_argument("--teacher", action="store_true", help="also the dlib teacher (about 60 ms per image)")
     args = ap.parse_args()
+    info = machine()  # first: the machine's load, not this script's own work
     from model.embedder import Embedder
     from training.data import load_prepared
     from training.prepare import prepare
@@ -61,7 +62,6 @@ def main() -> None:
         results[name] = res
         rows.append([title, res["images"], res["people"], res["fallbacks"], f"{100 * student:.1f} %",
                      f"{100 * res['teacher_rank1']:.1f} %" if args.teacher else "-"])
-    info = machine()
     table = md_table(["set", "images", "people", "detector fallbacks", "student rank-1", "dlib teacher rank-1"], rows)
     markdown = "\n\n".join(
         [f"`{command_line()}`", machine_line(info), f"Student: {desc} ({bundle.model_version}).", table]

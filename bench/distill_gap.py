@@ -119,6 +119,7 @@ def main() -> int:
                          "(.png or .jpg)")
     args = ap.parse_args()
     threads = set_threads(args.threads)
+    info = machine(threads)  # first: the machine's load, not this script's own work
     cfg = load_config(args.config, args.set)
     split = load_split(cfg, need_teacher=True)
     val = split.val
@@ -184,7 +185,6 @@ def main() -> int:
         shown = failure_figure(args.figure, val.crops, left, right, same, student_scores[0], teacher_scores, thr)
         progress(f"wrote {args.figure} ({shown} pairs)")
 
-    info = machine(threads)
     md = [f"`{command_line()}`", "", machine_line(info), "",
           f"{len(left)} held-out pairs (folds {cfg.val_folds}), {len(val)} images, one pass, cosine on centred "
           "teacher descriptors.", "",

@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--teacher", action="store_true", help="also the dlib teacher's cached descriptors")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training settings over the bundle's recipe")
     args = ap.parse_args()
+    info = machine()  # first: the machine's load, not this script's own work
     bundle, desc = load_default_bundle(args.weights)
     cfg = load_config(None, args.overrides, base=bundle.metadata.get("recipe"))
     split = load_split(cfg, need_teacher=args.teacher)
@@ -102,7 +103,6 @@ def main() -> None:
         add("dlib teacher", f"mean-only (CohortNorm), cohort {len(norm.cohort)}, k=16", norm.matrix(t_val, t_val))
     table = md_table(["network", "scoring rule (fitted on training faces)", "protocol acc. %", "all-pairs AUC",
                       "TAR @ 1e-2 %", "TAR @ 1e-3 %", "TAR @ 1e-4 %"], rows)
-    info = machine()
     markdown = "\n\n".join([f"`{command_line()}`", machine_line(info),
                             f"Student: {desc} ({bundle.model_version}); held-out folds {cfg.val_folds}, flip-averaged "
                             f"embeddings; {int(same.sum()):,} genuine and {int((~same).sum()):,} impostor pairs.",

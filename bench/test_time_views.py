@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--weights", help="weights bundle (default: the shipped one)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training settings over the bundle's recipe")
     args = ap.parse_args()
+    info = machine()  # first: the machine's load, not this script's own work
 
     bundle, source = load_default_bundle(args.weights)
     # the bundle's own held-out people (its recipe names them), as bench/score_norm.py does
@@ -91,7 +92,6 @@ def main() -> int:
     rows = [[r["name"], r["passes"],
              f"{100 * r['accuracy']:.2f}", f"{r['auc']:.4f}",
              *(f"{100 * r[f'tar_{far:g}']:.1f}" for far in (1e-2, 1e-3, 1e-4))] for r in results]
-    info = machine()
     md = [f"`{command_line()}`", "", machine_line(info), "",
           f"{source}; {len(crops)} held-out faces (folds 7-8), {int(keep.sum())} protocol pairs, "
           f"{int(same.sum()):,} genuine / {int((~same).sum()):,} impostor pairs among them; "

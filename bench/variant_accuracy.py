@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--no-flip", action="store_true",
                     help="one pass per face (default: as served, the bundle's test-time views mirror-averaged)")
     args = ap.parse_args()
+    info = machine(args.threads)  # first: the load average of the machine, not of this script's own work
 
     bundle, source = load_default_bundle(args.weights)
     # training's own split: the same held-out people and pairs as validation during training
@@ -77,7 +78,6 @@ def main() -> int:
                      "yes" if r["within_tolerance"] else "**no**", f"{r['auc']:.4f}",
                      f"{100 * r['tar_1e-3']:.1f}" if r["tar_1e-3"] is not None else "-",
                      f"{r['min_cosine_vs_first']:.4f}", f"{r['seconds']:.1f}"])
-    info = machine(args.threads)
     passes = view_count(bundle.test_time_shift) * 2
     mode = "one pass" if args.no_flip else f"as served ({passes} passes a face: test-time views, mirror-averaged)"
     md = [f"`{command_line()}`", "", machine_line(info), "",
