@@ -236,7 +236,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from app.backup import backup_database, backup_into_folder
 
-    settings = _settings(args, weights=None)
+    settings = _settings(args)
     if not settings.db_path.is_file():  # never back up a new, empty gallery made by a mistyped --data-dir
         raise FileNotFoundError(f"no gallery at {settings.db_path}: check --data-dir / VISAGE_DATA_DIR")
     if not args.dest.strip():
