@@ -18,6 +18,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from app.gallery import Gallery
+from app.index import IndexConfig
+from app.store import Store, SubjectRef
 from model.bundle import Bundle
 from model.decode import DecodeLimits
 from model.detect import DetectedFace
@@ -26,6 +29,7 @@ from model.score_norm import CohortNorm
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 8
+V1, V2 = "model-v1", "model-v2"  # model versions of hand-made galleries
 
 
 def unit(*values: float, dim: int = DIM) -> np.ndarray:
@@ -211,3 +215,19 @@ class Server:
 def post_image(client: httpx.Client, path: str, data: bytes, name: str = "image.jpg",
                **form: Any) -> httpx.Response:
     return client.post(path, files={"image": (name, data)}, data={k: str(v) for k, v in form.items()})
+
+
+# -- hand-made galleries (real SQLite files and FAISS indexes) ---------------------------------------------
+
+
+def add(store: Store, name: str, vector: np.ndarray, image: bytes | None = None, version: str = V1,
+        sha: str | None = None) -> int:
+    sha = sha or f"sha-{name}-{vector.tobytes().hex()[:16]}"
+    face, _, _ = store.add_face(SubjectRef(name=name), sha, image, vector, version, (0, 0, 10, 10), 0.9)
+    return face.id
+
+
+def open_gallery(tmp_path, kind: str = "flat", version: str = V1) -> Gallery:
+    gallery = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", version, DIM, IndexConfig(kind=kind))
+    gallery.open()
+    return gallery

@@ -11,29 +11,13 @@ import stat
 import threading
 import time
 
-import numpy as np
 import pytest
-from app_helpers import DIM, unit
+from app_helpers import V1, add, open_gallery, unit
 
 from app import backup as backup_module
 from app.backup import backup_database, backup_into_folder
 from app.commands import _sigterm_as_interrupt
-from app.gallery import Gallery
-from app.index import IndexConfig
 from app.store import Store, SubjectRef
-
-V1 = "model-v1"
-
-
-def add(store: Store, name: str, vector: np.ndarray, image: bytes | None = None) -> int:
-    face, _, _ = store.add_face(SubjectRef(name=name), f"sha-{name}", image, vector, V1, (0, 0, 10, 10), 0.9)
-    return face.id
-
-
-def open_gallery(folder) -> Gallery:
-    gallery = Gallery(Store(folder / "visage.db"), folder / "index.faiss", V1, DIM, IndexConfig())
-    gallery.open()
-    return gallery
 
 
 def restore(backup, folder) -> None:

@@ -255,7 +255,7 @@ def test_backup_while_serving_then_the_documented_restore(server, tmp_path):
     server.start()
     with server.client() as fresh:
         ready = fresh.get("/readyz").json()
-        assert ready["index_state"].startswith("rebuilt"), ready  # the saved index was ahead of the copy
+        assert ready["index_state"].startswith("rebuilt"), ready  # the saved index was built from another database
         assert fresh.get("/subjects").json() == before
         assert post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()["match"]
 

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from app_helpers import DIM, REPO, near, unit
+from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit
 
 from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
@@ -20,21 +20,7 @@ from app.index import FaceIndex, IndexConfig
 from app.store import Store, SubjectRef
 from model.score_norm import CohortNorm
 
-V1, V2 = "model-v1", "model-v2"
 KINDS = ["flat", "hnsw", "ivf"]
-
-
-def add(store: Store, name: str, vector: np.ndarray, image: bytes | None = None, version: str = V1,
-        sha: str | None = None) -> int:
-    sha = sha or f"sha-{name}-{vector.tobytes().hex()[:16]}"
-    face, _, _ = store.add_face(SubjectRef(name=name), sha, image, vector, version, (0, 0, 10, 10), 0.9)
-    return face.id
-
-
-def open_gallery(tmp_path, kind: str = "flat", version: str = V1) -> Gallery:
-    gallery = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", version, DIM, IndexConfig(kind=kind))
-    gallery.open()
-    return gallery
 
 
 # -- store ---------------------------------------------------------------------------------------------------------
