@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.errors import VisageError
@@ -110,6 +111,10 @@ def describe_validation(exc: RequestValidationError) -> str:
     """FastAPI's list of pydantic errors -> one readable sentence naming each bad field."""
     parts = []
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # FastAPI's loc is ("body", offset): "1: JSON decode error" said little
+            reason = (err.get("ctx") or {}).get("error", "JSON decode error")
+            parts.append(f"body: not valid JSON at character {err['loc'][-1]} ({reason})")
+            continue
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
         field = ".".join(loc) or "request"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
@@ -134,11 +139,30 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-    if exc.status_code == 404 and detail == "Not Found":
+    if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's words
+        detail = "the request body could not be parsed: send UTF-8 JSON (or multipart/form-data for images)"
+    elif exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.method} {request.url.path}"
-    elif exc.status_code == 405:
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}"
-    return error_response(exc.status_code, code, detail, getattr(exc, "headers", None))
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+    return error_response(exc.status_code, code, detail, headers)
+
+
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path. Starlette's 405 names only the first route whose path
+    matched, so a path served by two routes (``GET`` and a hidden ``HEAD``) told clients ``Allow: HEAD``.
+    Asks each route through the public ``matches`` with the method swapped: FastAPI nests included routers."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 class UnexpectedErrors:

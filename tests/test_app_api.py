@@ -177,6 +177,20 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         ]
         for response, status, code in cases:
             is_error(response, status, code)
+        typo = client.get("/subjects", params={"limt": 5})
+        is_error(typo, 422, "bad_parameter")
+        assert "limt" in typo.json()["detail"]
+        json_type = {"Content-Type": "application/json"}
+        garbled = client.patch("/subjects/1", content=b'{"name": x}', headers=json_type)
+        is_error(garbled, 422, "bad_parameter")
+        assert garbled.json()["detail"] == "body: not valid JSON at character 9 (Expecting value)"
+        binary = client.patch("/subjects/1", content=b"\x18\x1d$\xff\xfe", headers=json_type)
+        is_error(binary, 400, "bad_request")
+        assert "could not be parsed" in binary.json()["detail"]
+        # a 405 names every method of the path, the hidden HEAD routes beside GET ones included (RFC 9110 15.5.6)
+        assert client.put("/enroll").headers["allow"] == "POST"
+        assert client.options("/healthz").headers["allow"] == "GET, HEAD"
+        assert client.post("/subjects/1").headers["allow"] == "DELETE, GET, PATCH"
         nan = client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "inf"})
         assert "finite" in nan.json()["detail"]
         which = client.post("/compare", files={"image1": png(RED), "image2": png()})

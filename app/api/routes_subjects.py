@@ -14,6 +14,7 @@ from app.api.schemas import (
     StoredFace,
     SubjectDetail,
     SubjectPage,
+    SubjectQuery,
     SubjectSummary,
     SubjectUpdate,
 )
@@ -26,6 +27,7 @@ router = APIRouter(
     tags=["subjects"],
     dependencies=[Depends(require_api_key)],
     responses={
+        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
         401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
         404: {"model": ErrorResponse, "description": "unknown subject or face"},
         422: {"model": ErrorResponse, "description": "bad parameter"},
@@ -45,14 +47,11 @@ def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
 
 
 @router.get("", response_model=SubjectPage, summary="List subjects, by id")
-async def list_subjects(
-    gallery: GalleryDep,
-    offset: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    name: Annotated[str | None, Query(max_length=200, description="name prefix")] = None,
-) -> SubjectPage:
-    total, rows = await run_db(gallery.store.list_subjects, offset, limit, name)
-    return SubjectPage(total=total, offset=offset, limit=limit, items=[SubjectSummary.of(r) for r in rows])
+async def list_subjects(gallery: GalleryDep, query: Annotated[SubjectQuery, Query()]) -> SubjectPage:
+    total, rows = await run_db(gallery.store.list_subjects, query.offset, query.limit, query.name)
+    return SubjectPage(
+        total=total, offset=query.offset, limit=query.limit, items=[SubjectSummary.of(r) for r in rows]
+    )
 
 
 @router.get("/{subject_id}", response_model=SubjectDetail, summary="One subject with its faces")

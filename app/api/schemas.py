@@ -242,6 +242,16 @@ class SubjectDetail(SubjectSummary):
     faces: list[StoredFace]
 
 
+class SubjectQuery(BaseModel):
+    """``GET /subjects``'s query: an unknown parameter (``?limt=5``) is a 422 naming it, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offset: int = Field(0, ge=0, le=MAX_ROW_ID)
+    limit: int = Field(50, ge=1, le=500)
+    name: str | None = Field(None, max_length=200, description="name prefix")
+
+
 class SubjectPage(BaseModel):
     total: int
     offset: int
@@ -250,7 +260,7 @@ class SubjectPage(BaseModel):
 
 
 class SubjectUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})  # tells clients: not {}
 
     name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH)
     metadata: dict[str, Any] | None = Field(None, description="replaces the stored metadata")
