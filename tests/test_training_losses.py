@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from training.losses import (
+    bank_distillation_loss,
     distillation_loss,
     proxy_margin_loss,
     similarity_distillation_loss,
@@ -111,6 +112,46 @@ def test_similarity_distillation_of_fewer_than_two_faces_is_zero_and_differentia
     loss = similarity_distillation_loss(student, torch.randn(n, 8))
     assert loss.item() == 0.0
     loss.backward()
+
+
+def unit_angles(*angles: float) -> torch.Tensor:
+    a = torch.tensor(angles)
+    return torch.stack([a.cos(), a.sin()], dim=1)
+
+
+def test_bank_distillation_is_zero_when_the_student_points_where_the_teacher_does_whatever_its_norm():
+    bank = unit_angles(0.0, 1.0, 2.5, -2.0)
+    teacher = 1.7 * unit_angles(0.3, -1.2)
+    loss = bank_distillation_loss(F.normalize(teacher, dim=1), teacher, bank, temperature=0.1)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bank_distillation_is_the_kl_between_the_two_softmaxes_over_the_bank():
+    bank = unit_angles(0.0, math.pi / 2)  # two bank faces at right angles
+    student, teacher = unit_angles(math.pi / 2), unit_angles(0.0)  # the student sits on the other face
+    tau = 0.5
+    p = torch.softmax(torch.tensor([1.0, 0.0]) / tau, 0)  # teacher's cosines to the bank: 1, 0
+    q = torch.softmax(torch.tensor([0.0, 1.0]) / tau, 0)  # student's: 0, 1
+    expected = float((p * (p / q).log()).sum())
+    assert bank_distillation_loss(student, teacher, bank, tau).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bank_distillation_step_pushes_the_student_off_an_impostor_the_teacher_puts_far():
+    bank = unit_angles(0.0, 1.2)  # the face's own person, and an impostor
+    teacher = unit_angles(0.1)
+    raw = unit_angles(0.9).requires_grad_()  # the student leans towards the impostor
+    bank_distillation_loss(F.normalize(raw, dim=1), teacher, bank, 0.1).backward()
+    with torch.no_grad():
+        moved = F.normalize(raw - 0.05 * raw.grad, dim=1)
+    before, after = F.normalize(raw.detach(), dim=1) @ bank.T, moved @ bank.T
+    assert after[0, 1] < before[0, 1] and after[0, 0] > before[0, 0]
+
+
+def test_bank_distillation_of_no_faces_is_zero_and_differentiable():
+    empty = torch.zeros(0, 2, requires_grad=True)
+    loss = bank_distillation_loss(empty, torch.zeros(0, 2), unit_angles(0.0, 1.0))
+    loss.backward()
+    assert loss.item() == 0.0
 
 
 def test_teacher_proxies_are_each_identitys_mean_direction_whatever_the_descriptor_norms():

@@ -243,26 +243,28 @@ def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
 
 def test_online_teacher_trains_on_consistent_views_with_blends_and_occluders(work, monkeypatch):
     """teacher_mode=online: dlib's network (in PyTorch) describes each augmented, partly blended view, for the
-    per-face and the pairwise (w_relation) terms, beside the proxy term on the unblended views; the run records the
-    same metrics and ships a calibrated bundle. A prepared set without landmarks is refused."""
+    per-face, the pairwise (w_relation) and the bank (w_bank) terms, beside the proxy term on the unblended views;
+    the run records the same metrics and ships a calibrated bundle. A prepared set without landmarks is refused."""
     root, src, pairs = work
     run = root / "online"
     cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'pairs="{pairs}"', "val_folds=[1, 2]", "p=2",
                              "k=2", "epochs=1", "threads=1", "teacher_mode=online", f'sources={{lfw = "{src}"}}',
                              "mixup=0.5", "cutmix=0.5", "occlude=0.5", "w_relation=10", "w_proxy=0.1",
-                             "augment_geometry=2"])
+                             "w_bank=0.5", "augment_geometry=2"])
     augments = []
     monkeypatch.setattr(loop, "ViewAugment", lambda base, **kw: augments.append(base) or ViewAugment(base, **kw))
     bundle = load_bundle(train(cfg, run, progress=False, max_steps=2))
     assert augments[0].max_rotate_deg == 2 * Augment().max_rotate_deg  # augment_geometry=2 reaches the views
     record = metrics(run)[0]
-    assert {"distill", "relation", "proxy", "triplet", "loss", "val_accuracy"} <= set(record)
+    assert {"distill", "relation", "proxy", "bank", "triplet", "loss", "val_accuracy"} <= set(record)
     # every term enters the loss with its weight (per-step means of a linear sum)
     assert record["loss"] == pytest.approx(
-        record["distill"] + 10 * record["relation"] + 0.1 * record["proxy"] + record["triplet"], rel=1e-4)
+        record["distill"] + 10 * record["relation"] + 0.1 * record["proxy"] + 0.5 * record["bank"] + record["triplet"],
+        rel=1e-4)
     assert 0.0 < record["distill"] < 4.0  # |s - t|^2 between unit vectors
     assert 0.0 < record["relation"] < 4.0  # squared differences of cosines
     assert record["proxy"] >= 0.0  # cross-entropy (0 in a step whose views were all blends)
+    assert record["bank"] > 0.0  # a KL divergence: the student is not the teacher
     assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
     assert (root / "work" / "cache" / "teacher_chips.npz").exists()
 

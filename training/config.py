@@ -64,6 +64,10 @@ class TrainConfig:
     w_triplet: NonNegative = 1.0
     w_distill: NonNegative = 1.0
     w_relation: NonNegative = 0.0  # the teacher's pairwise cosines in the batch (losses.similarity_distillation_loss)
+    # the teacher's similarity distribution over every training face, at this temperature
+    # (losses.bank_distillation_loss); needs teacher_center
+    w_bank: NonNegative = 0.0
+    bank_temperature: Annotated[float, Field(gt=0, le=1)] = 0.05
     # margin softmax against every identity's teacher centroid (losses.proxy_margin_loss); unblended samples only
     w_proxy: NonNegative = 0.0
     # online only: the student's 7x7 map regresses the teacher's mid-level map cell by cell (training/hints.py)
@@ -106,7 +110,7 @@ class TrainConfig:
     @property
     def uses_teacher(self) -> bool:
         """Whether any loss term reads the teacher's descriptors."""
-        return self.w_distill > 0 or self.w_relation > 0 or self.w_proxy > 0
+        return self.w_distill > 0 or self.w_relation > 0 or self.w_proxy > 0 or self.w_bank > 0
 
     def validate(self) -> None:
         """Every field's type and range (pydantic, from the annotations), then the rules between settings."""
@@ -122,12 +126,13 @@ class TrainConfig:
             raise ValueError(f"miner must be one of {sorted(MINERS)}, got {self.miner!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if self.w_triplet + self.w_distill + self.w_relation + self.w_proxy == 0:
-            raise ValueError("loss weights (w_triplet, w_distill, w_relation, w_proxy) must not all be 0")
+        if self.w_triplet + self.w_distill + self.w_relation + self.w_proxy + self.w_bank == 0:
+            raise ValueError("loss weights (w_triplet, w_distill, w_relation, w_proxy, w_bank) must not all be 0")
         if self.w_proxy > 0 and not (self.proxy_scale > 0 and 0 <= self.proxy_margin < 1):
             raise ValueError("proxy_scale must be > 0 and proxy_margin in [0, 1)")
-        if self.w_proxy > 0 and not self.teacher_center:
-            raise ValueError("w_proxy needs teacher_center: raw dlib descriptors point almost the same way")
+        for name in ("w_proxy", "w_bank"):
+            if getattr(self, name) > 0 and not self.teacher_center:
+                raise ValueError(f"{name} needs teacher_center: raw dlib descriptors point almost the same way")
         if self.w_hint and (self.teacher_mode != "online" or self.backbone != "mobilenet_v1"):
             raise ValueError("w_hint needs teacher_mode=online and backbone mobilenet_v1 (the teacher's map is read "
                              "on the view the student sees, at a MobileNet v1 layer)")

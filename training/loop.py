@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from model.bundle import Bundle, bundle_from_model, load_bundle, save_bundle
@@ -32,6 +33,7 @@ from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
 from training.hints import STUDENT_LAYER, TEACHER_BLOCK, TEACHER_CHANNELS, HintHead, hint_loss, tapped, teacher_grid
 from training.losses import (
+    bank_distillation_loss,
     distillation_loss,
     proxy_margin_loss,
     similarity_distillation_loss,
@@ -248,7 +250,7 @@ def plot_history(history: list[dict], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    for key in ("loss", "distill", "triplet", "proxy", "hint"):
+    for key in ("loss", "distill", "triplet", "proxy", "hint", "bank"):
         if any(key in h for h in history):
             a.plot(ep, [h.get(key, np.nan) for h in history], label=key)
     a.set_xlabel("epoch"), a.set_title("training loss"), a.legend(), a.grid(alpha=0.3)
@@ -334,6 +336,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if cfg.w_proxy > 0:
         proxies = teacher_proxies(torch.cat([teacher, teacher_flip]), torch.cat([labels_all, labels_all]),
                                   int(labels_all.max()) + 1).to(device)
+    bank = None
+    if cfg.w_bank > 0:  # every training face as the teacher saw it, plain and mirrored: ~24k x 128 floats
+        bank = F.normalize(torch.cat([teacher, teacher_flip]).float(), dim=1).to(device)
     views = teacher_net = None
     if cfg.teacher_mode == "online":
         views = rank_zero_first(rank, world, lambda: load_views(cfg, split.train, progress and rank == 0))
@@ -363,6 +368,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             r = similarity_distillation_loss(emb, target)
             loss = loss + cfg.w_relation * r
             stats["relation"] = float(r.detach())
+        if bank is not None:
+            b = bank_distillation_loss(emb, target, bank, cfg.bank_temperature)
+            loss = loss + cfg.w_bank * b
+            stats["bank"] = float(b.detach())
         if hint is not None:
             grid = teacher_grid(views.student[idx], views.teacher[idx], cfg.resolution,
                                 student_maps[0].shape[-1], teacher_map.shape[-1])
