@@ -97,6 +97,7 @@ def _settings(args: argparse.Namespace, **extra: Any):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.logs import log_config
     from app.settings import resolve_api_keys
     from model.bundle import DEFAULT_WEIGHTS
     from model.errors import WeightsError
@@ -128,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level, settings.log_format),
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.logs import current_request_id
 from model.errors import VisageError
 
 log = logging.getLogger("visage.errors")
@@ -190,7 +191,8 @@ class UnexpectedErrors:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if started:  # too late for another status line: the server closes the connection
                 raise
-            response = error_response(500, "internal_error", "an unexpected error occurred; see the service log")
+            detail = f"an unexpected error occurred; the service log has it under request id {current_request_id()}"
+            response = error_response(500, "internal_error", detail)
             await response(scope, receive, send)
 
 

@@ -8,7 +8,6 @@ costs a replay of the store's change log or a rebuild at the next start, never d
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -20,30 +19,20 @@ from app import __doc__ as app_doc
 from app.api import routes_faces, routes_health, routes_subjects
 from app.errors import install_error_handlers
 from app.limits import BodyLimitMiddleware
+from app.logs import add_request_ids, configure_logging
 from app.metrics import Metrics, MetricsMiddleware
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
 from model.faces import FacePipeline
 
 VERSION = "0.1.0"
-log = logging.getLogger("visage")
-
-
-def configure_logging(level: str) -> None:
-    """Give the ``visage.*`` loggers a handler like uvicorn's, unless the host application configured one."""
-    logger = logging.getLogger("visage")
-    logger.setLevel(5 if level == "trace" else level.upper())  # uvicorn's TRACE is level 5
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)-9s %(name)s: %(message)s"))
-        logger.addHandler(handler)
 
 
 def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
     """Build the app from ``settings`` (default: the ``VISAGE_*`` environment); ``pipeline`` lets tests share
     an already-loaded model."""
     settings = settings or load_settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     runtime = Runtime(settings, pipeline)
 
     @asynccontextmanager
@@ -67,7 +56,8 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     app.state.metrics = Metrics()
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
-    install_error_handlers(app)  # last: its catch-all middleware goes outermost, round the two above as well
+    install_error_handlers(app)  # its catch-all middleware goes round the two above
+    add_request_ids(app)  # last, so outermost: a 500 carries its id too
     app.include_router(routes_health.router)
     app.include_router(routes_faces.router)
     app.include_router(routes_subjects.router)

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's and Visage's log level"
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or one JSON object a line for log collectors; both carry the request id"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -6,14 +6,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Iterator
 
 import pytest
 from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
+from fastapi import Request
 from PIL import Image
 
+from app.api.deps import run_cpu
+from app.logs import current_request_id
 from app.main import create_app
 from app.settings import Settings
 
@@ -344,9 +348,27 @@ def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplo
     with caplog.at_level(logging.ERROR):
         r = client.get("/boom")  # (TestClient re-raises what reaches the server: nothing must)
     assert r.status_code == 500 and r.json()["error"] == "internal_error" and "secret" not in r.text
+    assert r.headers["x-request-id"] in r.json()["detail"]  # what the user quotes is what the log is keyed by
     logged = [rec for rec in caplog.records if rec.exc_info]
     assert len(logged) == 1 and "GET /boom" in logged[0].getMessage()
     assert 'visage_http_requests_total{method="GET",route="/boom",status="500"} 1.0' in client.get("/metrics").text
+
+
+def test_every_answer_carries_a_request_id_that_the_model_work_sees(client):
+    """Generated (32 hex digits) unless the client or a proxy sent one that looks like an id; the CPU worker
+    threads see the same id, so what the model work logs is keyed like the request."""
+
+    async def whose(request: Request) -> dict:
+        return {"id": await run_cpu(request, current_request_id)}
+
+    client.app.add_api_route("/whose", whose)
+    first, second = client.get("/healthz").headers["x-request-id"], client.get("/healthz").headers["x-request-id"]
+    assert re.fullmatch("[0-9a-f]{32}", first) and first != second
+    assert client.get("/subjects/999", headers={"X-Request-ID": "lb-7f3a:1"}).headers["x-request-id"] == "lb-7f3a:1"
+    forged = client.get("/healthz", headers={"X-Request-ID": 'x" status=200'}).headers["x-request-id"]
+    assert re.fullmatch("[0-9a-f]{32}", forged)  # nothing that could forge a log line
+    r = client.get("/whose", headers={"X-Request-ID": "trace-42"})
+    assert r.json() == {"id": "trace-42"} and r.headers["x-request-id"] == "trace-42"
 
 
 def test_openapi_documents_a_model_for_every_response(client):

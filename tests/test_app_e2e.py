@@ -318,3 +318,28 @@ def test_kill_9_during_concurrent_enrollment_loses_no_acknowledged_face(tmp_path
     for s in subjects:
         assert all(f.has_image for f in store.subject_faces(s.id))
     store.close()
+
+
+def test_json_logs_key_every_request_line_by_its_request_id(tmp_path):
+    """``visage serve`` with VISAGE_LOG_FORMAT=json: each log line is one JSON object, and a failed request's
+    access line carries the X-Request-ID its client sent (start-up lines, outside any request, carry "-")."""
+    env = {"VISAGE_LOG_LEVEL": "info", "VISAGE_LOG_FORMAT": "json"}
+    srv = Server(tmp_path / "data", env=env, cli=True).start()
+    try:
+        with srv.client() as c:
+            r = post_image(c, "/verify", read("obama.jpg"), subject="nobody")
+            refused = c.post("/embed", files={"image": ("x.jpg", b"not an image")},
+                             headers={"X-Request-ID": "support-ticket-17"})
+    finally:
+        srv.stop()
+    is_error(r, 404, "subject_not_found")
+    is_error(refused, 400, "unreadable_image")
+    assert refused.headers["x-request-id"] == "support-ticket-17"
+    lines = [line for line in srv.log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert {"time", "level", "logger", "request_id", "message"} <= set(records[0])
+    access = [rec for rec in records if rec["logger"] == "uvicorn.access"]
+    mine = [rec for rec in access if rec["request_id"] == "support-ticket-17"]
+    assert len(mine) == 1 and "POST /embed" in mine[0]["message"] and "400" in mine[0]["message"]
+    assert any(rec["request_id"] == r.headers["x-request-id"] for rec in access)
+    assert any(rec["logger"] == "visage.runtime" and rec["request_id"] == "-" for rec in records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -59,7 +60,8 @@ async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwa
     would spread the model over many (RSS after 16 concurrent clients: 1,064-1,097 MiB there, 961 MiB here
     with one inference thread; docs/BENCHMARKS.md section 6)."""
     pool: ThreadPoolExecutor = request.app.state.cpu_pool
-    return await asyncio.get_running_loop().run_in_executor(pool, partial(func, *args, **kwargs))
+    context = contextvars.copy_context()  # the request id, for what the model work logs
+    return await asyncio.get_running_loop().run_in_executor(pool, partial(context.run, func, *args, **kwargs))
 
 
 async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
