@@ -49,7 +49,8 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
         title="Visage",
         version=VERSION,
         description=(app_doc or "") + "\n\nSend the API key in the `X-API-Key` header. Errors are always "
-        '`{"error": code, "detail": text}`.',
+        '`{"error": code, "detail": text}`. Every response carries an `X-Request-ID` (yours, if you send one that '
+        "looks like an id): quote it when reporting a problem, the service log is keyed by it.",
         lifespan=lifespan,
     )
     app.state.runtime = runtime
