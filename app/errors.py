@@ -112,9 +112,11 @@ def describe_validation(exc: RequestValidationError) -> str:
     """FastAPI's list of pydantic errors -> one readable sentence naming each bad field."""
     parts = []
     for err in exc.errors():
-        if err.get("type") == "json_invalid":  # FastAPI's loc is ("body", offset): "1: JSON decode error" said little
+        offset = err.get("loc", ())[-1:]
+        if err.get("type") == "json_invalid" and offset and isinstance(offset[0], int):
+            # a whole JSON body: FastAPI's loc is ("body", offset), and "1: JSON decode error" said little
             reason = (err.get("ctx") or {}).get("error", "JSON decode error")
-            parts.append(f"body: not valid JSON at character {err['loc'][-1]} ({reason})")
+            parts.append(f"body: not valid JSON at character {err['loc'][-1] + 1} ({reason})")  # 1-based
             continue
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
         field = ".".join(loc) or "request"
@@ -147,7 +149,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}"
-        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        if methods := allowed_methods(request):  # (none found inside a mounted app: keep what it said)
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
     return error_response(exc.status_code, code, detail, headers)
 
 

@@ -5,12 +5,15 @@ back on the response), so a user's "my request failed" and a 500's traceback mee
 
 from __future__ import annotations
 
+import copy
 import logging
-import logging.config
 import re
 from typing import Any, Literal
 
-from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+import uvicorn.config
+from asgi_correlation_id import CorrelationIdFilter, CorrelationIdMiddleware, correlation_id
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
 from starlette.applications import Starlette
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -34,57 +37,48 @@ def add_request_ids(app: Starlette) -> None:
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=acceptable_request_id)
 
 
-def _formatters(log_format: LogFormat) -> dict[str, dict[str, Any]]:
-    if log_format == "json":
-        json_formatter = {
-            "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s",
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger",
-                              "correlation_id": "request_id"},
-        }
-        return {"visage": json_formatter, "uvicorn": json_formatter, "access": json_formatter}
-    return {
-        "visage": {"format": "%(levelname)-9s %(name)s [%(correlation_id)s]: %(message)s"},
-        "uvicorn": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s"},
-        "access": {
-            "()": "uvicorn.logging.AccessFormatter",
-            "fmt": '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s [%(correlation_id)s]',
-        },
-    }
+JSON_FORMATTER = {
+    "()": "pythonjsonlogger.json.JsonFormatter",
+    "fmt": "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s",
+    "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "correlation_id": "request_id"},
+    "reserved_attrs": [*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
+}
+VISAGE_TEXT = "%(levelname)-9s %(name)s [%(correlation_id)s]: %(message)s"
 
 
 def log_config(level: str, log_format: LogFormat = "text") -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` for uvicorn's loggers and Visage's (``visage serve`` hands it to
-    uvicorn, which applies it in every worker). Levels are uvicorn's to set, from ``log_level``."""
-    handler = {"class": "logging.StreamHandler", "filters": ["request_id"], "stream": "ext://sys.stderr"}
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": "asgi_correlation_id.CorrelationIdFilter", "default_value": NO_REQUEST}},
-        "formatters": _formatters(log_format),
-        "handlers": {
-            "visage": {**handler, "formatter": "visage"},
-            "uvicorn": {**handler, "formatter": "uvicorn"},
-            "access": {**handler, "formatter": "access", "stream": "ext://sys.stdout"},
-        },
-        "loggers": {
-            "visage": {"handlers": ["visage"], "level": _level(level)},
-            "uvicorn": {"handlers": ["uvicorn"], "level": "INFO", "propagate": False},
-            "uvicorn.error": {"level": "INFO"},
-            "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
-        },
-    }
-
-
-def _level(level: str) -> int | str:
-    return 5 if level == "trace" else level.upper()  # uvicorn's TRACE is level 5
+    """uvicorn's own ``LOGGING_CONFIG`` plus the request-id filter on every handler, the id at the end of its
+    access lines, and a handler for Visage's loggers (``visage serve`` hands it to uvicorn, which applies it in
+    every worker and sets uvicorn's levels from ``log_level``)."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["filters"] = {"request_id": {"()": CorrelationIdFilter, "default_value": NO_REQUEST}}
+    formatters = config["formatters"]
+    if log_format == "json":
+        config["formatters"] = {name: dict(JSON_FORMATTER) for name in (*formatters, "visage")}
+    else:
+        formatters["access"]["fmt"] += " [%(correlation_id)s]"
+        formatters["visage"] = {"format": VISAGE_TEXT}
+    config["handlers"]["visage"] = {**config["handlers"]["default"], "formatter": "visage"}
+    for handler in config["handlers"].values():
+        handler["filters"] = ["request_id"]
+    config["loggers"]["visage"] = {"handlers": ["visage"], "level": uvicorn.config.LOG_LEVELS[level]}
+    # its warning about a refused client id would be a line per bad request, and not in the chosen format
+    config["loggers"]["asgi_correlation_id"] = {"handlers": ["visage"], "level": "ERROR", "propagate": False}
+    return config
 
 
 def configure_logging(level: str, log_format: LogFormat = "text") -> None:
     """Give the ``visage.*`` loggers a handler, unless ``visage serve`` (through uvicorn) or the host application
-    configured one; the level is the settings' either way."""
+    configured one; the level is the settings' either way. Adds a handler rather than running ``dictConfig``,
+    which would close the host application's own handlers."""
     logger = logging.getLogger("visage")
     if not logger.handlers:
-        config = log_config(level, log_format)
-        logging.config.dictConfig({**config, "loggers": {"visage": config["loggers"]["visage"]}})
-    logger.setLevel(_level(level))
+        handler = logging.StreamHandler()
+        handler.addFilter(CorrelationIdFilter(default_value=NO_REQUEST))
+        if log_format == "json":
+            options = {k: v for k, v in JSON_FORMATTER.items() if k != "()"}
+            handler.setFormatter(JsonFormatter(options.pop("fmt"), **options))
+        else:
+            handler.setFormatter(logging.Formatter(VISAGE_TEXT))
+        logger.addHandler(handler)
+    logger.setLevel(uvicorn.config.LOG_LEVELS[level])

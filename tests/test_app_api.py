@@ -184,10 +184,12 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         typo = client.get("/subjects", params={"limt": 5})
         is_error(typo, 422, "bad_parameter")
         assert "limt" in typo.json()["detail"]
+        broken = client.post("/enroll", files={"image": jpeg}, data={"subject": "a", "metadata": "[1"})
+        assert broken.json()["detail"].startswith("metadata: Invalid JSON")  # a JSON field, not the body
         json_type = {"Content-Type": "application/json"}
         garbled = client.patch("/subjects/1", content=b'{"name": x}', headers=json_type)
         is_error(garbled, 422, "bad_parameter")
-        assert garbled.json()["detail"] == "body: not valid JSON at character 9 (Expecting value)"
+        assert garbled.json()["detail"] == "body: not valid JSON at character 10 (Expecting value)"
         binary = client.patch("/subjects/1", content=b"\x18\x1d$\xff\xfe", headers=json_type)
         is_error(binary, 400, "bad_request")
         assert "could not be parsed" in binary.json()["detail"]

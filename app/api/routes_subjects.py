@@ -27,7 +27,6 @@ router = APIRouter(
     tags=["subjects"],
     dependencies=[Depends(require_api_key)],
     responses={
-        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
         401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
         404: {"model": ErrorResponse, "description": "unknown subject or face"},
         422: {"model": ErrorResponse, "description": "bad parameter"},
@@ -62,7 +61,10 @@ async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDeta
 @router.patch(
     "/{subject_id}",
     response_model=SubjectDetail,
-    responses={409: {"model": ErrorResponse, "description": "the new name is taken"}},
+    responses={
+        400: {"model": ErrorResponse, "description": "a body that is not JSON"},
+        409: {"model": ErrorResponse, "description": "the new name is taken"},
+    },
     summary="Rename a subject and/or replace its metadata",
 )
 async def update_subject(gallery: GalleryDep, subject_id: SubjectId, update: SubjectUpdate) -> SubjectDetail:
