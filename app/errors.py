@@ -71,6 +71,15 @@ class StoreUnreadable(VisageError):
     status = 503
 
 
+class StorageUnavailable(VisageError):
+    """A write to the gallery failed for a reason outside the request: the disk is full or read-only, an I/O
+    error, or another process held the write lock past the busy timeout. The transaction was rolled back, so
+    nothing of the request was stored, and the same request can be sent again."""
+
+    code = "storage_unavailable"
+    status = 503
+
+
 class Unauthorized(VisageError):
     code = "unauthorized"
     status = 401

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import FaceNotFound, NameTaken, StoreUnreadable, SubjectNotFound
+from app.errors import FaceNotFound, NameTaken, StorageUnavailable, StoreUnreadable, SubjectNotFound
 
 SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
@@ -197,9 +197,12 @@ class Store:
                 )
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (new_store_id(),))
                 self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+        except StorageUnavailable:  # locked, read-only, disk full: the file itself is fine
+            self.close()
+            raise
         except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: say which file, not a traceback
             self.close()
-            if isinstance(exc, sqlite3.OperationalError):  # locked, read-only, disk full: the file itself is fine
+            if isinstance(exc, sqlite3.OperationalError):  # (raised outside a write transaction)
                 raise
             raise StoreUnreadable(
                 f"{self.path} is not a usable SQLite database ({exc}); restore it from a backup, or move it "
@@ -267,15 +270,23 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, committed (and synced) on success, rolled back on any exception."""
-        with self._write_lock, self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        """A write transaction, committed (and synced) on success, rolled back on any exception. SQLite's
+        operational errors (disk full or read-only, I/O errors, the lock held past the busy timeout) become
+        ``StorageUnavailable``."""
+        try:
+            with self._write_lock, self._connection() as conn:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:  # SQLite itself rolls back on some errors (disk full, I/O)
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:  # the disk, not the request: a 503 the client may retry
+            raise StorageUnavailable(
+                f"the gallery {self.path.name} could not be written ({exc}); nothing was stored"
+            ) from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):

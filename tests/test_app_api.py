@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+import sqlite3
 import threading
 import warnings
 from collections.abc import Iterator
@@ -354,6 +355,26 @@ def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplo
     logged = [rec for rec in caplog.records if rec.exc_info]
     assert len(logged) == 1 and "GET /boom" in logged[0].getMessage()
     assert 'visage_http_requests_total{method="GET",route="/boom",status="500"} 1.0' in client.get("/metrics").text
+
+
+def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds_later(tmp_path, monkeypatch):
+    """Another process holding SQLite's write lock past the busy timeout (a batch enrollment stuck, a backup tool
+    that writes): a retryable 503 naming the cause, nothing stored, and the same request works once it lets go."""
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.3)
+    with make_client(tmp_path) as client:
+        assert client.app.state.runtime.wait_ready(30)
+        holder = sqlite3.connect(tmp_path / "visage.db", isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            busy = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        is_error(busy, 503, "storage_unavailable")
+        assert "database is locked" in busy.json()["detail"] and "nothing was stored" in busy.json()["detail"]
+        assert client.get("/subjects").json()["total"] == 0
+        again = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+        assert again.status_code == 201 and client.get("/subjects").json()["total"] == 1
 
 
 def test_every_answer_carries_a_request_id_that_the_model_work_sees(client):

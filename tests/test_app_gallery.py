@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit
 
-from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StoreUnreadable, SubjectNotFound
+from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StorageUnavailable, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
 from app.index import FaceIndex, IndexConfig
 from app.store import Store, SubjectRef
@@ -113,12 +113,39 @@ def test_a_failed_rollback_drops_the_connection_instead_of_pooling_it(tmp_path, 
     monkeypatch.setattr("app.store.sqlite3.connect", lambda *a, **k: connect(*a, factory=Flaky, **k))
     store = Store(tmp_path / "visage.db")
     failing.update({"COMMIT", "ROLLBACK"})
-    with pytest.raises(sqlite3.OperationalError, match="on COMMIT"), store.write() as conn:
+    with pytest.raises(StorageUnavailable, match="on COMMIT"), store.write() as conn:
         conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
     failing.clear()
     assert store.open_connections == 0
     assert store.counts(V1)["faces"] == 0  # a fresh connection, not one stuck in a transaction
     add(store, "alice", unit(1, 0))
+
+
+def test_a_full_disk_is_storage_unavailable_and_stores_nothing_of_the_request(tmp_path, monkeypatch):
+    """SQLite's own "database or disk is full" (a page cap stands in for the disk): a 503 the client may retry,
+    the transaction rolled back, the store as it was, and writes work again once there is room."""
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1, 0))
+    with store.read() as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    connect = Store._connect
+
+    def capped(self: Store) -> sqlite3.Connection:
+        conn = connect(self)
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+        return conn
+
+    monkeypatch.setattr(Store, "_connect", capped)
+    store.close()  # the pooled connections were opened without the cap
+    with pytest.raises(StorageUnavailable, match="visage.db could not be written .*full.*nothing was stored"):
+        add(store, "bob", unit(0, 1), image=bytes(300_000))
+    assert store.counts(V1)["faces"] == 1 and store.subject(SubjectRef(name="alice")).name == "alice"
+    with pytest.raises(SubjectNotFound):
+        store.subject(SubjectRef(name="bob"))
+    monkeypatch.setattr(Store, "_connect", connect)
+    store.close()
+    add(store, "bob", unit(0, 1), image=bytes(300_000))
+    assert store.counts(V1)["faces"] == 2
 
 
 def test_close_from_inside_a_transaction_does_not_wait_for_itself(tmp_path):
@@ -140,7 +167,7 @@ def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
     holder = sqlite3.connect(good, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process writing: the healthy file is locked, not damaged
     try:
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(StorageUnavailable, match="locked"):
             Store(good)
     finally:
         holder.execute("ROLLBACK")
