@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.errors import StorageUnavailable
 from app.service import FaceSelector, FaceService, clean_name
 from app.store import SubjectRef
 from model.errors import VisageError
@@ -97,7 +98,10 @@ def local_enroller(service: FaceService, face: str) -> Enroller:
     selector = FaceSelector.parse(face)
 
     def enroll(data: bytes, subject: str, filename: str) -> bool:
-        return service.enroll(data, SubjectRef(name=clean_name(subject)), selector).created
+        try:
+            return service.enroll(data, SubjectRef(name=clean_name(subject)), selector).created
+        except StorageUnavailable as exc:  # every later image would fail alike: stop, the batch resumes later
+            raise Abort(f"{exc.detail}; fix that, then run the same command again (it resumes)") from exc
 
     return enroll
 

@@ -71,6 +71,9 @@ class StoreUnreadable(VisageError):
     status = 503
 
 
+RETRY_AFTER_S = 5  # the model loads in ~5-10 s; a lock or a full disk may take longer, and clients back off
+
+
 class StorageUnavailable(VisageError):
     """A write to the gallery failed for a reason outside the request: the disk is full or read-only, an I/O
     error, or another process held the write lock past the busy timeout. The transaction was rolled back, so
@@ -90,6 +93,10 @@ class NotReady(VisageError):
 
     code = "not_ready"
     status = 503
+
+
+class StillLoading(NotReady):
+    """Not ready yet, and nothing has failed: worth asking again shortly (a failed load is not)."""
 
 
 class RequestTooLarge(VisageError):
@@ -137,6 +144,8 @@ def describe_validation(exc: RequestValidationError) -> str:
 async def _visage_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, VisageError)
     headers = {"WWW-Authenticate": "APIKey"} if exc.status == 401 else None
+    if isinstance(exc, StillLoading | StorageUnavailable):  # passing conditions: say when to ask again
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     if exc.status >= 500 and not isinstance(exc, NotReady):
         log.error("%s %s: %s", request.method, request.url.path, exc.detail)
     return error_response(exc.status, exc.code, exc.detail, headers)

@@ -317,7 +317,9 @@ def test_readyz_reports_loading_failure_and_endpoints_answer_503(tmp_path):
         assert client.get("/healthz").json() == {"status": "ok"}
         is_error(client.get("/readyz"), 503, "not_ready")
         assert "weights file not found" in client.get("/readyz").json()["detail"]
-        is_error(client.post("/embed", files={"image": png(RED)}), 503, "not_ready")
+        failed = client.post("/embed", files={"image": png(RED)})
+        is_error(failed, 503, "not_ready")
+        assert "retry-after" not in failed.headers  # a failed load does not pass by itself
     with make_client(tmp_path, default_far="1e-9") as client:  # an operating point the weights lack
         client.app.state.runtime.wait_ready(30)
         is_error(client.get("/readyz"), 503, "not_ready")
@@ -371,6 +373,7 @@ def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds
             holder.execute("ROLLBACK")
             holder.close()
         is_error(busy, 503, "storage_unavailable")
+        assert busy.headers["retry-after"] == "5"
         assert "database is locked" in busy.json()["detail"] and "nothing was stored" in busy.json()["detail"]
         assert client.get("/subjects").json()["total"] == 0
         again = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})

@@ -109,6 +109,26 @@ def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder
     service.gallery.close()
 
 
+def test_local_batch_stops_at_a_gallery_that_cannot_be_written_and_resumes_later(tmp_path, folder, monkeypatch):
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.2)
+    settings = Settings(data_dir=tmp_path / "data")
+    service = open_service(settings, with_index=False, pipeline=fake_pipeline())
+    items = scan(folder)
+    holder = sqlite3.connect(settings.data_dir / "visage.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # a backup tool that writes, a stuck process
+    try:
+        report = run_batch(items, local_enroller(service, "single"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert report.aborted and "database is locked" in report.aborted and "run the same command again" in report.aborted
+    assert (report.created, report.failed) == (0, 1)  # one attempt, not one failure per remaining image
+    assert service.gallery.store.counts(service.model_version)["faces"] == 0
+    again = run_batch(items, local_enroller(service, "single"))
+    assert (again.created, again.failed, again.aborted) == (3, 2, None)
+    service.gallery.close()
+
+
 def test_remote_batch_goes_through_the_api(tmp_path, folder):
     app = create_app(Settings(data_dir=tmp_path / "data", api_keys="k"), pipeline=fake_pipeline())
     with TestClient(app, base_url="http://visage", headers={"X-API-Key": "k"}) as client:

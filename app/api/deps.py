@@ -14,7 +14,7 @@ import anyio
 from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.errors import NotReady, Unauthorized
+from app.errors import NotReady, StillLoading, Unauthorized
 from app.gallery import Gallery
 from app.runtime import Runtime
 from app.service import FaceService
@@ -36,7 +36,9 @@ def get_settings(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Settings:
 
 def get_service(runtime: Annotated[Runtime, Depends(get_runtime)]) -> FaceService:
     if runtime.service is None:
-        raise NotReady(runtime.error or "the model and the index are still loading; see /readyz")
+        if runtime.error:
+            raise NotReady(runtime.error)
+        raise StillLoading("the model and the index are still loading; see /readyz")
     return runtime.service
 
 

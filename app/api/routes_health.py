@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from app.api.deps import RuntimeDep, require_api_key, run_db
 from app.api.schemas import ErrorResponse, HealthResponse, ReadyResponse
-from app.errors import NotReady
+from app.errors import NotReady, StillLoading
 from app.metrics import Metrics
 
 router = APIRouter(tags=["health"])
@@ -32,7 +32,9 @@ async def healthz() -> HealthResponse:
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     service = runtime.service
     if service is None:
-        raise NotReady(f"failed to load: {runtime.error}" if runtime.error else "loading the model and the index")
+        if runtime.error:
+            raise NotReady(f"failed to load: {runtime.error}")
+        raise StillLoading("loading the model and the index")
     stats = await run_db(service.gallery.stats)
     return ReadyResponse(
         model_version=service.model_version,
