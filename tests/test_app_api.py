@@ -17,6 +17,7 @@ from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
 from fastapi import Request
 from PIL import Image
 
+from app import runtime as runtime_module
 from app.api.deps import run_cpu
 from app.logs import current_request_id
 from app.main import create_app
@@ -357,6 +358,21 @@ def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplo
     logged = [rec for rec in caplog.records if rec.exc_info]
     assert len(logged) == 1 and "GET /boom" in logged[0].getMessage()
     assert 'visage_http_requests_total{method="GET",route="/boom",status="500"} 1.0' in client.get("/metrics").text
+
+
+def test_while_loading_every_endpoint_but_healthz_is_a_503_that_says_when_to_ask_again(tmp_path, monkeypatch):
+    release = threading.Event()
+    real_open = runtime_module.open_service
+    monkeypatch.setattr(runtime_module, "open_service", lambda *a, **k: release.wait(30) and real_open(*a, **k))
+    with make_client(tmp_path) as client:
+        try:
+            assert client.get("/healthz").status_code == 200
+            for r in (client.get("/readyz"), client.post("/embed", files={"image": png(RED)})):
+                is_error(r, 503, "not_ready")
+                assert r.headers["retry-after"] == "5"
+        finally:
+            release.set()
+        assert client.app.state.runtime.wait_ready(30) and client.get("/readyz").status_code == 200
 
 
 def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds_later(tmp_path, monkeypatch):
