@@ -261,7 +261,7 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: every SELECT inside sees the same snapshot."""
-        with self._connection() as conn:
+        with self._unavailable_on_error("read", ""), self._connection() as conn:
             conn.execute("BEGIN")
             try:
                 yield conn
@@ -270,23 +270,27 @@ class Store:
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction, committed (and synced) on success, rolled back on any exception. SQLite's
-        operational errors (disk full or read-only, I/O errors, the lock held past the busy timeout) become
-        ``StorageUnavailable``."""
+        """A write transaction, committed (and synced) on success, rolled back on any exception. Disk full or
+        read-only, I/O errors, the lock held past the busy timeout: ``StorageUnavailable``."""
+        with self._unavailable_on_error("written", "; nothing was stored"), self._write_lock, \
+                self._connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:  # SQLite itself rolls back on some errors (disk full, I/O)
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def _unavailable_on_error(self, verb: str, consequence: str) -> Iterator[None]:
+        """SQLite's operational errors are the disk's or another process's, not the request's: a 503 the
+        client may retry, naming the cause."""
         try:
-            with self._write_lock, self._connection() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield conn
-                except BaseException:
-                    if conn.in_transaction:  # SQLite itself rolls back on some errors (disk full, I/O)
-                        conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:  # the disk, not the request: a 503 the client may retry
-            raise StorageUnavailable(
-                f"the gallery {self.path.name} could not be written ({exc}); nothing was stored"
-            ) from exc
+            yield
+        except sqlite3.OperationalError as exc:
+            raise StorageUnavailable(f"the gallery {self.path.name} could not be {verb} ({exc}){consequence}") from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):

@@ -119,6 +119,9 @@ def test_a_failed_rollback_drops_the_connection_instead_of_pooling_it(tmp_path, 
     assert store.open_connections == 0
     assert store.counts(V1)["faces"] == 0  # a fresh connection, not one stuck in a transaction
     add(store, "alice", unit(1, 0))
+    failing.add("BEGIN")  # an I/O error on a read is the disk's too: a 503, not a 500
+    with pytest.raises(StorageUnavailable, match="visage.db could not be read .disk I/O error on BEGIN"):
+        store.counts(V1)
 
 
 def test_a_full_disk_is_storage_unavailable_and_stores_nothing_of_the_request(tmp_path, monkeypatch):
