@@ -142,10 +142,14 @@ class Gallery:
                 self.index.save(self.index_path)
 
     def close(self) -> None:
-        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store."""
+        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store. A save that
+        fails (disk full, the folder gone) is logged, not raised: it would only fail the shutdown."""
         try:
             self.sync()
-            self.save()
+            try:
+                self.save()
+            except OSError as exc:
+                log.warning("index not saved (%s): the next start replays or rebuilds it from the store", exc)
         finally:
             self.store.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -414,6 +415,24 @@ def test_hnsw_filters_removed_faces_and_rebuilds_for_a_replaced_vector(tmp_path)
 
 
 # -- other processes and threads ----------------------------------------------------------------------------------
+
+
+def test_an_index_that_cannot_be_saved_at_close_is_logged_and_rebuilt_at_the_next_start(tmp_path, caplog):
+    folder = tmp_path / "cache"
+    gallery = Gallery(Store(tmp_path / "visage.db"), folder / "index.faiss", V1, DIM, IndexConfig())
+    gallery.open()
+    add(gallery.store, "alice", unit(1, 0))
+    shutil.rmtree(folder)  # (open saved the index it built)
+    folder.write_text("a file where the index folder was")  # the save's folder cannot be made
+    with caplog.at_level("WARNING", logger="visage.gallery"):
+        gallery.close()  # no exception: the store is closed and nothing was lost
+    assert any("index not saved" in r.getMessage() for r in caplog.records)
+    folder.unlink()
+    reopened = Gallery(Store(tmp_path / "visage.db"), folder / "index.faiss", V1, DIM, IndexConfig())
+    reopened.open()
+    assert reopened.store.counts(V1)["faces"] == 1 and "rebuilt" in reopened.opened_by
+    assert reopened.identify(unit(1, 0)[None], k=1)[0][0].name == "alice"
+    reopened.close()
 
 
 def test_writes_from_another_process_are_seen_without_a_restart(tmp_path):
