@@ -9,6 +9,8 @@ import time
 import numpy as np
 import pytest
 from conftest import photo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from model.decode import BACKGROUND, DecodeLimits, decode_image, read_image_file, to_rgb8
@@ -176,3 +178,30 @@ def test_non_bytes_input_is_unreadable():
 def test_every_decode_error_is_a_4xx_visage_error():
     for exc in (EmptyImage, UnreadableImage, UnsupportedImageType, ImageTooLarge):
         assert issubclass(exc, VisageError) and 400 <= exc.status < 500
+
+
+MUTATED = ["edge/obama.webp", "edge/obama_palette.png", "edge/obama_cmyk.jpg", "edge/obama_16bit_grey.png",
+           "edge/obama_tiny_face.jpg", "edge/obama_exif_orientation6.jpg"]
+
+
+@pytest.mark.parametrize("rel", MUTATED)
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_a_damaged_real_file_decodes_or_is_a_4xx_error_never_anything_else(rel, data):
+    """Real files with bytes flipped, cut short or spliced (what a flaky upload or a hostile client sends):
+    each decodes to 8-bit RGB or raises a 4xx ``VisageError``, never another exception (a 500)."""
+    raw = bytearray(photo(rel).read_bytes())
+    for _ in range(data.draw(st.integers(0, 8), label="flips")):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans(), label="cut"):
+        raw = raw[: data.draw(st.integers(1, len(raw)))]
+    if data.draw(st.booleans(), label="splice"):
+        at = data.draw(st.integers(0, len(raw)))
+        raw[at:at] = data.draw(st.binary(min_size=1, max_size=64))
+    try:
+        img = decode_image(bytes(raw))
+    except VisageError as exc:
+        assert 400 <= exc.status < 500, exc
+    else:
+        assert img.mode == "RGB" and img.width > 0 and img.height > 0
