@@ -97,6 +97,7 @@ def _settings(args: argparse.Namespace, **extra: Any):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.files import private_dir
     from app.logs import log_config
     from app.settings import resolve_api_keys
     from model.bundle import DEFAULT_WEIGHTS
@@ -106,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     weights = settings.weights or DEFAULT_WEIGHTS
     if not Path(weights).is_file():  # fail here, not in every worker's background loader
         raise WeightsError(f"weights file not found: {weights}")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)
     keys, generated = resolve_api_keys(settings)
     if settings.api_keys:
         print(f"API keys: {len(keys)} from VISAGE_API_KEYS", flush=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from app.errors import StorageUnavailable
+from app.files import private_dir
 from app.service import FaceSelector, FaceService, clean_name
 from app.store import SubjectRef
 from model.errors import VisageError
@@ -198,7 +199,7 @@ def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | No
 
 def write_failures(path: Path, failures: list[dict[str, str]]) -> None:
     """Write the failures CSV atomically (header only when nothing failed, so an old list never lingers)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="") as fh:

@@ -25,6 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from app.files import private_dir
 from app.settings import IndexType
 
 MAGIC = b"VISAGEIX"
@@ -221,7 +222,7 @@ class FaceIndex:
         """Write header + FAISS bytes to a temp file, fsync, rename: readers see the old file or the new
         one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         header = json.dumps(self.header()).encode()
         payload = faiss.serialize_index(self._index)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.files import private_dir
 from model.decode import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, PILLOW_MAX_PIXELS, DecodeLimits
 from model.errors import validation_problems
 
@@ -136,7 +137,7 @@ def resolve_api_keys(settings: Settings) -> tuple[list[str], bool]:
     path = settings.key_path
     if path.is_file() and path.read_text().strip():
         return [path.read_text().strip()], False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import FaceNotFound, NameTaken, StorageUnavailable, StoreUnreadable, SubjectNotFound
+from app.files import private_dir, private_file
 
 SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
@@ -181,7 +182,7 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(private_dir(self.path.parent) / self.path.name)
         self._pool_lock = threading.Lock()
         self._returned = threading.Condition(self._pool_lock)  # a busy connection came back to the pool
         self._open: list[sqlite3.Connection] = []
