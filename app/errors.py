@@ -75,9 +75,9 @@ RETRY_AFTER_S = 5  # the model loads in ~5-10 s; a lock or a full disk may take 
 
 
 class StorageUnavailable(VisageError):
-    """A write to the gallery failed for a reason outside the request: the disk is full or read-only, an I/O
-    error, or another process held the write lock past the busy timeout. The transaction was rolled back, so
-    nothing of the request was stored, and the same request can be sent again."""
+    """The gallery could not be read or written for a reason outside the request: the disk is full or read-only,
+    an I/O error, or another process held the write lock past the busy timeout. A write's transaction was rolled
+    back, so nothing of the request was stored, and the same request can be sent again."""
 
     code = "storage_unavailable"
     status = 503
