@@ -1,6 +1,7 @@
-"""The service's logging: every line written while a request is handled carries its request id (the
-``X-Request-ID`` header, taken from the client or a proxy when it looks like an id, else generated, and sent
-back on the response), so a user's "my request failed" and a 500's traceback meet in one ``grep``.
+"""The service's logging: Visage's lines written while a request is handled, and uvicorn's access line, carry
+its request id (the ``X-Request-ID`` header, taken from the client or a proxy when it looks like an id, else
+generated, and sent back on the response), so a user's "my request failed" and a 500's traceback meet in one
+``grep``.
 ``VISAGE_LOG_FORMAT=json`` writes one JSON object a line for log collectors."""
 
 from __future__ import annotations
@@ -81,4 +82,7 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
         else:
             handler.setFormatter(logging.Formatter(VISAGE_TEXT))
         logger.addHandler(handler)
+        refused_ids = logging.getLogger("asgi_correlation_id")
+        if refused_ids.level == logging.NOTSET:  # as in log_config, unless the host application chose
+            refused_ids.setLevel(logging.ERROR)
     logger.setLevel(uvicorn.config.LOG_LEVELS[level])
