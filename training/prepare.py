@@ -203,18 +203,19 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
             writer.writeheader()
         jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
         # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers start
-        # inside map(), and inherit SIGINT ignored: without it each printed its own KeyboardInterrupt traceback.
-        with _sigint_ignored():
-            results = pool.map(_process_chunk, jobs)
-        with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
-            try:
+        # inside map() and inherit a handler that only takes note: without it each printed its own
+        # KeyboardInterrupt traceback. A Ctrl-C the parent gets meanwhile is raised as soon as map() returns.
+        try:
+            with _sigint_deferred():
+                results = pool.map(_process_chunk, jobs)
+            with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
                 for rows in results:
                     writer.writerows(rows)
                     fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
                     bar.update(len(rows))
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
-                raise
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
+            raise
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     attempted = {source for _, source in todo}
@@ -224,13 +225,18 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
 
 
 @contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored meanwhile (in the main thread only: Python allows signal handlers nowhere else)."""
+def _sigint_deferred() -> Iterator[None]:
+    """SIGINT noted, not raised, meanwhile, then raised as KeyboardInterrupt at the end if it came (in the main
+    thread only: Python allows signal handlers nowhere else). Ignoring it instead lost a Ctrl-C that came while
+    the workers started: the run went on to the end and exited 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
