@@ -32,6 +32,11 @@ SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
 log = logging.getLogger("visage.store")
 
+# SQLite's primary result codes that say the disk or another process is in the way, not the statement
+STORAGE_ERRORS = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+})
 BUSY_TIMEOUT_S = 30.0
 CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
 _CHUNK = 900  # bound on "?" parameters per statement
@@ -286,11 +291,13 @@ class Store:
 
     @contextmanager
     def _unavailable_on_error(self, verb: str, consequence: str) -> Iterator[None]:
-        """SQLite's operational errors are the disk's or another process's, not the request's: a 503 the
-        client may retry, naming the cause."""
+        """The disk's or another process's errors, not the request's, become a 503 the client may retry, naming
+        the cause. Others (SQLITE_ERROR: a statement this code got wrong) stay what they are: a bug, a 500."""
         try:
             yield
         except sqlite3.OperationalError as exc:
+            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in STORAGE_ERRORS:
+                raise
             raise StorageUnavailable(f"the gallery {self.path.name} could not be {verb} ({exc}){consequence}") from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:

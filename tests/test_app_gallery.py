@@ -107,7 +107,9 @@ def test_a_failed_rollback_drops_the_connection_instead_of_pooling_it(tmp_path, 
     class Flaky(sqlite3.Connection):
         def execute(self, sql, *args):
             if sql in failing:
-                raise sqlite3.OperationalError(f"disk I/O error on {sql} (simulated)")
+                error = sqlite3.OperationalError(f"disk I/O error on {sql} (simulated)")
+                error.sqlite_errorcode = sqlite3.SQLITE_IOERR  # what SQLite's own error carries
+                raise error
             return super().execute(sql, *args)
 
     connect = sqlite3.connect
@@ -123,6 +125,9 @@ def test_a_failed_rollback_drops_the_connection_instead_of_pooling_it(tmp_path, 
     failing.add("BEGIN")  # an I/O error on a read is the disk's too: a 503, not a 500
     with pytest.raises(StorageUnavailable, match="visage.db could not be read .disk I/O error on BEGIN"):
         store.counts(V1)
+    failing.clear()
+    with pytest.raises(sqlite3.OperationalError, match="syntax error"), store.write() as conn:
+        conn.execute("INSRT INTO meta VALUES ('k', 'v')")  # this code's own mistake: a bug (500), not a 503
 
 
 def test_a_full_disk_is_storage_unavailable_and_stores_nothing_of_the_request(tmp_path, monkeypatch):
