@@ -19,9 +19,10 @@ def private_dir(path: Path) -> Path:
 def private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (SQLite gives its -wal and -shm files the
     database's mode); warn, without changing it, when an existing one is readable by others."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)  # (the mode applies only if it creates; follows symlinks)
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            log.warning("%s is open to other users (mode %03o) and holds face data: chmod 600 it", path, mode)
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+    if mode & 0o077:
+        log.warning("%s is open to other users (mode %03o) and holds face data: chmod 600 it", path, mode)

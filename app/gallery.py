@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import NoCurrentFaces
+from app.errors import NoCurrentFaces, StorageUnavailable
 from app.index import FaceIndex, IndexConfig, IndexFileError, ids_checksum
 from app.store import Store, SubjectRef
 from model.score_norm import CohortNorm
@@ -142,14 +142,13 @@ class Gallery:
                 self.index.save(self.index_path)
 
     def close(self) -> None:
-        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store. A save that
-        fails (disk full, the folder gone) is logged, not raised: it would only fail the shutdown."""
+        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store. A catch-up or
+        save that fails (disk full, the folder gone) is logged, not raised: it would only fail the shutdown."""
         try:
             self.sync()
-            try:
-                self.save()
-            except OSError as exc:
-                log.warning("index not saved (%s): the next start replays or rebuilds it from the store", exc)
+            self.save()
+        except (OSError, StorageUnavailable) as exc:
+            log.warning("index not saved (%s): the next start replays or rebuilds it from the store", exc)
         finally:
             self.store.close()
 

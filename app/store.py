@@ -34,8 +34,8 @@ log = logging.getLogger("visage.store")
 
 # SQLite's primary result codes that say the disk or another process is in the way, not the statement
 STORAGE_ERRORS = frozenset({
-    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
-    sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
 })
 BUSY_TIMEOUT_S = 30.0
 CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
@@ -271,8 +271,11 @@ class Store:
             conn.execute("BEGIN")
             try:
                 yield conn
-            finally:
-                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # (SQLite may have ended it itself: its error is the one to report)
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:

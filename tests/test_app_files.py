@@ -44,3 +44,16 @@ def test_an_existing_database_open_to_others_is_reported_not_changed(tmp_path, c
     shared = tmp_path / "shared"
     shared.mkdir(mode=0o755)
     assert private_dir(shared) == shared and mode(shared) == 0o755  # an existing folder is left alone
+
+
+def test_a_database_symlinked_elsewhere_is_created_at_the_links_target(tmp_path):
+    """A data folder whose visage.db links to another disk (the target not made yet): created there, 0600."""
+    target = tmp_path / "big-disk" / "visage.db"
+    target.parent.mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "visage.db").symlink_to(target)
+    store = Store(data / "visage.db")
+    add(store, "alice", unit(1, 0))
+    store.close()
+    assert target.is_file() and mode(target) == 0o600 and Store(target).counts("model-v1")["faces"] == 1

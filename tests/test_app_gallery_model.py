@@ -105,9 +105,11 @@ class GalleryMachine(RuleBasedStateMachine):
             assert hits[0].name == name and abs(hits[0].similarity - 1.0) < 1e-5
 
     def teardown(self) -> None:
-        self.gallery.close()
-        self.other.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.gallery.close()
+            self.other.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 GalleryMachine.TestCase.settings = settings(

@@ -92,6 +92,9 @@ _detector = None
 
 def _init_worker() -> None:
     global _detector
+    # Ctrl-C is the parent's to handle; a forked worker inherits the parent's deferring handler, a spawned
+    # (forkserver: Python 3.14's default) one Python's own, which printed a traceback from every worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from model.detect import FaceDetector

@@ -34,7 +34,7 @@ IMAGE_ERRORS: dict[int | str, dict] = {
     413: {"model": ErrorResponse, "description": "file too large, or too many pixels"},
     415: {"model": ErrorResponse, "description": "image format not supported"},
     422: {"model": ErrorResponse, "description": "no face, several faces, or a bad parameter"},
-    503: {"model": ErrorResponse, "description": "the model is still loading, or the gallery cannot be written"},
+    503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be read or written"},
 }
 SUBJECT_ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorResponse, "description": "unknown subject"},

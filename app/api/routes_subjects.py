@@ -30,7 +30,7 @@ router = APIRouter(
         401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
         404: {"model": ErrorResponse, "description": "unknown subject or face"},
         422: {"model": ErrorResponse, "description": "bad parameter"},
-        503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be written"},
+        503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be read or written"},
     },
 )
 SubjectId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="subject id")]
