@@ -7,9 +7,12 @@ import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,3 +234,16 @@ def open_gallery(tmp_path, kind: str = "flat", version: str = V1) -> Gallery:
     gallery = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", version, DIM, IndexConfig(kind=kind))
     gallery.open()
     return gallery
+
+
+@contextmanager
+def write_locked(path: Path) -> Iterator[None]:
+    """Another process holding SQLite's write lock on the gallery meanwhile (a stuck batch, a backup tool that
+    writes): readers go on in WAL mode, writers wait out the busy timeout."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -7,13 +7,12 @@ import io
 import json
 import logging
 import re
-import sqlite3
 import threading
 import warnings
 from collections.abc import Iterator
 
 import pytest
-from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
+from app_helpers import BLUE, GREEN, RED, fake_pipeline, png, write_locked
 from fastapi import Request
 from PIL import Image
 
@@ -381,13 +380,8 @@ def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds
     monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.3)
     with make_client(tmp_path) as client:
         assert client.app.state.runtime.wait_ready(30)
-        holder = sqlite3.connect(tmp_path / "visage.db", isolation_level=None)
-        holder.execute("BEGIN EXCLUSIVE")
-        try:
+        with write_locked(tmp_path / "visage.db"):
             busy = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         is_error(busy, 503, "storage_unavailable")
         assert busy.headers["retry-after"] == "5"
         assert "database is locked" in busy.json()["detail"] and "nothing was stored" in busy.json()["detail"]

@@ -11,7 +11,7 @@ import warnings
 
 import httpx
 import pytest
-from app_helpers import BLUE, GREEN, RED, fake_pipeline, png
+from app_helpers import BLUE, GREEN, RED, fake_pipeline, png, write_locked
 
 from app.enroll import Abort, local_enroller, remote_enroller, run_batch, scan, write_failures
 from app.errors import NoCurrentFaces
@@ -114,13 +114,8 @@ def test_local_batch_stops_at_a_gallery_that_cannot_be_written_and_resumes_later
     settings = Settings(data_dir=tmp_path / "data")
     service = open_service(settings, with_index=False, pipeline=fake_pipeline())
     items = scan(folder)
-    holder = sqlite3.connect(settings.data_dir / "visage.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # a backup tool that writes, a stuck process
-    try:
+    with write_locked(settings.data_dir / "visage.db"):
         report = run_batch(items, local_enroller(service, "single"))
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     assert report.aborted and "database is locked" in report.aborted and "run the same command again" in report.aborted
     assert (report.created, report.failed) == (0, 1)  # one attempt, not one failure per remaining image
     assert service.gallery.store.counts(service.model_version)["faces"] == 0

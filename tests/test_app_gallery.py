@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit
+from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit, write_locked
 
 from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StorageUnavailable, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
@@ -173,14 +173,8 @@ def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
     good = tmp_path / "good.db"
     Store(good).close()
     monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.2)
-    holder = sqlite3.connect(good, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # another process writing: the healthy file is locked, not damaged
-    try:
-        with pytest.raises(StorageUnavailable, match="locked"):
-            Store(good)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    with write_locked(good), pytest.raises(StorageUnavailable, match="locked"):
+        Store(good)  # another process writing: the healthy file is locked, not damaged
 
 
 def test_store_subjects_page_rename_and_generation(tmp_path):
