@@ -181,6 +181,19 @@ _SUBJECT_COLS = (
 )
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
+    """``begin``, then COMMIT on success or ROLLBACK on any exception, unless SQLite already ended the transaction
+    itself (it does on some errors: disk full, I/O), whose error is then the one to report."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
 class Store:
     """SQLite access: a pool of connections, one per concurrent transaction; one writer at a time (a lock
     in-process, SQLite's ``BEGIN IMMEDIATE`` across processes)."""
@@ -267,30 +280,16 @@ class Store:
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: every SELECT inside sees the same snapshot."""
-        with self._unavailable_on_error("read", ""), self._connection() as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:  # (SQLite may have ended it itself: its error is the one to report)
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._unavailable_on_error("read", ""), self._connection() as conn, _transaction(conn, "BEGIN"):
+            yield conn
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, committed (and synced) on success, rolled back on any exception. Disk full or
         read-only, I/O errors, the lock held past the busy timeout: ``StorageUnavailable``."""
         with self._unavailable_on_error("written", "; nothing was stored"), self._write_lock, \
-                self._connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:  # SQLite itself rolls back on some errors (disk full, I/O)
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                self._connection() as conn, _transaction(conn, "BEGIN IMMEDIATE"):
+            yield conn
 
     @contextmanager
     def _unavailable_on_error(self, verb: str, consequence: str) -> Iterator[None]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -247,9 +249,6 @@ def test_a_re_run_reports_no_new_failures_and_runs_off_the_main_thread(prepared)
 def test_a_ctrl_c_while_the_workers_start_is_raised_once_they_have_started():
     """Ignoring SIGINT while the pool starts its workers lost a Ctrl-C that came then: the run went on to the end
     and exited 0 (seen under load, where starting the workers took over a second)."""
-    import os
-    import signal
-
     reached_the_end = False
     with pytest.raises(KeyboardInterrupt), _sigint_deferred():
         os.kill(os.getpid(), signal.SIGINT)  # noted, not raised here: the workers are being started
