@@ -143,20 +143,25 @@ def _progress(items: list, disable: bool, desc: str):
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from app.enroll import remote_enroller, run_batch, scan, shown, write_failures
+    from app.enroll import check_writable, remote_enroller, run_batch, scan, shown, write_failures
 
     settings = _settings(args)
     items = scan(args.dir)
     failures_path = args.failures or settings.failures_path
-    if failures_path.is_dir():  # found now, not after the whole batch
-        raise IsADirectoryError(f"--failures {failures_path} is a folder; give the CSV file's path")
+    try:  # found now, not after the whole batch
+        check_writable(failures_path)
+    except OSError as exc:
+        raise type(exc)(f"--failures {shown(failures_path)} cannot be written: {exc}") from exc
+    max_bytes = settings.max_upload_bytes
     if args.url:
         import httpx
 
         if not args.api_key:
             raise ValueError("--url needs --api-key (or $VISAGE_API_KEY)")
         with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
-            report = run_batch(items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"))
+            report = run_batch(
+                items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
+            )
         target = args.url
     else:
         from app.enroll import local_enroller
@@ -164,13 +169,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         service = open_service(settings, with_index=False)
         try:
-            report = run_batch(items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"))
+            report = run_batch(
+                items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
+            )
         finally:
             service.gallery.close()
         target = str(settings.db_path)
-    write_failures(failures_path, report.failures)
+    try:
+        write_failures(failures_path, report.failures)
+        failures_csv: str | None = str(failures_path)
+    except OSError as exc:  # the batch is done and stored: still report it (the failures are in --json too)
+        print(f"could not write the failures CSV {shown(failures_path)}: {exc}", file=sys.stderr)
+        failures_csv = None
     if args.json:
-        print_json({**report.to_dict(), "target": target, "failures_csv": str(failures_path)})
+        print_json({**report.to_dict(), "target": target, "failures_csv": failures_csv})
     else:
         rows = [
             ("images", report.files),
@@ -180,7 +192,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             ("subjects", len(report.subjects)),
         ]
         caption = (
-            f"{report.seconds:.1f} s; failures in {failures_path}" if report.failures else f"{report.seconds:.1f} s"
+            f"{report.seconds:.1f} s; failures in {failures_csv}"
+            if report.failures and failures_csv
+            else f"{report.seconds:.1f} s"
         )
         print_table(f"enroll {shown(args.dir)} -> {target}", ["", "count"], rows, caption=caption)
         if report.aborted:

@@ -19,8 +19,10 @@ from typing import Any
 
 from app.errors import StorageUnavailable
 from app.files import private_dir
-from app.service import FaceSelector, FaceService, clean_name
+from app.names import clean_name
+from app.service import FaceSelector, FaceService
 from app.store import SubjectRef
+from model.decode import DEFAULT_MAX_BYTES, read_limited
 from model.errors import VisageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"})
@@ -159,13 +161,15 @@ def remote_enroller(client: Any, face: str) -> Enroller:
     return enroll
 
 
-def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | None = None) -> BatchReport:
+def run_batch(
+    items: list[Item], enroll: Enroller, progress: Iterator[Item] | None = None, max_bytes: int = DEFAULT_MAX_BYTES
+) -> BatchReport:
     """Enroll every item, collecting failures instead of stopping (except on ``Abort``)."""
     report = BatchReport(files=len(items))
     start = time.perf_counter()
     for item in progress if progress is not None else iter(items):
         try:
-            data = item.path.read_bytes()
+            data = read_limited(item.path, max_bytes)
             if enroll(data, item.subject, item.path.name):
                 report.created += 1
             else:
@@ -195,6 +199,16 @@ def run_batch(items: list[Item], enroll: Enroller, progress: Iterator[Item] | No
             )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_writable(path: Path) -> None:
+    """Raise the ``OSError`` that ``write_failures(path, ...)`` would raise for its folder, before the batch
+    runs rather than after it (a folder given as the file, a parent that is a file, no permission)."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the CSV file's path")
+    private_dir(path.parent)
+    with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".probe", dir=path.parent):
+        pass
 
 
 def write_failures(path: Path, failures: list[dict[str, str]]) -> None:

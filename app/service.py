@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from app.errors import BadParameter, FaceOfImageEnrolled
 from app.gallery import Gallery, SubjectHit
+from app.names import clean_name
 from app.store import FaceRow, SubjectRef, SubjectRow, sha256
 from model.decode import decode_image
 from model.detect import DetectedFace, box_iou, choose_face, face_at
@@ -25,7 +25,6 @@ from model.errors import NoFaceFound, VisageError
 from model.faces import Face, FacePipeline, align_faces
 
 log = logging.getLogger("visage.service")
-MAX_NAME_LENGTH = 200
 SAME_FACE_IOU = 0.5  # a detection of the stored face again (same bytes, same detector) overlaps it ~1.0
 
 
@@ -66,25 +65,6 @@ def subject_ref(name: str | None = None, subject_id: int | None = None) -> Subje
     if subject_id is not None:
         return SubjectRef(id=subject_id)
     return SubjectRef(name=clean_name(name or ""))
-
-
-# bidirectional overrides and isolates: they make a name display as another (U+202A-202E, U+2066-2069)
-_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
-
-
-def clean_name(name: str) -> str:
-    """A subject name as stored: trimmed, as typed otherwise (names stored earlier stay reachable by name).
-
-    Refused: control, surrogate and private-use characters, bidirectional overrides, and names with nothing
-    visible (only spaces and zero-width characters). Allowed: any script, a no-break or ideographic space, the
-    zero-width joiners that Persian and Indic names and emoji sequences need."""
-    name = name.strip()
-    visible = any(unicodedata.category(c)[0] not in "CZ" for c in name)
-    bad = any(unicodedata.category(c) in ("Cc", "Cs", "Co") or c in _BIDI_CONTROLS for c in name)
-    if not visible or bad or len(name) > MAX_NAME_LENGTH:
-        raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} characters, some of them visible, without "
-                           "control characters or direction overrides")
-    return name
 
 
 @dataclass(frozen=True)

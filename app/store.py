@@ -27,6 +27,7 @@ import numpy as np
 
 from app.errors import FaceNotFound, NameTaken, StorageUnavailable, StoreUnreadable, SubjectNotFound
 from app.files import private_dir, private_file
+from app.names import canonical_name
 
 SCHEMA_VERSION = "1"
 MAX_ROW_ID = 2**63 - 1  # SQLite integers are signed 64-bit: a larger id can name no row
@@ -194,6 +195,25 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
         raise
     conn.execute("COMMIT")
 
+def _canonicalise_names(conn: sqlite3.Connection) -> None:
+    """Once per database: bring the names stored before ``app.names`` existed (kept as typed) to the form every
+    lookup now uses, so a subject enrolled as NFD "José" is still found by name. A name whose canonical form is
+    already taken by another subject is left as it is, and logged: rename or merge it by id."""
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'names'").fetchone():
+        return
+    for subject_id, name in conn.execute("SELECT id, name FROM subjects").fetchall():
+        canonical = canonical_name(name)
+        if canonical == name or not canonical:
+            continue
+        try:
+            conn.execute("UPDATE subjects SET name = ? WHERE id = ?", (canonical, subject_id))
+        except sqlite3.IntegrityError:
+            log.warning("subject %d is named %r, which looks the same as another subject's name %r: it keeps its "
+                        "name and is reachable by id (PATCH /subjects/%d to rename it)",
+                        subject_id, name, canonical, subject_id)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('names', 'nfc-trimmed')")
+
+
 class Store:
     """SQLite access: a pool of connections, one per concurrent transaction; one writer at a time (a lock
     in-process, SQLite's ``BEGIN IMMEDIATE`` across processes)."""
@@ -215,6 +235,7 @@ class Store:
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (new_store_id(),))
+                _canonicalise_names(conn)
                 self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         except StorageUnavailable:  # locked, read-only, disk full: the file itself is fine
             self.close()

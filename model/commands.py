@@ -101,11 +101,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def _read(path: Path) -> bytes:
+    from model.decode import read_limited
+
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return path.read_bytes()
+    return read_limited(path)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ pixel is allocated.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(f"the image declares too many pixels ({exc})") from exc
+        # (Pillow's message quotes its own limit, not the one configured here)
+        raise ImageTooLarge(
+            f"the image declares over {PILLOW_MAX_PIXELS} pixels; the limit is {limits.max_pixels} pixels"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise UnreadableImage("the file is not an image in a format Visage can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -88,7 +92,17 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def read_image_file(path: str, limits: DecodeLimits | None = None) -> Image.Image:
-    """Decode a file from disk through exactly the same checks as an upload."""
+def read_limited(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """A file's bytes, or ``ImageTooLarge`` after reading at most ``max_bytes + 1`` of them: a stray
+    multi-gigabyte file among the photos must cost one refusal, not the machine's memory."""
     with open(path, "rb") as fh:
-        return decode_image(fh.read(), limits)
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"the file is larger than the limit of {max_bytes} bytes")
+    return data
+
+
+def read_image_file(path: str | os.PathLike[str], limits: DecodeLimits | None = None) -> Image.Image:
+    """Decode a file from disk through exactly the same checks as an upload."""
+    limits = limits or DecodeLimits()
+    return decode_image(read_limited(path, limits.max_bytes), limits)

@@ -211,13 +211,43 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["\u5c71\u7530\u3000\u592a\u90ce", "Jean\u00a0Dupont",
                                   "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f469\u200d\U0001f4bb",
-                                  "Jose\u0301"])
-def test_names_in_any_script_are_kept_as_typed(client, name):
-    """An ideographic or no-break space, a zero-width (non-)joiner, a combining accent: real names need them, and
-    a name is stored as typed, so one enrolled before is found again by the same string."""
+                                  "Jos\u00e9"])
+def test_names_in_any_script_are_kept(client, name):
+    """An ideographic or no-break space, a zero-width (non-)joiner inside a name, an accent: real names need
+    them, and one enrolled before is found again by the same string."""
     first = enroll(client, png(RED), subject=name)
     assert first["subject"]["name"] == name
     assert enroll(client, png(BLUE), subject=name)["subject"]["id"] == first["subject"]["id"]
+
+
+def test_names_that_look_the_same_are_one_subject(client):
+    """A macOS folder name is NFD ("Jose" + a combining accent), a keyboard types NFC, a pasted name may end in a
+    zero-width space or start with a byte-order mark: all four are the same subject, stored as NFC."""
+    first = enroll(client, png(RED), subject="Jose\u0301")
+    assert first["subject"]["name"] == "Jos\u00e9"
+    for twin in ["Jos\u00e9", "Jos\u00e9\u200b", "\ufeffJose\u0301 "]:
+        r = client.post("/verify", files={"image": ("x.png", png(RED))}, data={"subject": twin})
+        assert r.status_code == 200 and r.json()["subject"]["id"] == first["subject"]["id"], (twin, r.text)
+    assert enroll(client, png(BLUE), subject="Jos\u00e9\u200b")["subject"]["id"] == first["subject"]["id"]
+    listed = client.get("/subjects", params={"name": "Jose\u0301"}).json()
+    assert [item["id"] for item in listed["items"]] == [first["subject"]["id"]]
+    renamed = client.patch(f"/subjects/{first['subject']['id']}", json={"name": "Zo\u0308e\u200b"})
+    assert renamed.json()["name"] == "Z\u00f6e", renamed.text
+
+
+def test_a_form_field_given_twice_is_refused_not_overwritten(client):
+    """FastAPI keeps the last of a repeated field: two images (or two names) in one /enroll would file the
+    second face, or file it under the second name, with a 201. Nothing is stored."""
+    two_images = [("image", ("a.png", png(RED))), ("image", ("b.png", png(BLUE)))]
+    r = client.post("/enroll", files=two_images, data={"subject": "alice"})
+    is_error(r, 422, "bad_parameter")
+    assert "repeated: image" in r.json()["detail"]
+    r = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": ["alice", "bob"]})
+    is_error(r, 422, "bad_parameter")
+    assert "repeated: subject" in r.json()["detail"]
+    r = client.post("/verify", files={"image": ("a.png", png(RED))}, data={"subject": "alice", "far": ["1e-2", "1e-4"]})
+    is_error(r, 422, "bad_parameter")
+    assert client.get("/subjects").json()["total"] == 0
 
 
 def test_api_key_is_required_except_on_health(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import sqlite3
 import warnings
 
@@ -107,6 +108,21 @@ def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder
     write_failures(settings.failures_path, [])
     assert settings.failures_path.read_text().strip() == "file,subject,error,detail"
     service.gallery.close()
+
+
+def test_a_file_over_the_size_limit_is_a_failure_read_no_further(tmp_path, folder):
+    """A stray multi-gigabyte file in a subject folder was read whole into memory before being refused."""
+    huge = folder / "alice" / "huge.jpg"
+    with huge.open("wb") as fh:  # sparse: 4 GiB on paper, nothing on disk
+        fh.truncate(4 * 1024**3)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    service = open_service(Settings(data_dir=tmp_path / "data"), with_index=False, pipeline=fake_pipeline())
+    report = run_batch(scan(folder), local_enroller(service, "single"), max_bytes=1024 * 1024)
+    service.gallery.close()
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 100  # MiB, not 4 GiB
+    (failure,) = [f for f in report.failures if f["file"].endswith("huge.jpg")]
+    assert failure["error"] == "image_too_large" and "limit of 1048576 bytes" in failure["detail"]
+    assert report.created == 3  # the rest of the batch went on
 
 
 def test_local_batch_stops_at_a_gallery_that_cannot_be_written_and_resumes_later(tmp_path, folder, monkeypatch):

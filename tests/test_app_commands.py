@@ -98,6 +98,22 @@ def test_a_damaged_gallery_database_is_one_line_and_json_says_why(tmp_path, caps
     assert json.loads(out)["error"] == "store_unreadable" and "visage.db is not a usable SQLite database" in err
 
 
+def test_an_unwritable_failures_path_is_refused_before_the_batch_runs(tmp_path, capsys):
+    """The path was checked only for being a folder: a parent that is a file failed after the whole batch had
+    run, and the report (which files failed) was lost."""
+    (tmp_path / "photos" / "alice").mkdir(parents=True)
+    (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    (tmp_path / "a_file").write_text("")
+    data = tmp_path / "data"
+    argv = ["enroll", str(tmp_path / "photos"), "--data-dir", str(data), "--json", "--no-progress"]
+    assert main([*argv, "--failures", str(tmp_path / "a_file" / "failures.csv")]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"] in ("file_exists", "not_a_directory") and "cannot be written" in err
+    assert not data.exists()  # refused before the gallery was opened
+    assert main([*argv, "--failures", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
 def test_backup_command_writes_a_time_stamped_copy_and_never_overwrites(tmp_path, capsys):
     from app.store import Store, SubjectRef
 

@@ -206,6 +206,32 @@ def test_metadata_stored_with_nan_by_older_versions_reads_as_null(tmp_path):
     json.dumps(store.subject(subject).metadata, allow_nan=False)  # what the response encoder demands
 
 
+def test_names_stored_as_typed_by_older_versions_are_brought_to_nfc_once(tmp_path, caplog):
+    """Before app.names, names were stored as typed: an NFD "José" stays findable by name after the upgrade,
+    and one that would collide with an existing NFC twin keeps its name (reachable by id) and is logged."""
+    path = tmp_path / "visage.db"
+    store = Store(path)
+    for i, name in enumerate(["a", "b", "Zo\u00eb"]):
+        add(store, name, unit(1, i))
+    nfd, twin, plain = (s.id for s in store.list_subjects()[1])
+    store.close()
+    conn = sqlite3.connect(path)
+    with conn:  # what an older version left: names as typed, no marker
+        conn.execute("DELETE FROM meta WHERE key = 'names'")
+        conn.execute("UPDATE subjects SET name = ? WHERE id = ?", ("Jose\u0301", nfd))
+        conn.execute("UPDATE subjects SET name = ? WHERE id = ?", ("Zoe\u0308\u200b", twin))
+    conn.close()
+    with caplog.at_level("WARNING", logger="visage.store"):
+        store = Store(path)
+    assert store.subject(nfd).name == "Jos\u00e9"
+    assert store.subject(twin).name == "Zoe\u0308\u200b"  # "Zo\u00eb" was taken
+    assert store.subject(plain).name == "Zo\u00eb"
+    assert f"subject {twin} is named" in caplog.text
+    store.update_subject(nfd, name="Jose\u0301")  # below the API, the store writes what it is given
+    store.close()
+    assert Store(path).subject(nfd).name == "Jose\u0301"  # the migration ran once, not at every open
+
+
 # -- index ---------------------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model.decode import BACKGROUND, DecodeLimits, decode_image, read_image_file, to_rgb8
+from model.decode import (
+    BACKGROUND,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DecodeLimits,
+    decode_image,
+    read_image_file,
+    read_limited,
+    to_rgb8,
+)
 from model.errors import EmptyImage, ImageTooLarge, UnreadableImage, UnsupportedImageType, VisageError
 
 
@@ -138,8 +147,20 @@ def test_decompression_bomb_is_refused_before_any_pixel_is_allocated():
     elapsed = time.perf_counter() - start
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert info.value.status == 413
+    assert info.value.detail.endswith(f"the limit is {DEFAULT_MAX_PIXELS} pixels")  # ours, not Pillow's
     assert elapsed < 1.0  # decoding 400 Mpx would take many seconds
     assert grown_mib < 100  # as 1-bit it would be 400 MB, as RGB 1.2 GB
+
+
+def test_a_huge_file_is_refused_after_reading_one_byte_past_the_limit(tmp_path):
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as fh:  # sparse: 8 GiB on paper, nothing on disk
+        fh.truncate(8 * 1024**3)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageTooLarge, match=f"limit of {DEFAULT_MAX_BYTES} bytes"):
+        read_image_file(huge)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 100  # MiB
+    assert read_limited(photo("obama.jpg")) == photo("obama.jpg").read_bytes()
 
 
 def test_pixel_and_byte_limits():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -14,7 +15,7 @@ import anyio
 from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.errors import NotReady, StillLoading, Unauthorized
+from app.errors import BadParameter, NotReady, StillLoading, Unauthorized
 from app.gallery import Gallery
 from app.runtime import Runtime
 from app.service import FaceService
@@ -54,6 +55,20 @@ def require_api_key(
         raise Unauthorized(f"send an API key in the {API_KEY_HEADER} header")
     if not any(secrets.compare_digest(key.encode(), k.encode()) for k in runtime.api_keys):
         raise Unauthorized("the API key is not valid")
+
+
+async def single_valued_form(request: Request) -> None:
+    """Refuse a form that gives a field twice: FastAPI keeps the last value of a repeated field, so
+    ``-F image=@a.jpg -F image=@b.jpg`` would enroll b's face and ``-F subject=a -F subject=b`` would file it
+    under b, with a 201 either way. (The form is the one FastAPI parsed for the endpoint: Starlette caches it.)"""
+    if not request.headers.get("content-type", "").lower().startswith(
+        ("multipart/form-data", "application/x-www-form-urlencoded")
+    ):
+        return
+    counts = Counter(key for key, _ in (await request.form()).multi_items())
+    repeated = sorted(key for key, n in counts.items() if n > 1)
+    if repeated:
+        raise BadParameter(f"each form field may be given once; repeated: {', '.join(repeated)}")
 
 
 async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
-from app.api.deps import ServiceDep, SettingsDep, read_upload, require_api_key, run_cpu
+from app.api.deps import ServiceDep, SettingsDep, read_upload, require_api_key, run_cpu, single_valued_form
 from app.api.schemas import (
     Candidate,
     CompareForm,
@@ -41,7 +41,9 @@ SUBJECT_ERRORS: dict[int | str, dict] = {
     409: {"model": ErrorResponse, "description": "the subject has no faces of the current model version"},
 }
 
-router = APIRouter(tags=["faces"], dependencies=[Depends(require_api_key)], responses=IMAGE_ERRORS)
+router = APIRouter(
+    tags=["faces"], dependencies=[Depends(require_api_key), Depends(single_valued_form)], responses=IMAGE_ERRORS
+)
 ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM")]
 
 

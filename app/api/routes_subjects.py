@@ -19,7 +19,7 @@ from app.api.schemas import (
     SubjectUpdate,
 )
 from app.gallery import Gallery
-from app.service import clean_name
+from app.names import clean_name
 from app.store import MAX_ROW_ID
 
 router = APIRouter(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_validator
 
 from app.gallery import SubjectHit
-from app.service import MAX_NAME_LENGTH, Threshold
+from app.names import MAX_NAME_LENGTH
+from app.service import Threshold
 from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
 
@@ -249,7 +251,13 @@ class SubjectQuery(BaseModel):
 
     offset: int = Field(0, ge=0, le=MAX_ROW_ID)
     limit: int = Field(50, ge=1, le=500)
-    name: str | None = Field(None, max_length=200, description="name prefix")
+    name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="name prefix")
+
+    @field_validator("name")
+    @classmethod
+    def _nfc(cls, name: str | None) -> str | None:
+        """Stored names are NFC (app.names): so is the prefix that is matched against them."""
+        return None if name is None else unicodedata.normalize("NFC", name)
 
 
 class SubjectPage(BaseModel):

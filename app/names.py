@@ -1,0 +1,47 @@
+"""Subject names: the one form in which every name is stored and looked up.
+
+Two strings that look the same must name the same subject: "José" typed on a keyboard is NFC (one code point
+for the é) while a folder name from macOS is often NFD (an e and a combining accent), and a name copied from a
+web page may carry a zero-width space or a byte-order mark at an end. So names are NFC-normalised and trimmed of
+spaces and invisible format characters at both ends before they are stored, looked up or renamed to.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from app.errors import BadParameter
+
+MAX_NAME_LENGTH = 200
+# bidirectional overrides and isolates: they make a name display as another (U+202A-202E, U+2066-2069)
+_BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
+
+
+def _invisible_edge(c: str) -> bool:
+    return c.isspace() or unicodedata.category(c) == "Cf"
+
+
+def canonical_name(name: str) -> str:
+    """NFC, without spaces or format characters (zero-width space, joiners, BOM) at either end. Inside a name
+    they stay: Persian and Indic names and emoji sequences need the zero-width (non-)joiners."""
+    name = unicodedata.normalize("NFC", name)
+    start, end = 0, len(name)
+    while start < end and _invisible_edge(name[start]):
+        start += 1
+    while end > start and _invisible_edge(name[end - 1]):
+        end -= 1
+    return name[start:end]
+
+
+def clean_name(name: str) -> str:
+    """A subject name as stored (``canonical_name``), or ``BadParameter``.
+
+    Refused: control, surrogate and private-use characters, bidirectional overrides, and names with nothing
+    visible. Allowed: any script, a no-break or ideographic space, zero-width joiners inside the name."""
+    name = canonical_name(name)
+    visible = any(unicodedata.category(c)[0] not in "CZ" for c in name)
+    bad = any(unicodedata.category(c) in ("Cc", "Cs", "Co") or c in _BIDI_CONTROLS for c in name)
+    if not visible or bad or len(name) > MAX_NAME_LENGTH:
+        raise BadParameter(f"a subject name is 1 to {MAX_NAME_LENGTH} characters, some of them visible, without "
+                           "control characters or direction overrides")
+    return name
