@@ -99,6 +99,15 @@ class StillLoading(NotReady):
     """Not ready yet, and nothing has failed: worth asking again shortly (a failed load is not)."""
 
 
+class Overloaded(VisageError):
+    """More image requests are running or waiting for the model than ``VISAGE_MAX_PENDING_IMAGES``: each holds
+    its upload (up to ``VISAGE_MAX_UPLOAD_BYTES``) in memory while it waits, so an unbounded queue would end in
+    the kernel's OOM killer. Nothing was stored; the same request may be sent again."""
+
+    code = "overloaded"
+    status = 503
+
+
 class RequestTooLarge(VisageError):
     code = "request_too_large"
     status = 413
@@ -146,6 +155,8 @@ async def _visage_error(request: Request, exc: Exception) -> JSONResponse:
     headers = {"WWW-Authenticate": "APIKey"} if exc.status == 401 else None
     if isinstance(exc, StillLoading | StorageUnavailable):  # passing conditions: say when to ask again
         headers = {"Retry-After": str(RETRY_AFTER_S)}
+    elif isinstance(exc, Overloaded):  # a queue drains in a second or two
+        headers = {"Retry-After": "1"}
     if exc.status >= 500 and not isinstance(exc, NotReady):
         log.error("%s %s: %s", request.method, request.url.path, exc.detail)
     return error_response(exc.status, exc.code, exc.detail, headers)

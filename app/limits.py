@@ -1,4 +1,5 @@
-"""Request body limit, enforced before FastAPI parses a multipart upload.
+"""Request limits: the body's size, enforced before FastAPI parses a multipart upload, and the number of image
+requests admitted at once.
 
 A declared ``Content-Length`` over the limit is refused at once without reading the body; a chunked body is
 counted as it streams and refused as soon as it passes the limit, so an oversized upload never fills the disk
@@ -7,11 +8,14 @@ counted as it streams and refused as soon as it passes the limit, so an oversize
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import RequestTooLarge, error_response
+from app.errors import Overloaded, RequestTooLarge, error_response
 
 
 class BodyLimitMiddleware:
@@ -45,3 +49,25 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+class Admission:
+    """At most ``limit`` image requests in flight (running or queued for the inference threads) per worker.
+    Checked before the upload is read into memory: a refused request costs its spooled temporary file only.
+    Used from the event loop alone, so a plain counter is enough."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.pending = limit, 0
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.pending >= self.limit:
+            raise Overloaded(
+                f"{self.pending} image requests are already running or waiting (VISAGE_MAX_PENDING_IMAGES="
+                f"{self.limit}); send it again shortly"
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from app import __doc__ as app_doc
 from app.api import routes_faces, routes_health, routes_subjects
 from app.errors import install_error_handlers
-from app.limits import BodyLimitMiddleware
+from app.limits import Admission, BodyLimitMiddleware
 from app.logs import add_request_ids, configure_logging
 from app.metrics import Metrics, MetricsMiddleware
 from app.runtime import Runtime
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     )
     app.state.runtime = runtime
     app.state.metrics = Metrics()
+    app.state.admission = Admission(settings.max_pending_images)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)  # its catch-all middleware goes round the two above

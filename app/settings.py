@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         "/verify latency and memory targets on 2 cores; 2 served ~30% more requests/s at 16 clients for ~40 MiB "
         "more and a slower single request (p50 ~105 ms; docs/BENCHMARKS.md section 6)"
     )
+    max_pending_images: int = Field(
+        32, ge=1, le=100_000, description="image requests a worker admits at once, running or waiting for the "
+        "model; more are refused with 503 overloaded and Retry-After: 1 (each holds its upload in memory: 32 x "
+        "20 MiB at most)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
         "info", description="uvicorn's and Visage's log level"
     )

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -248,6 +249,41 @@ def test_a_form_field_given_twice_is_refused_not_overwritten(client):
     r = client.post("/verify", files={"image": ("a.png", png(RED))}, data={"subject": "alice", "far": ["1e-2", "1e-4"]})
     is_error(r, 422, "bad_parameter")
     assert client.get("/subjects").json()["total"] == 0
+
+
+def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tmp_path):
+    """Each waiting image request holds its upload in memory: past VISAGE_MAX_PENDING_IMAGES the service says
+    "overloaded, retry in a second" instead of queueing without bound; the requests it admitted all finish."""
+    with make_client(tmp_path, max_pending_images=2) as client:
+        assert client.app.state.runtime.wait_ready(30)
+        service, gate, started = client.app.state.runtime.service, threading.Event(), threading.Semaphore(0)
+        embed = service.embed
+
+        def slow_embed(data):
+            started.release()
+            gate.wait(30)
+            return embed(data)
+
+        service.embed = slow_embed
+        answers: list = []
+        threads = [threading.Thread(target=lambda: answers.append(client.post("/embed", files={"image": png(RED)})))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert started.acquire(timeout=30)  # one runs on the inference thread, the other waits for it
+        deadline = time.monotonic() + 30
+        while client.app.state.admission.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = client.post("/embed", files={"image": png(RED)})
+        is_error(refused, 503, "overloaded")
+        assert refused.headers["retry-after"] == "1" and "VISAGE_MAX_PENDING_IMAGES=2" in refused.json()["detail"]
+        assert client.get("/subjects").status_code == 200  # only image requests count
+        gate.set()
+        for t in threads:
+            t.join(30)
+        assert [r.status_code for r in answers] == [200, 200]
+        assert client.app.state.admission.pending == 0
+        assert client.post("/embed", files={"image": png(RED)}).status_code == 200
 
 
 def test_api_key_is_required_except_on_health(tmp_path):

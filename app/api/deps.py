@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import secrets
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Annotated, TypeVar
@@ -69,6 +69,12 @@ async def single_valued_form(request: Request) -> None:
     repeated = sorted(key for key, n in counts.items() if n > 1)
     if repeated:
         raise BadParameter(f"each form field may be given once; repeated: {', '.join(repeated)}")
+
+
+async def admitted(request: Request) -> AsyncIterator[None]:
+    """Hold one of the worker's ``max_pending_images`` places for the whole image request (``app.limits``)."""
+    with request.app.state.admission.admit():
+        yield
 
 
 async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:

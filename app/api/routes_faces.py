@@ -7,7 +7,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
 
-from app.api.deps import ServiceDep, SettingsDep, read_upload, require_api_key, run_cpu, single_valued_form
+from app.api.deps import (
+    ServiceDep,
+    SettingsDep,
+    admitted,
+    read_upload,
+    require_api_key,
+    run_cpu,
+    single_valued_form,
+)
 from app.api.schemas import (
     Candidate,
     CompareForm,
@@ -34,7 +42,10 @@ IMAGE_ERRORS: dict[int | str, dict] = {
     413: {"model": ErrorResponse, "description": "file too large, or too many pixels"},
     415: {"model": ErrorResponse, "description": "image format not supported"},
     422: {"model": ErrorResponse, "description": "no face, several faces, or a bad parameter"},
-    503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be read or written"},
+    503: {
+        "model": ErrorResponse,
+        "description": "still loading, the gallery cannot be read or written, or too many image requests at once",
+    },
 }
 SUBJECT_ERRORS: dict[int | str, dict] = {
     404: {"model": ErrorResponse, "description": "unknown subject"},
@@ -42,7 +53,9 @@ SUBJECT_ERRORS: dict[int | str, dict] = {
 }
 
 router = APIRouter(
-    tags=["faces"], dependencies=[Depends(require_api_key), Depends(single_valued_form)], responses=IMAGE_ERRORS
+    tags=["faces"],
+    dependencies=[Depends(require_api_key), Depends(single_valued_form), Depends(admitted)],
+    responses=IMAGE_ERRORS,
 )
 ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM")]
 
