@@ -158,6 +158,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         if not args.api_key:
             raise ValueError("--url needs --api-key (or $VISAGE_API_KEY)")
+        try:
+            url = httpx.URL(args.url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"--url {args.url!r}: {exc}") from exc
+        if url.scheme not in ("http", "https") or not url.host:  # not three retries of "unreachable" later
+            raise ValueError(f"--url {args.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000")
         with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
             report = run_batch(
                 items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"), max_bytes

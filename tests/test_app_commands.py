@@ -114,6 +114,16 @@ def test_an_unwritable_failures_path_is_refused_before_the_batch_runs(tmp_path, 
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_a_url_without_http_is_refused_at_once_not_retried_as_unreachable(tmp_path, capsys):
+    (tmp_path / "photos" / "alice").mkdir(parents=True)
+    (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    argv = ["enroll", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "data"), "--json", "--no-progress"]
+    for url in ("localhost:8000", "127.0.0.1:8000", "ftp://host", "http://[::1"):
+        assert main([*argv, "--url", url, "--api-key", "k"]) == 2
+        out, err = capsys.readouterr()
+        assert json.loads(out)["error"] == "invalid_value" and url in err, err
+
+
 def test_backup_command_writes_a_time_stamped_copy_and_never_overwrites(tmp_path, capsys):
     from app.store import Store, SubjectRef
 
