@@ -79,16 +79,16 @@ def test_teacher_embed_computes_only_images_missing_from_the_cache(tmp_path, ref
     ref_known, ref_new = reference[IMAGES[0]], reference[IMAGES[1]]
     cache_path = tmp_path / "teacher_cache.npz"
     TeacherCache([sha256_file(known)], ref_known[0][None], ref_known[1][None]).save(cache_path)
-    cache, computed, failed = teacher_embed([known, new], cache_path, progress=False)
-    assert computed == 1 and failed == {}
+    result = teacher_embed([known, new], cache_path, progress=False)
+    cache = result.cache
+    assert result.computed == 1 and result.failed == {} and result.fallbacks == 0
     index = cache.index()
     assert set(index) == {sha256_file(known), sha256_file(new)}
     assert sha256_file(new) == hashlib.sha256(new.read_bytes()).hexdigest()
     np.testing.assert_allclose(cache.desc[index[sha256_file(new)]], ref_new[0], atol=1e-4)
     np.testing.assert_allclose(cache.desc_flip[index[sha256_file(new)]], ref_new[1], atol=1e-4)
     assert TeacherCache.load(cache_path).keys == cache.keys  # saved
-    _, computed, _ = teacher_embed([known, new], cache_path, progress=False)
-    assert computed == 0
+    assert teacher_embed([known, new], cache_path, progress=False).computed == 0
 
 
 def test_an_unreadable_image_is_listed_and_the_rest_are_kept(tmp_path):
@@ -98,8 +98,24 @@ def test_an_unreadable_image_is_listed_and_the_rest_are_kept(tmp_path):
     bad.write_bytes(b"")
     cache_path = tmp_path / "teacher_cache.npz"
     TeacherCache.empty().save(cache_path)
-    cache, computed, failed = teacher_embed([bad, good], cache_path, progress=False)
-    assert computed == 1 and list(failed) == [str(bad)]
-    assert TeacherCache.load(cache_path).keys == [sha256_file(good)] == cache.keys
+    result = teacher_embed([bad, good], cache_path, progress=False)
+    assert result.computed == 1 and list(result.failed) == [str(bad)]
+    assert TeacherCache.load(cache_path).keys == [sha256_file(good)] == result.cache.keys
     with pytest.raises(ValueError, match="could not be read by the teacher"):
         teacher_vectors([bad, good], cache_path, progress=False)
+
+
+def test_photos_that_are_not_160px_crops_and_bombs_are_failures_and_fallbacks_are_counted(tmp_path):
+    """The method pastes a 160 px crop where dlib's frame had the face: a whole photo would be described by
+    whatever lies in the middle of the canvas (a flag, a curtain) with exit code 0. A decompression bomb was a
+    traceback."""
+    photos = shared_data() / "photos"
+    photo, bomb = photos / "obama.jpg", photos / "edge" / "bad" / "bomb_20000x20000.png"
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (160, 160), (128, 128, 128)).save(blank)
+    cache_path = tmp_path / "teacher_cache.npz"
+    TeacherCache.empty().save(cache_path)
+    result = teacher_embed([photo, bomb, blank], cache_path, progress=False)
+    assert set(result.failed) == {str(photo), str(bomb)}
+    assert "160x160 face crops" in result.failed[str(photo)]
+    assert result.computed == 1 and result.fallbacks == 1  # the blank crop: no face, the fixed central box

@@ -36,8 +36,10 @@ def register(sub) -> None:
     add_json_flag(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("teacher-embed", help="compute and cache dlib teacher descriptors for a photo folder",
+    p = sub.add_parser("teacher-embed", help="compute and cache dlib teacher descriptors of 160x160 face crops",
                        description="dlib ResNet descriptors (plain and mirrored) of every image under FOLDER, "
+                       "each a 160x160 face crop as in the shared LFW and CelebA sets (teacher/SOURCE.md: pasted "
+                       "at (45, 45) on a 250x250 grey canvas; other sizes are listed as failed), "
                        "cached by image hash. Starts from the shipped reference descriptors, so only new images "
                        "cost time: dlib finds the face and landmarks, the descriptor network runs in PyTorch (about "
                        "60 ms an image for both views on these 2 cores). Needs the 'teacher' extra. Unreadable "
@@ -137,13 +139,17 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such folder: {args.folder}")
     images = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     cache_path = args.cache or work_dir() / "teacher_cache.npz"
-    cache, computed, failed = teacher_embed(images, cache_path, progress=not args.json)
-    out = {"images": len(images), "computed": computed, "cached": len(images) - computed - len(failed),
-           "failed": len(failed), "cache": str(cache_path), "cache_rows": len(cache.keys)}
+    result = teacher_embed(images, cache_path, progress=not args.json)
+    failed = result.failed
+    out = {"images": len(images), "computed": result.computed,
+           "cached": len(images) - result.computed - len(failed), "failed": len(failed),
+           "no_face_fallbacks": result.fallbacks, "cache": str(cache_path), "cache_rows": len(result.cache.keys)}
     if args.json:
         print_json({**out, "failures": failed})
     else:
-        print_table("dlib teacher descriptors", list(out), [list(out.values())])
+        print_table("dlib teacher descriptors", list(out), [list(out.values())],
+                    caption="no_face_fallbacks: dlib found no face; described in the fixed central box, as the "
+                    "shipped reference rows are")
         for path, reason in failed.items():
             print(f"failed: {path}: {reason}")
     return 1 if failed else 0

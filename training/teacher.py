@@ -21,6 +21,7 @@ from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 
 CANVAS, OFFSET, GREY = 250, 45, (128, 128, 128)
+CROP = 160  # the shared data's face crops: pasted at OFFSET, the face sits where dlib's frame had it
 SAVE_EVERY_S = 60.0  # teacher-embed rewrites its cache this often while it works (and at the end)
 CHIP_PADDING = 0.25  # dlib's default for its 150 px descriptor chips
 RESNET_FILE = "dlib_face_recognition_resnet_model_v1.dat"
@@ -177,20 +178,20 @@ def reference_cache(path: Path | None = None) -> TeacherCache:
     return TeacherCache(keys, desc.astype(np.float32), desc_flip.astype(np.float32))
 
 
-def teacher_embed(images: list[Path], cache_path: Path,
-                  progress: bool = True) -> tuple[TeacherCache, int, dict[str, str]]:
-    """Make sure every image has teacher descriptors in the cache; returns the cache, how many were computed, and
-    the images that could not be read (path -> reason: listed, and the others go on).
+def teacher_embed(images: list[Path], cache_path: Path, progress: bool = True) -> EmbedResult:
+    """Make sure every image has teacher descriptors in the cache; the result says how many were computed, how
+    many of those fell back to the central box, and which images could not be described (path -> reason:
+    listed, and the others go on).
 
     The cache starts from the shipped reference rows when it does not exist yet, so only new images cost dlib time.
     """
-    cache, computed, _, failed = _embed(images, cache_path, progress)
-    return cache, computed, failed
+    return _embed(images, cache_path, progress)
 
 
 def teacher_vectors(images: list[Path], cache_path: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(desc, desc_flip) of each image, in order, computing and caching only what the cache lacks."""
-    cache, _, hashes, failed = _embed(images, cache_path, progress)
+    result = _embed(images, cache_path, progress)
+    cache, hashes, failed = result.cache, result.hashes, result.failed
     if failed:
         path, reason = next(iter(failed.items()))
         raise ValueError(f"{len(failed)} images could not be read by the teacher (e.g. {path}: {reason})")
@@ -198,8 +199,16 @@ def teacher_vectors(images: list[Path], cache_path: Path, progress: bool = True)
     return cache.desc[rows], cache.desc_flip[rows]
 
 
-def _embed(images: list[Path], cache_path: Path,
-           progress: bool) -> tuple[TeacherCache, int, list[str], dict[str, str]]:
+@dataclass
+class EmbedResult:
+    cache: TeacherCache
+    computed: int  # descriptors computed now (the others were cached, or failed)
+    hashes: list[str]  # each image's sha256, in order
+    failed: dict[str, str]  # path -> reason
+    fallbacks: int  # computed ones where dlib found no face: described in the fixed central box
+
+
+def _embed(images: list[Path], cache_path: Path, progress: bool) -> EmbedResult:
     from tqdm import tqdm
 
     if cache_path.exists():
@@ -212,6 +221,7 @@ def _embed(images: list[Path], cache_path: Path,
     hashes = [sha256_file(p) for p in images]
     todo = [(p, h) for p, h in zip(images, hashes, strict=True) if h not in known]
     failed: dict[str, str] = {}
+    fallbacks = 0
     saved = time.monotonic()
     if todo:
         teacher = DlibTeacher()
@@ -221,9 +231,16 @@ def _embed(images: list[Path], cache_path: Path,
                 for p, h in todo[start : start + 64]:
                     try:
                         with Image.open(p) as img:
-                            chips.extend(teacher.chips(teacher.canvas(img))[:2])
+                            if img.size != (CROP, CROP):  # the canvas puts only a 160 px crop's face in place
+                                raise ValueError(
+                                    f"the teacher takes {CROP}x{CROP} face crops (the shared data's format, "
+                                    f"teacher/SOURCE.md); this image is {img.size[0]}x{img.size[1]}"
+                                )
+                            chip, chip_flip, fallback = teacher.chips(teacher.canvas(img))
+                        chips.extend([chip, chip_flip])
                         keys.append(h)
-                    except (OSError, ValueError) as exc:  # empty, truncated, not an image
+                        fallbacks += fallback
+                    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # empty, truncated, no image
                         failed[str(p)] = str(exc)
                 if keys:
                     desc = teacher.describe_chips(np.stack(chips))
@@ -233,7 +250,7 @@ def _embed(images: list[Path], cache_path: Path,
                     saved = time.monotonic()
                 bar.update(min(64, len(todo) - start))
     cache.save(cache_path)
-    return cache, len(todo) - len(failed), hashes, failed
+    return EmbedResult(cache, len(todo) - len(failed), hashes, failed, fallbacks)
 
 
 def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = True) -> np.ndarray:
