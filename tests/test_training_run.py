@@ -14,6 +14,7 @@ import pytest
 
 from model.bundle import load_bundle
 from model.embedder import Embedder
+from model.errors import WeightsError
 from training import loop
 from training.config import load_config
 from training.data import Augment
@@ -68,6 +69,10 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     assert {"distill", "triplet", "active", "loss", "val_accuracy", "val_auc"} <= set(history[0])
     assert (run / "training.png").stat().st_size > 10_000 and (run / "last.pt").exists()
 
+    with pytest.raises(FileExistsError, match="add --resume"):  # was: started over, metrics appended to
+        train(config(pairs, 2), run, progress=False, max_steps=2)
+    with pytest.raises(ValueError, match="resume with the run's own settings"):  # was: a size-mismatch dump
+        train(config(pairs, 2, "alpha=0.25"), run, resume=True, progress=False, max_steps=2)
     out = train(config(pairs, 2), run, resume=True, progress=False, max_steps=2)  # continues at epoch 2
     history = metrics(run)
     assert [h["epoch"] for h in history] == [1, 2]
@@ -237,6 +242,12 @@ def test_init_weights_starts_a_fine_tune_from_a_checkpoint_or_a_bundle(work):
                                "k=2", "alpha=0.25", f'init_weights="{base / "last.pt"}"'])
     with pytest.raises(ValueError, match="holds"):
         initial_weights(wider)
+    (root / "notes.pt").write_text("not weights")
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    for junk in ("notes.pt", "tensor.pt"):  # were an UnpicklingError and a RuntimeError traceback
+        junk_cfg = load_config(None, ['prepared={lfw = "prepared/lfw"}', f'init_weights="{root / junk}"'])
+        with pytest.raises(WeightsError, match="neither a Visage weights bundle nor a training checkpoint"):
+            initial_weights(junk_cfg)
     with pytest.raises(FileNotFoundError):
         initial_weights(load_config(None, ['init_weights="nowhere.pt"']))
 

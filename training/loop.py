@@ -25,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from model.bundle import Bundle, bundle_from_model, load_bundle, save_bundle
 from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
+from model.errors import WeightsError
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm, cohort_from
 from model.tta import version_suffix
@@ -270,6 +271,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if resume and not (Path(run_dir) / "last.pt").is_file():  # a mistyped run folder must not start hours afresh
         raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(run_dir) / 'last.pt'}; drop --resume to "
                                 "start a new run there")
+    if not resume and (Path(run_dir) / "last.pt").exists():  # ... nor overwrite hours of work and its metrics
+        raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
+                              "another --run-dir (or delete that one) to start afresh")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
@@ -307,6 +311,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     ema = weight_average(model, cfg.ema)
     if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # was load_state_dict's size-mismatch dump
+            raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
+                             f"run's own settings ({run_dir / 'config.json'})")
         if bool(ckpt["config"].get("w_hint")) != (hint is not None):  # the optimiser holds the regressor or not
             raise ValueError(f"{ckpt_path} was trained with w_hint={ckpt['config'].get('w_hint', 0)}: resume it "
                              "with hints on or off as it was (the weight itself may change)")
@@ -476,15 +483,20 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The state dict a fine-tune starts from: a weights bundle or a ``last.pt`` checkpoint of the same network,
     or of a narrower MobileNet v1, widened (``training.widen``)."""
     path = Path(cfg.init_weights)
-    if not path.exists():
-        raise FileNotFoundError(f"init_weights: {path} does not exist")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if "model" in payload:  # a training checkpoint
-        saved = TrainConfig(**payload["config"]).model
-        state = payload["model"]
-    else:
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights: {path} is not a file")
+    try:
         bundle = load_bundle(path)
         saved, state = bundle.config, bundle.state_dict
+    except WeightsError:
+        try:  # a training checkpoint (last.pt: the optimiser's state too, so not weights-only)
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(payload, dict):
+                raise TypeError(type(payload).__name__)
+            saved, state = TrainConfig(**payload["config"]).model, payload["model"]
+        except Exception as exc:  # a text file, a bare tensor, another program's pickle: all mean the same
+            raise WeightsError(f"init_weights: {path} is neither a Visage weights bundle nor a training "
+                               f"checkpoint (last.pt) ({type(exc).__name__})") from exc
     if saved == cfg.model:
         return state
     try:  # a wider student (or another input size) starts from the narrow one's function, not from scratch
