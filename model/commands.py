@@ -55,7 +55,10 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export the embedding network to ONNX",
                        description="Write the weights' network as an ONNX model (dynamic batch) for ONNX Runtime "
                        "or other runtimes. Input: aligned 112x112 RGB crops, normalised as (pixel - 127.5) / 128, "
-                       "NCHW; output: L2-normalised embeddings.")
+                       "NCHW; output: L2-normalised embeddings of that one view. Visage itself serves more: each "
+                       "face is the mean of the crop, its mirror image and the bundle's shifted copies "
+                       "(model/tta.py), scored against the bundle's cohort (model/score_norm.py); the calibrated "
+                       "thresholds hold for those scores, not for plain cosines of this graph's output.")
     p.add_argument("--onnx", type=Path, required=True, metavar="PATH", help="where to write the .onnx file")
     p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")
     add_json_flag(p)

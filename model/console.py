@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import signal
 import sqlite3
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -68,8 +70,23 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+class UsageError(Exception):
+    """A command line argparse refused, raised instead of argparse's exit so that ``--json`` can say why too."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error raises ``UsageError`` (its subparsers are of this class too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="visage",
         description="Visage: MobileNet face embeddings, training and a face recognition service.",
         epilog="Run 'visage COMMAND --help' for the options of one command.",
@@ -94,9 +111,20 @@ def command_registrars() -> list[Callable[[Any], None]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # argparse's own output, plus the JSON object a script asked for
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps({"error": "usage", "detail": str(exc)}))
+        return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # the reader went away (`visage cost --json | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 128 + signal.SIGPIPE
     except VisageError as exc:
         _fail(args, exc.code, exc.detail)
     except (OSError, ValueError) as exc:  # a missing file, a folder given for a file, a bad value...

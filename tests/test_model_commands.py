@@ -77,6 +77,29 @@ def test_cost_bad_alpha_is_a_clean_user_error(capsys):
     assert json.loads(capsys.readouterr().out)["error"] == "invalid_config"
 
 
+def test_a_usage_error_with_json_is_json_too(capsys):
+    """argparse's own refusals (a value of the wrong type, an unknown option) printed usage only: a script that
+    asked for --json got nothing on stdout."""
+    for argv, message in ((["cost", "--json", "--alpha", "x"], "invalid float value: 'x'"),
+                          (["cost", "--json", "--bogus"], "unrecognized arguments: --bogus")):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert json.loads(out) == {"error": "usage", "detail": json.loads(out)["detail"]} and message in out
+        assert err.startswith("usage: visage") and message in err
+    assert main(["cost", "--alpha", "x"]) == 2
+    assert capsys.readouterr().out == ""  # without --json, stdout stays empty as before
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    """`visage cost --json | head -1`: the pipe closes before the output is written; was two BrokenPipeError
+    tracebacks (the second from printing the error)."""
+    proc = subprocess.Popen([sys.executable, "-m", "model.console", "cost", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err, err
+
+
 def test_embed_on_corrupt_files_exits_non_zero_and_json_says_why(weights):
     truncated, text = photo("edge/bad/truncated.jpg"), photo("edge/bad/not_an_image.jpg")
     result = visage("embed", "--weights", str(weights), "--json", str(truncated), str(text))
@@ -147,6 +170,7 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
         (["compare", "--threshold", "nan", "a.jpg", "b.jpg"], "--threshold is a score in [-2, 2]"),
         (["cost", "--head", "embedding", "--embedding-dim", "-5"], "--embedding-dim must be from 8 to 4096"),
         (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
+        (["eval", "--pairs", "p.txt", "--images", "x", "--roc", "{folder}/roc.txt"], "cannot write a figure"),
         (["soup", "--set", "score_k=4", "{folder}/a.pt", "--out", "{folder}/x.pt"], "weights file not found"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--teacher", "dlib", "--weights", "w.pt"],
          "--weights and --prepared are the student's options"),
@@ -172,9 +196,8 @@ def test_bad_training_settings_and_counts_are_one_line_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1
     assert "threads='abc': Input should be a valid integer" in err and "epochs=-3: Input should be greater" in err
     for args in (["prepare", str(tmp_path), str(tmp_path / "out"), "--workers", "0"], [*config, "--max-steps", "0"]):
-        with pytest.raises(SystemExit) as exit_:
-            main(args)
-        assert exit_.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+        assert main(args) == 2
+        assert "must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_error_codes_are_snake_case_and_json_is_strict(capsys):

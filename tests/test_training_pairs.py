@@ -67,6 +67,9 @@ def test_windows_line_endings_and_blank_lines(tmp_path):
         ("0\t0\n", "first line"),
         ("x\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\tBo\t1\n", "first line"),
         ("1\t1\nAnn_Lee\tone\t2\nAnn_Lee\t1\tBo\t1\n", "line 2: image numbers must be whole numbers"),
+        ("2\t1\nAnn_Lee\t1\tBo\t1\nAnn_Lee\t1\tBo\t2\nAnn_Lee\t2\tBo\t1\nAnn_Lee\t2\tBo\t2\n",
+         "line 2 should be a matched pair"),  # one class only: eval printed AUC NaN and a TAR of 100 %
+        ("1\t1\nAnn_Lee\t1\tBo\t1\nAnn_Lee\t1\t2\n", "line 2 should be a matched pair"),  # swapped order
     ],
 )
 def test_malformed_files_are_refused(tmp_path, text, message):

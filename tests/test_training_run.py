@@ -162,6 +162,10 @@ def test_eval_aligns_only_the_pairs_images_and_checks_the_folds(work, capsys):
     for folds in ("3", "0", "x"):
         assert main(["eval", "--pairs", str(pairs), "--images", str(src), "--folds", folds]) == 2
         assert "--folds" in capsys.readouterr().err
+    # the pairs' photos are not in --images: said of that folder (it named the internal eval cache)
+    assert main(["eval", "--pairs", str(pairs), "--images", str(root), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"] == "file_not_found" and f"pair images are not in {root}" in err
 
 
 def test_calibrate_embeds_the_cohort_as_the_bundle_serves_and_keeps_its_views(work):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,8 +52,10 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="train a face embedder (triplets + distillation)",
                        description="FaceNet-style training: P x K batches, online triplet mining and distillation "
-                       "from dlib's descriptors. Settings come from --config (TOML) and KEY=VALUE overrides; see "
-                       "training/configs/default.toml for every key. Use torchrun for several GPUs.")
+                       "from dlib's descriptors. Settings come from the built-in defaults, then --config (TOML), then "
+                       "KEY=VALUE overrides; every key, with its default and what it does, is a field of "
+                       "TrainConfig in training/config.py (training/configs/default.toml is the shipped "
+                       "recipe's first stage, not the list of keys). Use torchrun for several GPUs.")
     p.add_argument("--config", type=Path, help="TOML file (default: built-in defaults)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. epochs=5 alpha=0.25 miner=semi_hard")
     p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, metrics.jsonl, plots, bundle.pt")
@@ -239,6 +240,9 @@ def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
     faces = load_prepared(prepared)
     where = {s: i for i, s in enumerate(faces.sources)}
     missing = [n for n in names if n not in where]
+    if missing and args.prepared is None:  # the files are there (checked before): they could not be read
+        raise ValueError(f"{len(missing)} pair images in {args.images} could not be read (e.g. {missing[0]}; "
+                         f"the reasons are in {prepared / 'manifest.csv'})")
     if missing:
         raise ValueError(f"{len(missing)} pair images are missing from {prepared} (e.g. {missing[0]})")
     idx = np.array([where[n] for n in names])
@@ -269,7 +273,7 @@ def parse_folds(text: str, n_folds: int) -> set[int]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.evaluate import plot_roc, verify
+    from training.evaluate import check_figure_path, plot_roc, verify
     from training.pairs import read_pairs
 
     if args.teacher and (args.weights or args.prepared):
@@ -277,6 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "are the student's options")
     if args.roc.is_dir():
         args.roc = args.roc / "roc.png"
+    check_figure_path(args.roc)  # now, not after minutes of aligning and embedding
     n_folds, pairs = read_pairs(args.pairs)
     if args.folds:
         wanted = parse_folds(args.folds, n_folds)
@@ -284,6 +289,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError(f"{args.pairs} has no pairs to evaluate")
     names = _pair_images(pairs)
+    if args.prepared is None and (absent := [n for n in names if not (args.images / n).is_file()]):
+        raise FileNotFoundError(f"{len(absent)} of the {len(names)} pair images are not in {args.images} "
+                                f"(e.g. {absent[0]})")
     vectors, fallbacks, bundle = (_teacher_scores if args.teacher else _student_scores)(args, names)
     a = np.stack([vectors[p.left] for p in pairs])
     b = np.stack([vectors[p.right] for p in pairs])
@@ -304,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
            "impostor_pairs": impostors, "warnings": warnings,
            "metric": "negative euclidean distance" if bundle is None else bundle.scorer.tag, "roc_png": str(roc)}
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         print_table(f"verification on {args.pairs} ({version})", ["metric", "value"],
                     [("accuracy", f"{100 * out['accuracy']:.2f}% +- {100 * out['accuracy_std']:.2f}"),

@@ -94,6 +94,16 @@ def verify(scores: np.ndarray, same: np.ndarray, folds: np.ndarray) -> Verificat
     )
 
 
+def check_figure_path(path: str | Path) -> None:
+    """Refuse a figure path matplotlib cannot write (``roc.txt``) before the work that the figure shows."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix and suffix not in FigureCanvasBase.get_supported_filetypes():
+        kinds = ", ".join(sorted(FigureCanvasBase.get_supported_filetypes()))
+        raise ValueError(f"cannot write a figure to {path}: use one of {kinds}")
+
+
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
     import matplotlib
 

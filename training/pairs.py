@@ -40,6 +40,11 @@ def read_pairs(path: str | Path) -> tuple[int, list[Pair]]:
     for i, (no, parts) in enumerate(body):
         if len(parts) not in (3, 4):
             raise ValueError(f"{path}: line {no} has {len(parts)} fields, expected 3 or 4")
+        matched = i % (2 * n) < n  # each fold: n matched pairs, then n mismatched (a one-class fold has no ROC)
+        if len(parts) != (3 if matched else 4):
+            raise ValueError(f"{path}: line {no} should be a {'matched' if matched else 'mismatched'} pair "
+                             f"({'name a b' if matched else 'name a other b'}): each fold holds {n} matched "
+                             f"lines, then {n} mismatched ones")
         try:
             pairs.append(_pair(i // (2 * n), parts))
         except ValueError:
