@@ -146,6 +146,23 @@ def test_missing_source_folder(tmp_path):
         prepare(tmp_path / "nope", tmp_path / "dst", workers=1, progress=False)
 
 
+def test_a_source_without_images_is_an_error_not_zero_successes(tmp_path):
+    (tmp_path / "src" / "someone").mkdir(parents=True)
+    (tmp_path / "src" / "someone" / "notes.txt").write_text("no photos here")
+    with pytest.raises(FileNotFoundError, match="no images in"):
+        prepare(tmp_path / "src", tmp_path / "dst", workers=1, progress=False)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_adding_to_a_folder_with_another_pad_is_refused(prepared):
+    """The old crops were kept and new ones made with the other framing, silently."""
+    src, dst, _ = prepared
+    manifest_before = (dst / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match="--pad 0.28"):
+        prepare(src, dst, workers=1, pad=0.1, progress=False)
+    assert (dst / MANIFEST).read_bytes() == manifest_before
+
+
 @pytest.mark.parametrize("suffix", sorted(IMAGE_SUFFIXES))
 def test_every_listed_suffix_can_be_decoded(suffix):
     """prepare lists files by suffix, then decodes them with model.decode: a suffix it lists but the decoder

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import math
 import os
 import signal
 import threading
@@ -23,6 +25,7 @@ from PIL import Image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".tif", ".tiff"}
 MANIFEST = "manifest.csv"
+SETTINGS = "prepare.json"  # the --pad the crops were made with
 CANVAS_GREY = (128, 128, 128)
 # Median MTCNN landmarks on 300 LFW/CelebA crops, as fractions of the crop (measured with this detector):
 # where a centred face's eyes, nose and mouth corners lie when the detector finds nothing.
@@ -191,13 +194,17 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         raise ValueError(f"pad is a share of the image from 0 to 1, got {pad}")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} is a file: the destination must be a folder")
+    images = list_images(src)
+    if not images:  # a mistyped path or layout must not end as "0 images, success"
+        raise FileNotFoundError(f"no images in {src}: expected one folder per identity, {src}/<name>/<photo>.jpg")
     dst.mkdir(parents=True, exist_ok=True)
+    _check_pad(dst, pad)
     existing = read_manifest(dst)
     manifest = dst / MANIFEST
     if existing and "landmarks" not in manifest.open().readline():
         _write_manifest(manifest, existing)  # written before the landmarks column: upgrade the header in place
     done = {r.source for r in existing if r.status == "failed" or (dst / r.crop).exists()}
-    todo = [it for it in list_images(src) if it[1] not in done and (only is None or it[1] in only)]
+    todo = [it for it in images if it[1] not in done and (only is None or it[1] in only)]
     new_file = not manifest.exists() or manifest.stat().st_size == 0
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
     with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
@@ -225,6 +232,20 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
     failed_now = sum(r.status == "failed" and r.source in attempted for r in rows)
     return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], failed_now,
                           str(manifest))
+
+
+def _check_pad(dst: Path, pad: float) -> None:
+    """Crops of one folder share one framing: a resumed or extended run with another ``--pad`` would have mixed
+    them (and kept the old ones) silently. The pad is recorded on the first run (folders from before this record
+    take the pad of their next run)."""
+    record = dst / SETTINGS
+    if record.exists():
+        saved = json.loads(record.read_text()).get("pad")
+        if saved is not None and not math.isclose(saved, pad):
+            raise ValueError(f"{dst} holds crops made with --pad {saved}: use --pad {saved} to add to it, or another "
+                             "destination for crops with another pad")
+        return
+    record.write_text(json.dumps({"pad": pad}) + "\n")
 
 
 @contextmanager
