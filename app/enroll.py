@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.errors import StorageUnavailable
+from app.errors import Overloaded, StorageUnavailable
 from app.files import private_dir
 from app.names import clean_name
 from app.service import FaceSelector, FaceService
@@ -29,6 +29,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".
 FAILURE_COLUMNS = ("file", "subject", "error", "detail")
 CONNECTION_ATTEMPTS = 3
 NOT_READY_ATTEMPTS = 6  # a service still loading its model answers 503: wait for it (1 + 2 + ... + 16 s)
+OVERLOADED_ATTEMPTS = 300  # a busy service answers 503 overloaded, Retry-After: 1: wait up to ~5 minutes
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,23 @@ class RemoteError(VisageError):
         self.code = code
 
 
+def _error_code(response: Any) -> str | None:
+    """The ``error`` of a Visage error body, or None for any other body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None
+
+
+def _retry_after(response: Any) -> float:
+    """The response's ``Retry-After`` in seconds (1 to 30; 1 when absent or not a number of seconds)."""
+    try:
+        return min(max(float(response.headers.get("retry-after", 1)), 1.0), 30.0)
+    except ValueError:
+        return 1.0
+
+
 def remote_enroller(client: Any, face: str) -> Enroller:
     """POST /enroll through an ``httpx.Client`` (base URL and key set); retries connection errors briefly."""
     import httpx
@@ -125,7 +143,7 @@ def remote_enroller(client: Any, face: str) -> Enroller:
 
     def post(data: bytes, subject: str, filename: str) -> httpx.Response:
         """One upload, retried while the service is unreachable (briefly) or still loading (503, longer)."""
-        transport_errors = not_ready = 0
+        transport_errors = not_ready = overloaded = 0
         while True:
             try:
                 response = client.post(
@@ -139,6 +157,12 @@ def remote_enroller(client: Any, face: str) -> Enroller:
                 continue
             if response.status_code != 503:
                 return response
+            if _error_code(response) == Overloaded.code:  # busy with other clients' images: wait as it says
+                overloaded += 1
+                if overloaded == OVERLOADED_ATTEMPTS:
+                    raise Abort(f"the service at {client.base_url} stayed overloaded for {overloaded} tries")
+                time.sleep(_retry_after(response))
+                continue
             not_ready += 1
             if not_ready == NOT_READY_ATTEMPTS:
                 raise Abort(f"the service at {client.base_url} is not ready: {response.text[:200]}")

@@ -157,7 +157,7 @@ async def _visage_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
     elif isinstance(exc, Overloaded):  # a queue drains in a second or two
         headers = {"Retry-After": "1"}
-    if exc.status >= 500 and not isinstance(exc, NotReady):
+    if exc.status >= 500 and not isinstance(exc, NotReady | Overloaded):  # (counted in /metrics, not logged)
         log.error("%s %s: %s", request.method, request.url.path, exc.detail)
     return error_response(exc.status, exc.code, exc.detail, headers)
 

@@ -3,7 +3,9 @@
 Two strings that look the same must name the same subject: "José" typed on a keyboard is NFC (one code point
 for the é) while a folder name from macOS is often NFD (an e and a combining accent), and a name copied from a
 web page may carry a zero-width space or a byte-order mark at an end. So names are NFC-normalised and trimmed of
-spaces and invisible format characters at both ends before they are stored, looked up or renamed to.
+spaces and zero-width characters at both ends before they are stored, looked up or renamed to. (Look-alike
+letters of other scripts and compatibility forms such as full-width letters stay distinct: folding them would
+merge names that are different.)
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ MAX_NAME_LENGTH = 200
 _BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
 
 
+# invisible characters a copy-paste leaves at the ends of a name: zero-width space, (non-)joiners, word joiner,
+# byte-order mark. Not every format character: an emoji flag ends in tag characters, and a bidirectional override
+# stays, to be refused by clean_name.
+_INVISIBLE = frozenset("\u200b\u200c\u200d\u2060\ufeff")
+
+
 def _invisible_edge(c: str) -> bool:
-    return c.isspace() or unicodedata.category(c) == "Cf"
+    return c.isspace() or c in _INVISIBLE
 
 
 def canonical_name(name: str) -> str:
-    """NFC, without spaces or format characters (zero-width space, joiners, BOM) at either end. Inside a name
-    they stay: Persian and Indic names and emoji sequences need the zero-width (non-)joiners."""
+    """NFC, without spaces or zero-width characters at either end. Inside a name they stay: Persian and Indic
+    names and emoji sequences need the zero-width (non-)joiners."""
     name = unicodedata.normalize("NFC", name)
     start, end = 0, len(name)
     while start < end and _invisible_edge(name[start]):

@@ -110,8 +110,17 @@ def command_registrars() -> list[Callable[[Any], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at exit: a buffered stdout meets a closed pipe only when it is flushed
+        return code
+    except BrokenPipeError:  # the reader went away (`visage cost --json | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
+        return 128 + signal.SIGPIPE
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:  # argparse's own output, plus the JSON object a script asked for
@@ -122,9 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
-    except BrokenPipeError:  # the reader went away (`visage cost --json | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError:
+        raise
     except VisageError as exc:
         _fail(args, exc.code, exc.detail)
     except (OSError, ValueError) as exc:  # a missing file, a folder given for a file, a bad value...

@@ -234,6 +234,10 @@ def test_names_that_look_the_same_are_one_subject(client):
     assert [item["id"] for item in listed["items"]] == [first["subject"]["id"]]
     renamed = client.patch(f"/subjects/{first['subject']['id']}", json={"name": "Zo\u0308e\u200b"})
     assert renamed.json()["name"] == "Z\u00f6e", renamed.text
+    scotland = "Ewan \U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"  # ends in tags
+    assert enroll(client, png(GREEN), subject=scotland)["subject"]["name"] == scotland
+    r = client.post("/enroll", files={"image": ("x.png", png(GREEN))}, data={"subject": "\u202eab"})
+    is_error(r, 422, "bad_parameter")  # a direction override is refused, not trimmed away
 
 
 def test_a_form_field_given_twice_is_refused_not_overwritten(client):
@@ -251,7 +255,7 @@ def test_a_form_field_given_twice_is_refused_not_overwritten(client):
     assert client.get("/subjects").json()["total"] == 0
 
 
-def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tmp_path):
+def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tmp_path, caplog):
     """Each waiting image request holds its upload in memory: past VISAGE_MAX_PENDING_IMAGES the service says
     "overloaded, retry in a second" instead of queueing without bound; the requests it admitted all finish."""
     with make_client(tmp_path, max_pending_images=2) as client:
@@ -274,8 +278,10 @@ def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tm
         deadline = time.monotonic() + 30
         while client.app.state.admission.pending < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        refused = client.post("/embed", files={"image": png(RED)})
+        with caplog.at_level("WARNING"):
+            refused = client.post("/embed", files={"image": png(RED)})
         is_error(refused, 503, "overloaded")
+        assert "already running" not in caplog.text  # a load shed is counted, not logged as an error
         assert refused.headers["retry-after"] == "1" and "VISAGE_MAX_PENDING_IMAGES=2" in refused.json()["detail"]
         assert client.get("/subjects").status_code == 200  # only image requests count
         gate.set()

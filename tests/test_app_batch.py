@@ -90,6 +90,27 @@ def test_remote_batch_waits_for_a_service_that_is_still_loading(monkeypatch):
         remote_enroller(client, "single")(png(RED), "alice", "a.png")
 
 
+def test_remote_batch_waits_out_an_overloaded_service_as_it_says(monkeypatch):
+    """503 overloaded (Retry-After: 1) is a busy service, not one still loading: it was retried 6 times with a
+    growing back-off and the batch aborted with "not ready" after ~31 s."""
+    slept: list[float] = []
+    monkeypatch.setattr("app.enroll.time.sleep", slept.append)
+    answers = iter([503] * 10 + [201])
+
+    def service(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        if status == 201:
+            return httpx.Response(201, json={"created": True})
+        return httpx.Response(503, json={"error": "overloaded", "detail": "busy"}, headers={"Retry-After": "1"})
+
+    with httpx.Client(base_url="http://visage", transport=httpx.MockTransport(service)) as client:
+        assert remote_enroller(client, "single")(png(RED), "alice", "a.png") is True
+    assert slept == [1.0] * 10
+    busy = httpx.MockTransport(lambda r: httpx.Response(503, json={"error": "overloaded", "detail": "x"}))
+    with httpx.Client(base_url="http://visage", transport=busy) as client, pytest.raises(Abort, match="overloaded"):
+        remote_enroller(client, "single")(png(RED), "alice", "a.png")
+
+
 def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder):
     settings = Settings(data_dir=tmp_path / "data")
     service = open_service(settings, with_index=False, pipeline=fake_pipeline())

@@ -274,6 +274,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if not resume and (Path(run_dir) / "last.pt").exists():  # ... nor overwrite hours of work and its metrics
         raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
                               "another --run-dir (or delete that one) to start afresh")
+    ckpt = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=False) if resume else None
+    if ckpt is not None and (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # (before the data loads)
+        raise ValueError(f"{Path(run_dir) / 'last.pt'} trains {saved}, but this config asks for {cfg.model}: "
+                         f"resume with the run's own settings ({Path(run_dir) / 'config.json'})")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
@@ -309,11 +313,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if cfg.init_weights and not resume:
         model.load_state_dict(initial_weights(cfg))
     ema = weight_average(model, cfg.ema)
-    if resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # was load_state_dict's size-mismatch dump
-            raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
-                             f"run's own settings ({run_dir / 'config.json'})")
+    if ckpt is not None:
         if bool(ckpt["config"].get("w_hint")) != (hint is not None):  # the optimiser holds the regressor or not
             raise ValueError(f"{ckpt_path} was trained with w_hint={ckpt['config'].get('w_hint', 0)}: resume it "
                              "with hints on or off as it was (the weight itself may change)")
@@ -324,6 +324,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             hint.load_state_dict(ckpt["hint"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
+        ckpt = None  # (its tensors are copied: free them for the run)
     served = ema.module if ema is not None else model  # what validation sees and the bundle holds
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     miner, augment = MINERS[cfg.miner], geometry_scaled(Augment(), cfg.augment_geometry)
@@ -485,18 +486,16 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     path = Path(cfg.init_weights)
     if not path.is_file():
         raise FileNotFoundError(f"init_weights: {path} is not a file")
-    try:
+    try:  # (not weights-only: a training checkpoint, last.pt, holds the optimiser's state too)
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a text file, a truncated file: torch raises many types, all meaning the same
+        raise WeightsError(f"init_weights: {path} is neither a Visage weights bundle nor a training checkpoint "
+                           f"(last.pt) ({type(exc).__name__})") from exc
+    if isinstance(payload, dict) and {"model", "config"} <= payload.keys():  # a training checkpoint
+        saved, state = TrainConfig(**payload["config"]).model, payload["model"]
+    else:  # a bundle, or something else: load_bundle says exactly what is wrong with it
         bundle = load_bundle(path)
         saved, state = bundle.config, bundle.state_dict
-    except WeightsError:
-        try:  # a training checkpoint (last.pt: the optimiser's state too, so not weights-only)
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(payload, dict):
-                raise TypeError(type(payload).__name__)
-            saved, state = TrainConfig(**payload["config"]).model, payload["model"]
-        except Exception as exc:  # a text file, a bare tensor, another program's pickle: all mean the same
-            raise WeightsError(f"init_weights: {path} is neither a Visage weights bundle nor a training "
-                               f"checkpoint (last.pt) ({type(exc).__name__})") from exc
     if saved == cfg.model:
         return state
     try:  # a wider student (or another input size) starts from the narrow one's function, not from scratch
