@@ -100,13 +100,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.files import private_dir
     from app.logs import log_config
     from app.settings import resolve_api_keys
-    from model.bundle import DEFAULT_WEIGHTS
-    from model.errors import WeightsError
+    from model.bundle import DEFAULT_WEIGHTS, load_bundle
+    from model.errors import InvalidConfig, WeightsError
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
     weights = settings.weights or DEFAULT_WEIGHTS
     if not Path(weights).is_file():  # fail here, not in every worker's background loader
         raise WeightsError(f"weights file not found: {weights}")
+    bundle = load_bundle(weights)  # ... and so for a bad bundle or a default far it has no threshold for (a
+    if bundle.thresholds and bundle.calibrated_far(settings.default_far) is None:  # /readyz 503 for ever)
+        raise InvalidConfig(f"VISAGE_DEFAULT_FAR={settings.default_far} is not calibrated in {weights} (it has "
+                            f"{', '.join(sorted(bundle.thresholds))})")
+    del bundle
     private_dir(settings.data_dir)
     keys, generated = resolve_api_keys(settings)
     if settings.api_keys:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 import uvicorn
 from app_helpers import fake_pipeline
 
@@ -32,6 +33,16 @@ def test_serve_hands_uvicorn_the_app_factory_and_leaves_openmp_alone(monkeypatch
     monkeypatch.setattr(uvicorn, "run", lambda app, **_: seen.update(app=app, policy=os.getenv("OMP_WAIT_POLICY")))
     assert main(["serve", "--port", "8765"]) == 0
     assert seen == {"app": "app.main:create_app", "policy": None}
+
+
+def test_serve_refuses_a_default_far_the_weights_have_no_threshold_for(monkeypatch, tmp_path, capsys):
+    """It started, and /readyz said 503 for ever while /healthz said 200 (an orchestrator never restarted it)."""
+    monkeypatch.setenv("VISAGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("VISAGE_API_KEYS", "test-key")
+    monkeypatch.setenv("VISAGE_DEFAULT_FAR", "1e-5")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started"))
+    assert main(["serve"]) == 2
+    assert "VISAGE_DEFAULT_FAR=1e-5 is not calibrated" in capsys.readouterr().err
 
 
 def test_a_loaded_service_runs_numpy_blas_on_the_configured_threads(monkeypatch, tmp_path):
