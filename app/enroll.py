@@ -142,7 +142,8 @@ def remote_enroller(client: Any, face: str) -> Enroller:
     FaceSelector.parse(face)  # refuse a bad --face before the first request
 
     def post(data: bytes, subject: str, filename: str) -> httpx.Response:
-        """One upload, retried while the service is unreachable (briefly) or still loading (503, longer)."""
+        """One upload, retried while the service is unreachable (briefly), overloaded (503 overloaded, as its
+        Retry-After says) or still loading (other 503s, with a growing back-off)."""
         transport_errors = not_ready = overloaded = 0
         while True:
             try:

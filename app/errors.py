@@ -100,7 +100,7 @@ class StillLoading(NotReady):
 
 
 class Overloaded(VisageError):
-    """More image requests are running or waiting for the model than ``VISAGE_MAX_PENDING_IMAGES``: each holds
+    """``VISAGE_MAX_PENDING_IMAGES`` image requests are already running or waiting for the model: each holds
     its upload (up to ``VISAGE_MAX_UPLOAD_BYTES``) in memory while it waits, so an unbounded queue would end in
     the kernel's OOM killer. Nothing was stored; the same request may be sent again."""
 
