@@ -118,13 +118,13 @@ class RemoteError(VisageError):
         self.code = code
 
 
-def _error_code(response: Any) -> str | None:
-    """The ``error`` of a Visage error body, or None for any other body."""
+def _error_of(response: Any) -> tuple[str, str]:
+    """(code, detail) of a Visage error body; for any other body, ``http_<status>`` and its first characters."""
     try:
         body = response.json()
-    except ValueError:
-        return None
-    return body.get("error") if isinstance(body, dict) else None
+        return str(body["error"]), str(body["detail"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{response.status_code}", response.text[:200]
 
 
 def _retry_after(response: Any) -> float:
@@ -158,7 +158,7 @@ def remote_enroller(client: Any, face: str) -> Enroller:
                 continue
             if response.status_code != 503:
                 return response
-            if _error_code(response) == Overloaded.code:  # busy with other clients' images: wait as it says
+            if _error_of(response)[0] == Overloaded.code:  # busy with other clients' images: wait as it says
                 overloaded += 1
                 if overloaded == OVERLOADED_ATTEMPTS:
                     raise Abort(f"the service at {client.base_url} stayed overloaded for {overloaded} tries")
@@ -174,11 +174,7 @@ def remote_enroller(client: Any, face: str) -> Enroller:
         response = post(data, subject, filename)
         if response.status_code in (200, 201):
             return bool(response.json()["created"])
-        try:
-            body = response.json()
-            code, detail = str(body["error"]), str(body["detail"])
-        except (ValueError, KeyError, TypeError):
-            code, detail = f"http_{response.status_code}", response.text[:200]
+        code, detail = _error_of(response)
         if response.status_code in (401, 403):
             raise Abort(f"the service refused the API key: {detail}")
         raise RemoteError(code, detail)
