@@ -268,16 +268,18 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     """Train, validating every ``val_every`` epochs and after the last; returns the final weights bundle's path."""
     from tqdm import tqdm
 
-    if resume and not (Path(run_dir) / "last.pt").is_file():  # a mistyped run folder must not start hours afresh
-        raise FileNotFoundError(f"nothing to resume: no checkpoint {Path(run_dir) / 'last.pt'}; drop --resume to "
-                                "start a new run there")
-    if not resume and (Path(run_dir) / "last.pt").exists():  # ... nor overwrite hours of work and its metrics
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / "last.pt"
+    if resume and not ckpt_path.is_file():  # a mistyped run folder must not start hours afresh
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {ckpt_path}; drop --resume to start a new run "
+                                "there")
+    if not resume and ckpt_path.exists():  # ... nor overwrite hours of work and its metrics
         raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
                               "another --run-dir (or delete that one) to start afresh")
-    ckpt = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=False) if resume else None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
     if ckpt is not None and (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # (before the data loads)
-        raise ValueError(f"{Path(run_dir) / 'last.pt'} trains {saved}, but this config asks for {cfg.model}: "
-                         f"resume with the run's own settings ({Path(run_dir) / 'config.json'})")
+        raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
+                         f"run's own settings ({run_dir / 'config.json'})")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
@@ -285,7 +287,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     split = rank_zero_first(rank, world, lambda: load_split(cfg, need_teacher=cfg.uses_teacher))
     sampler = PKSampler(split.train.labels, cfg.p, cfg.k, seed=cfg.seed)
@@ -309,7 +310,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total, int(cfg.warmup_epochs * steps_per_epoch)))
     start_epoch, history = 0, []
-    ckpt_path = run_dir / "last.pt"
     if cfg.init_weights and not resume:
         model.load_state_dict(initial_weights(cfg))
     ema = weight_average(model, cfg.ema)
