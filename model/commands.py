@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="width multiplier in (0, 1] (default 1.0)")
     p.add_argument("--resolution", type=int, default=224, help="input size in pixels (default 224)")
     p.add_argument("--head", choices=["imagenet", "embedding", "none"], default="imagenet",
-                   help="imagenet: 1000-class FC as in the paper; embedding: the 128-d face head")
+                   help="imagenet: 1000-class FC as in the paper (default); embedding: the face head "
+                   "(--embedding-dim, 128-d by default); none: the backbone alone")
     p.add_argument("--embedding-dim", type=int, default=128,
                    help="size of the embedding with --head embedding, 8 to 4096 (default 128)")
     p.add_argument("--standard-conv", action="store_true",

@@ -27,7 +27,7 @@ def register(sub) -> None:
                        "this run (their manifest rows say why), else 0.")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core, at most 8)")
     p.add_argument("--pad", type=float, default=DEFAULT_PAD,
                    help=f"grey border added on each side, as a fraction of the image (0 to 1, default {DEFAULT_PAD}), "
                    "so tight crops give the detector context (0.28 turns a 160 px LFW crop back into its 250 px "
