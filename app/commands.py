@@ -24,7 +24,9 @@ def register(sub) -> None:
     )
     p.add_argument("--host", help="bind address (default: VISAGE_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: VISAGE_PORT or 8000)")
-    p.add_argument("--workers", type=positive_int, help="worker processes, each with its own model (default: 1)")
+    p.add_argument(
+        "--workers", type=positive_int, help="worker processes, each with its own model (default: VISAGE_WORKERS or 1)"
+    )
     _add_common(p)
     p.set_defaults(func=cmd_serve)
 
@@ -210,6 +212,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print_table(f"enroll {shown(args.dir)} -> {target}", ["", "count"], rows, caption=caption)
         if report.aborted:
             print(f"stopped early: {report.aborted}. Run the same command again to resume.", file=sys.stderr)
+    if report.interrupted:
+        return 130  # the shell's status for Ctrl-C: a script must not read a cut-short batch as done
     return 1 if report.failures else 0
 
 

@@ -38,6 +38,9 @@ class Item:
     subject: str
 
 
+INTERRUPTED = "interrupted"
+
+
 @dataclass
 class BatchReport:
     files: int = 0
@@ -45,8 +48,13 @@ class BatchReport:
     existing: int = 0
     failures: list[dict[str, str]] = field(default_factory=list)
     subjects: set[str] = field(default_factory=set)
-    aborted: str | None = None  # why the run stopped early (service unreachable, bad key)
+    aborted: str | None = None  # why the run stopped early (service unreachable, bad key, INTERRUPTED)
     seconds: float = 0.0
+
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C: no failure row says so, and the exit status must not read as success."""
+        return self.aborted == INTERRUPTED
 
     @property
     def failed(self) -> int:
@@ -197,7 +205,7 @@ def run_batch(
                 report.existing += 1
             report.subjects.add(item.subject)
         except KeyboardInterrupt:
-            report.aborted = "interrupted"  # still print the summary and write the failures so far
+            report.aborted = INTERRUPTED  # still print the summary and write the failures so far
             break
         except Abort as exc:
             report.aborted = str(exc)

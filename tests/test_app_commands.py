@@ -125,6 +125,24 @@ def test_an_unwritable_failures_path_is_refused_before_the_batch_runs(tmp_path, 
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_an_interrupted_batch_exits_130_and_still_reports_what_was_done(tmp_path, capsys, monkeypatch):
+    """Ctrl-C stopped the batch with exit 0 (no failure row says "interrupted"): a script read it as done."""
+    (tmp_path / "photos" / "alice").mkdir(parents=True)
+    (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    failures = tmp_path / "failures.csv"
+
+    def ctrl_c(path, max_bytes):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("app.enroll.read_limited", ctrl_c)
+    argv = ["enroll", str(tmp_path / "photos"), "--data-dir", str(tmp_path / "data"), "--no-progress"]
+    assert main([*argv, "--json", "--failures", str(failures)]) == 130
+    report = json.loads(capsys.readouterr().out)
+    assert report["aborted"] == "interrupted" and report["created"] == 0 and failures.is_file()
+    assert main(argv) == 130
+    assert "stopped early: interrupted" in capsys.readouterr().err
+
+
 def test_a_url_without_http_is_refused_at_once_not_retried_as_unreachable(tmp_path, capsys):
     (tmp_path / "photos" / "alice").mkdir(parents=True)
     (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
