@@ -87,6 +87,8 @@ class FaceIndex:
             nlist = max(1, min(cfg.ivf_nlist, len(train) // IVF_MIN_PER_LIST))
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            if nlist == 1:  # one list (a gallery under 2 x 39 faces): exact, nothing to cluster, nothing to warn
+                index.cp.min_points_per_centroid = 1  # (FAISS printed "WARNING clustering 1 points ..." to stderr)
             sample = train if len(train) >= nlist else np.eye(1, self.dim, dtype=np.float32)
             index.train(np.ascontiguousarray(sample, dtype=np.float32))
             index.nprobe = min(cfg.ivf_nprobe, nlist)

@@ -235,6 +235,20 @@ def test_names_stored_as_typed_by_older_versions_are_brought_to_nfc_once(tmp_pat
 # -- index ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("faces", [0, 10])
+def test_a_small_ivf_index_searches_exactly_without_faiss_warnings(capfd, faces):
+    """Under 2 x 39 faces an IVF index has one list: FAISS's k-means printed "WARNING clustering 1 points to 1
+    centroids: please provide at least 39 training points" to the service's stderr at every start (the empty
+    index made first) and every rebuild of a small gallery, a warning about nothing the operator can change."""
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(faces, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = FaceIndex.build(DIM, IndexConfig(kind="ivf"), V1, np.arange(1, faces + 1), vectors, generation=0)
+    assert "WARNING" not in capfd.readouterr().err
+    if faces:
+        assert list(index.search(vectors[:3], 1)[1][:, 0]) == [1, 2, 3]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_index_add_remove_search_save_load(tmp_path, kind):
     cfg = IndexConfig(kind=kind, ivf_nlist=4)
