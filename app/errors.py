@@ -146,6 +146,8 @@ def describe_validation(exc: RequestValidationError) -> str:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
         field = ".".join(loc) or "request"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if msg.startswith("Expected UploadFile"):  # FastAPI's words name a Python class: "received: <class 'str'>"
+            msg = f"send a file here, not text (multipart: curl -F {field}=@photo.jpg)"
         parts.append(f"{field}: {msg}")
     return "; ".join(parts) or "invalid request"
 

@@ -9,8 +9,10 @@ of them).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -58,8 +60,23 @@ class Metrics:
 class MetricsMiddleware:
     """Pure ASGI (no body buffering): times every HTTP request and records the status it ended with."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: ASGIApp, metrics: Metrics, routers: Sequence[Router] = ()) -> None:
+        self.app, self.metrics, self.routers = app, metrics, routers
+
+    def route_of(self, scope: Scope) -> str:
+        """The template of the route that answered, else of the route the path names (among ``routers``' own
+        routes): a request answered before routing (a 413 from the body limit) or by one of Starlette's plain
+        routes (/docs, /openapi.json, which set no ``route`` in the scope) was counted as ``unmatched``, like a
+        scanner's 404."""
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return path
+        for router in self.routers:
+            for route in router.routes:
+                path = getattr(route, "path", None)
+                if path and route.matches(scope)[0] is not Match.NONE:
+                    return path
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +94,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = self.route_of(scope)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"  # clients invent methods
             self.metrics.observe(path, method, status, time.perf_counter() - start)

@@ -61,6 +61,8 @@ class FaceSelector:
 def subject_ref(name: str | None = None, subject_id: int | None = None) -> SubjectRef:
     """Validate "a subject by name or by id" (exactly one of them)."""
     if (name is None or not name.strip()) == (subject_id is None):
+        if name is not None and subject_id is None:  # sent, but blank: say so rather than "give one of"
+            raise BadParameter(f"subject is blank ({name!r}): a subject name needs a visible character")
         raise BadParameter("give exactly one of subject (a name) or subject_id")
     if subject_id is not None:
         return SubjectRef(id=subject_id)
@@ -172,13 +174,32 @@ class FaceService:
         its ``face`` box points at another face of the image (409: one face per image and subject)."""
         selector = selector or FaceSelector()
         digest = sha256(data)
-        found = self.gallery.store.find_face(ref, digest)
+        found = self.find_enrolled(ref, digest)
         if found is not None:
-            stored, subject = found
-            if selector.box is not None:  # which face the box names, by face_at's own rule (422 if none)
-                self._check_same_face(stored, subject, face_at(self.detect(data)[1], selector.box).box)
-            return EnrollResult(stored, subject, created=False)
-        face = self.one_face(data, selector)
+            return self.enrolled_again(found, data, selector)
+        return self.store_face(ref, digest, data, self.one_face(data, selector), metadata)
+
+    # The three steps of ``enroll``, for the API to run the store's on the store's threads and the model's on
+    # the inference threads: a write waiting for SQLite's lock (another process writing, up to the busy timeout)
+    # must not hold the only inference thread, and with it every /verify, /identify and /embed of the worker.
+
+    def find_enrolled(self, ref: SubjectRef, digest: str) -> tuple[FaceRow, SubjectRow] | None:
+        """The face stored from these image bytes for this subject, if any (store only; 404 for an unknown id)."""
+        return self.gallery.store.find_face(ref, digest)
+
+    def enrolled_again(
+        self, found: tuple[FaceRow, SubjectRow], data: bytes, selector: FaceSelector
+    ) -> EnrollResult:
+        """The stored face for a repeat; a ``face`` box must name that face (detects: the model's work)."""
+        stored, subject = found
+        if selector.box is not None:  # which face the box names, by face_at's own rule (422 if none)
+            self._check_same_face(stored, subject, face_at(self.detect(data)[1], selector.box).box)
+        return EnrollResult(stored, subject, created=False)
+
+    def store_face(
+        self, ref: SubjectRef, digest: str, data: bytes, face: Face, metadata: dict[str, Any] | None = None
+    ) -> EnrollResult:
+        """Store an embedded face in one transaction and bring the index up to date (store only)."""
         row, subject, created = self.gallery.store.add_face(
             ref,
             digest,

@@ -240,6 +240,26 @@ def test_names_that_look_the_same_are_one_subject(client):
     is_error(r, 422, "bad_parameter")  # a direction override is refused, not trimmed away
 
 
+def test_an_image_sent_as_text_says_to_send_a_file(client):
+    """``-F image=photo.jpg`` (no @) sends the name as text: the detail said "Expected UploadFile, received:
+    <class 'str'>", Python's words, not the client's."""
+    r = client.post("/enroll", files={"subject": (None, "alice"), "image": (None, "photo.jpg")})
+    is_error(r, 422, "bad_parameter")
+    assert r.json()["detail"] == "image: send a file here, not text (multipart: curl -F image=@photo.jpg)"
+    r = client.post("/compare", files={"image1": ("a.png", png(RED)), "image2": (None, "b.jpg")})
+    assert r.json()["detail"].startswith("image2: send a file here") and "class" not in r.text
+
+
+def test_a_blank_subject_name_is_named_as_the_problem(client):
+    """``-F subject=" "`` was answered "give exactly one of subject (a name) or subject_id", though one was given."""
+    for blank in (" ", "\u3000"):  # (an empty field is no field, to FastAPI)
+        r = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": blank})
+        is_error(r, 422, "bad_parameter")
+        assert r.json()["detail"].startswith("subject is blank"), r.text
+    r = client.post("/verify", files={"image": ("a.png", png(RED))})
+    assert r.json()["detail"] == "give exactly one of subject (a name) or subject_id"
+
+
 def test_a_form_field_given_twice_is_refused_not_overwritten(client):
     """FastAPI keeps the last of a repeated field: two images (or two names) in one /enroll would file the
     second face, or file it under the second name, with a 201. Nothing is stored."""
@@ -414,6 +434,22 @@ def test_metrics_count_requests_by_route_and_gallery_size(client):
     assert 'visage_gallery{kind="current_faces"} 1.0' in text and "visage_ready 1.0" in text
 
 
+def test_metrics_name_the_route_of_docs_and_of_requests_refused_before_routing(client):
+    """/openapi.json and /docs are routes (Starlette's, which set no route in the scope), and an upload refused
+    by the body limit was sent to /enroll: neither is a scanner's "unmatched" path."""
+    client.get("/openapi.json")
+    client.get("/docs")
+    huge = client.post("/enroll", content=b"x" * 10, headers={"content-length": str(10**9)})
+    is_error(huge, 413, "request_too_large")
+    client.get("/nowhere")
+    text = client.get("/metrics").text
+    assert 'visage_http_requests_total{method="GET",route="/openapi.json",status="200"} 1.0' in text
+    assert 'visage_http_requests_total{method="GET",route="/docs",status="200"} 1.0' in text
+    assert 'visage_http_requests_total{method="POST",route="/enroll",status="413"} 1.0' in text
+    assert 'visage_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
+    assert 'route="unmatched",status="200"' not in text
+
+
 def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplog):
     """No traceback in the body, one in the log (not re-raised for the server to log again), and the metrics see
     the 500 like any other answer."""
@@ -460,6 +496,32 @@ def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds
         assert client.get("/subjects").json()["total"] == 0
         again = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
         assert again.status_code == 201 and client.get("/subjects").json()["total"] == 1
+
+
+def test_an_enroll_waiting_for_the_write_lock_does_not_hold_the_inference_thread(tmp_path, monkeypatch):
+    """Another process holding SQLite's write lock (a stuck batch) makes an enroll wait up to the busy timeout;
+    meanwhile the worker's one inference thread must go on serving /embed, /verify and /identify (the store's
+    steps of an enroll run on the store's threads, docs/SERVICE.md "Concurrency")."""
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 6.0)
+    with make_client(tmp_path) as client:
+        assert client.app.state.runtime.wait_ready(30)
+        answers: list = []
+        with write_locked(tmp_path / "visage.db"):
+            waiting = threading.Thread(target=lambda: answers.append(
+                client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})))
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while client.app.state.admission.pending < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.5)  # the fake model is instant: the enroll now waits for the lock
+            start = time.perf_counter()
+            embedded = client.post("/embed", files={"image": png(BLUE)})
+            took = time.perf_counter() - start
+            assert embedded.status_code == 200 and took < 3.0, took
+            assert waiting.is_alive()  # still waiting for the lock, off the inference thread
+        waiting.join(30)
+        assert [r.status_code for r in answers] == [201]
+        assert client.get("/subjects").json()["total"] == 1
 
 
 def test_every_answer_carries_a_request_id_that_the_model_work_sees(client):

@@ -14,6 +14,7 @@ from app.api.deps import (
     read_upload,
     require_api_key,
     run_cpu,
+    run_db,
     single_valued_form,
 )
 from app.api.schemas import (
@@ -35,6 +36,7 @@ from app.api.schemas import (
     threshold_fields,
 )
 from app.service import FaceSelector, subject_ref
+from app.store import sha256
 
 IMAGE_ERRORS: dict[int | str, dict] = {
     400: {"model": ErrorResponse, "description": "empty, corrupt or unreadable image"},
@@ -85,7 +87,17 @@ async def enroll(
     ref = subject_ref(form.subject, form.subject_id)
     selector = FaceSelector.parse(form.face, "single")
     data = await read_upload(image, settings)
-    result = await run_cpu(request, service.enroll, data, ref, selector, form.metadata)
+    # the store's steps on the store's threads, the model's on the inference threads (FaceService.enroll's steps)
+    digest = await run_db(sha256, data)
+    found = await run_db(service.find_enrolled, ref, digest)
+    if found is not None:  # a repeat: only a face box needs the model (to check it names the stored face)
+        if selector.box is None:
+            result = service.enrolled_again(found, data, selector)
+        else:
+            result = await run_cpu(request, service.enrolled_again, found, data, selector)
+    else:
+        face = await run_cpu(request, service.one_face, data, selector)
+        result = await run_db(service.store_face, ref, digest, data, face, form.metadata)
     if not result.created:
         response.status_code = status.HTTP_200_OK
     return EnrollResponse(
