@@ -27,7 +27,7 @@ from model.errors import VisageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"})
 FAILURE_COLUMNS = ("file", "subject", "error", "detail")
-CONNECTION_ATTEMPTS = 3
+CONNECTION_ATTEMPTS = 6  # a service being restarted (a supervisor, a deploy) refuses connections: 1 + 2 + ... + 16 s
 NOT_READY_ATTEMPTS = 6  # a service still loading its model answers 503: wait for it (1 + 2 + ... + 16 s)
 OVERLOADED_ATTEMPTS = 300  # a busy service answers 503 overloaded, Retry-After: 1: wait up to ~5 minutes
 

@@ -170,16 +170,18 @@ class FaceService:
         metadata: dict[str, Any] | None = None,
     ) -> EnrollResult:
         """Store one face of ``data`` for the subject (created if named and new). Idempotent per (subject,
-        image bytes): a repeat returns the stored face with ``created=False`` without embedding again, unless
-        its ``face`` box points at another face of the image (409: one face per image and subject)."""
+        image bytes): a repeat returns the stored face with ``created=False`` without embedding again (unless it
+        was embedded by other weights: then it is re-embedded in place), or a 409 if its ``face`` box points at
+        another face of the image (one face per image and subject)."""
         selector = selector or FaceSelector()
         digest = sha256(data)
         found = self.find_enrolled(ref, digest)
         if found is not None:
-            return self.enrolled_again(found, data, selector)
+            redone = self.repeat_face(found, data, selector) if self.repeat_needs_model(found, selector) else None
+            return self.repeated(found, redone)
         return self.store_face(ref, digest, data, self.one_face(data, selector), metadata)
 
-    # The three steps of ``enroll``, for the API to run the store's on the store's threads and the model's on
+    # The steps of ``enroll``, for the API to run the store's on the store's threads and the model's on
     # the inference threads: a write waiting for SQLite's lock (another process writing, up to the busy timeout)
     # must not hold the only inference thread, and with it every /verify, /identify and /embed of the worker.
 
@@ -187,14 +189,34 @@ class FaceService:
         """The face stored from these image bytes for this subject, if any (store only; 404 for an unknown id)."""
         return self.gallery.store.find_face(ref, digest)
 
-    def enrolled_again(
-        self, found: tuple[FaceRow, SubjectRow], data: bytes, selector: FaceSelector
-    ) -> EnrollResult:
-        """The stored face for a repeat; a ``face`` box must name that face (detects: the model's work)."""
+    def repeat_needs_model(self, found: tuple[FaceRow, SubjectRow], selector: FaceSelector) -> bool:
+        """Whether a repeat has model work to do (``repeat_face``): a box to check, or a stale embedding."""
+        return selector.box is not None or found[0].model_version != self.model_version
+
+    def repeat_face(self, found: tuple[FaceRow, SubjectRow], data: bytes, selector: FaceSelector) -> Face | None:
+        """The model's work for a repeat: a ``face`` box must name the stored face (409), and a face embedded
+        by other weights is embedded again by these, found at its stored box (returned; None when current). A
+        batch enroll run again after new weights so brings its faces back into the index, even where the
+        originals were not stored for ``visage reindex``."""
         stored, subject = found
+        image, detected = self.detect(data)
         if selector.box is not None:  # which face the box names, by face_at's own rule (422 if none)
-            self._check_same_face(stored, subject, face_at(self.detect(data)[1], selector.box).box)
-        return EnrollResult(stored, subject, created=False)
+            self._check_same_face(stored, subject, face_at(detected, selector.box).box)
+        if stored.model_version == self.model_version:
+            return None
+        face = align_faces(image, [face_at(detected, stored.box)])[0]
+        face.embedding = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
+        return face
+
+    def repeated(self, found: tuple[FaceRow, SubjectRow], redone: Face | None) -> EnrollResult:
+        """The stored face of a repeat (store only), its embedding replaced by ``redone`` when there is one."""
+        stored, subject = found
+        if redone is not None and self.gallery.store.reembed_face(
+            stored.id, stored.model_version, redone.embedding, self.model_version, redone.box, redone.quality
+        ):
+            self.gallery.sync()
+            found = self.gallery.store.find_face(SubjectRef(id=subject.id), stored.image_sha256) or found
+        return EnrollResult(*found, created=False, detected=redone)
 
     def store_face(
         self, ref: SubjectRef, digest: str, data: bytes, face: Face, metadata: dict[str, Any] | None = None

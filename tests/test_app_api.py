@@ -240,6 +240,23 @@ def test_names_that_look_the_same_are_one_subject(client):
     is_error(r, 422, "bad_parameter")  # a direction override is refused, not trimmed away
 
 
+def test_enrolling_the_same_image_after_new_weights_brings_the_face_back(tmp_path):
+    """Through the API (the model's step on the inference thread, the store's off it): 200, created false,
+    the same face id, now of the loaded weights, and /verify finds it again."""
+    with make_client(tmp_path, "fake-v1") as client:
+        assert client.app.state.runtime.wait_ready(30)
+        first = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"}).json()
+    with make_client(tmp_path, "fake-v2") as client:
+        assert client.app.state.runtime.wait_ready(30)
+        probe = {"image": ("p.png", png(RED, width=200))}
+        is_error(client.post("/verify", files=probe, data={"subject": "alice"}), 409, "no_current_faces")
+        again = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+        assert again.status_code == 200, again.text
+        body = again.json()
+        assert body["created"] is False and body["face_id"] == first["face_id"] and body["model_version"] == "fake-v2"
+        assert client.post("/verify", files=probe, data={"subject": "alice"}).json()["match"] is True
+
+
 def test_an_image_sent_as_text_says_to_send_a_file(client):
     """``-F image=photo.jpg`` (no @) sends the name as text: the detail said "Expected UploadFile, received:
     <class 'str'>", Python's words, not the client's."""

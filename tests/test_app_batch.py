@@ -90,6 +90,26 @@ def test_remote_batch_waits_for_a_service_that_is_still_loading(monkeypatch):
         remote_enroller(client, "single")(png(RED), "alice", "a.png")
 
 
+def test_remote_batch_waits_about_half_a_minute_for_a_service_that_is_restarting(monkeypatch):
+    """Connection refused is a service being restarted as often as one that is gone: the batch gave up after 3 s
+    (three tries), shorter than a supervisor's restart with the model loading."""
+    slept: list[float] = []
+    monkeypatch.setattr("app.enroll.time.sleep", slept.append)
+    tries = iter([True] * 5 + [False])
+
+    def service(request: httpx.Request) -> httpx.Response:
+        if next(tries):
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(201, json={"created": True})
+
+    with httpx.Client(base_url="http://visage", transport=httpx.MockTransport(service)) as client:
+        assert remote_enroller(client, "single")(png(RED), "alice", "a.png") is True
+    assert sum(slept) >= 30
+    gone = httpx.MockTransport(lambda r: (_ for _ in ()).throw(httpx.ConnectError("refused", request=r)))
+    with httpx.Client(base_url="http://visage", transport=gone) as client, pytest.raises(Abort, match="unreachable"):
+        remote_enroller(client, "single")(png(RED), "alice", "a.png")
+
+
 def test_remote_batch_waits_out_an_overloaded_service_as_it_says(monkeypatch):
     """503 overloaded (Retry-After: 1) is a busy service, not one still loading: it was retried 6 times with a
     growing back-off and the batch aborted with "not ready" after ~31 s."""
@@ -171,6 +191,29 @@ def test_remote_batch_goes_through_the_api(tmp_path, folder):
         client.headers["X-API-Key"] = "wrong"
         refused = run_batch(scan(folder), remote_enroller(client, "single"))
         assert "refused the API key" in refused.aborted and refused.failed == 1
+
+
+def test_enrolling_again_after_new_weights_re_embeds_the_face_in_place(tmp_path):
+    """A repeat enroll answered "already enrolled" with the old weights' face, which stays out of the index:
+    /verify kept answering 409 and a batch enroll run again after an upgrade did nothing. Now the face is
+    re-embedded in place (same id), also where its original was not stored and reindex cannot redo it."""
+    settings = Settings(data_dir=tmp_path / "data")
+    old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
+    old.store_images = False
+    first = old.enroll(png(RED), SubjectRef(name="alice")).face
+    old.gallery.close()
+    new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
+    alice = SubjectRef(name="alice")
+    with pytest.raises(NoCurrentFaces):
+        new.verify(png(RED, width=200), alice, FaceSelector.parse("largest"), new.threshold())
+    assert new.reindex().failed  # the original was not stored
+    again = new.enroll(png(RED), alice)
+    assert not again.created and again.face.id == first.id and again.face.model_version == "fake-v2"
+    assert new.gallery.stats()["stale_faces"] == 0 and new.gallery.stats()["indexed_faces"] == 1
+    assert new.verify(png(RED, width=200), alice, FaceSelector.parse("largest"), new.threshold()).match
+    third = new.enroll(png(RED), alice)  # current now: nothing to redo
+    assert not third.created and third.detected is None and third.face == again.face
+    new.gallery.close()
 
 
 def test_reindex_reembeds_old_versions_and_reports_what_it_cannot(tmp_path):

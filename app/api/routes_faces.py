@@ -90,11 +90,11 @@ async def enroll(
     # the store's steps on the store's threads, the model's on the inference threads (FaceService.enroll's steps)
     digest = await run_db(sha256, data)
     found = await run_db(service.find_enrolled, ref, digest)
-    if found is not None:  # a repeat: only a face box needs the model (to check it names the stored face)
-        if selector.box is None:
-            result = service.enrolled_again(found, data, selector)
-        else:
-            result = await run_cpu(request, service.enrolled_again, found, data, selector)
+    if found is not None:  # a repeat: the model only checks a face box or re-embeds a face of other weights
+        redone = None
+        if service.repeat_needs_model(found, selector):
+            redone = await run_cpu(request, service.repeat_face, found, data, selector)
+        result = await run_db(service.repeated, found, redone)
     else:
         face = await run_cpu(request, service.one_face, data, selector)
         result = await run_db(service.store_face, ref, digest, data, face, form.metadata)
