@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -47,10 +48,10 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        # (Pillow's message quotes its own limit, not the one configured here)
-        raise ImageTooLarge(
-            f"the image declares over {PILLOW_MAX_PIXELS} pixels; the limit is {limits.max_pixels} pixels"
-        ) from exc
+        # Pillow's message quotes its own limit, not the one configured here; the size it names is the file's
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = declared[1] if declared else f"over {PILLOW_MAX_PIXELS}"
+        raise ImageTooLarge(f"the image declares {size} pixels; the limit is {limits.max_pixels} pixels") from exc
     except UnidentifiedImageError as exc:
         raise UnreadableImage("the file is not an image in a format Visage can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:
