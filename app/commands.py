@@ -20,7 +20,8 @@ def register(sub) -> None:
         help="run the face recognition service (REST API)",
         description="Start uvicorn with app.main:create_app. Settings come from VISAGE_* "
         "environment variables (docs/SERVICE.md); the options here override them. With no API key "
-        "configured, one is generated, kept in the data folder and printed.",
+        "configured, one is generated and kept in the data folder; it is printed on that first start only, "
+        "later starts print the file's path.",
     )
     p.add_argument("--host", help="bind address (default: VISAGE_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: VISAGE_PORT or 8000)")
@@ -97,39 +98,24 @@ def _settings(args: argparse.Namespace, **extra: Any):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
-    from app.files import private_dir
-    from app.logs import log_config
-    from app.settings import resolve_api_keys
-    from model.bundle import DEFAULT_WEIGHTS, load_bundle
-    from model.errors import InvalidConfig, WeightsError
+    from app.logs import log_config, startup_line
+    from model.console import EXIT_USER_ERROR
+    from model.errors import VisageError
 
     settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
-    weights = settings.weights or DEFAULT_WEIGHTS
-    if not Path(weights).is_file():  # fail here, not in every worker's background loader
-        raise WeightsError(f"weights file not found: {weights}")
-    bundle = load_bundle(weights)  # ... and so for a bad bundle or a default far it has no threshold for (a
-    if bundle.thresholds and bundle.calibrated_far(settings.default_far) is None:  # /readyz 503 for ever)
-        raise InvalidConfig(f"VISAGE_DEFAULT_FAR={settings.default_far} is not calibrated in {weights} (it has "
-                            f"{', '.join(sorted(bundle.thresholds))})")
-    del bundle
-    private_dir(settings.data_dir)
-    keys, generated = resolve_api_keys(settings)
-    if settings.api_keys:
-        print(f"API keys: {len(keys)} from VISAGE_API_KEYS", flush=True)
-    else:
-        state = "generated and stored" if generated else "stored"
-        print(f"API key ({state} in {settings.key_path.resolve()}): {keys[0]}", flush=True)
-    # The workers build their own Settings from the environment: pass the command-line overrides on.
-    for name in ("data_dir", "weights", "host", "port", "workers"):
-        value = getattr(settings, name)
-        if value is not None:
-            os.environ[f"VISAGE_{name.upper()}"] = str(Path(value).resolve() if name == "data_dir" else value)
-    print(
-        f"Visage on http://{settings.host}:{settings.port} (docs at /docs), data in {settings.data_dir.resolve()}",
-        flush=True,
-    )
+    try:
+        _prepare_serve(settings)
+    except (VisageError, OSError, ValueError) as exc:
+        if settings.log_format != "json":
+            raise  # the command's usual one line: "visage serve: error: ..."
+        # every line in the log's format, a refusal to start too (a bad setting, read before the format is known,
+        # stays a plain line)
+        startup_line(str(getattr(exc, "detail", exc)), "json", logging.ERROR, sys.stderr)
+        return EXIT_USER_ERROR
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -141,6 +127,86 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+class AddressUnavailable(OSError):
+    """``visage serve``'s address cannot be listened on (in use, not this host's, a privileged port)."""
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Bind (and release) each address uvicorn would listen on for ``host``, as uvicorn does (``SO_REUSEADDR``, so
+    a port left in TIME_WAIT by the last run is free), and raise ``AddressUnavailable`` with one line saying what
+    to change when one cannot be: found before the banner, the key and the model, not after them."""
+    import errno
+    import socket
+
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AddressUnavailable(f"cannot listen on {shown}: {exc.strerror} (check --host / VISAGE_HOST)") from exc
+    bound = 0
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this host lacks (no IPv6): asyncio's create_server skips it too
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+                bound += 1
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressUnavailable(
+                        f"{shown} is already in use (another Visage, or another server, listens there): "
+                        "choose another port with --port or VISAGE_PORT"
+                    ) from exc
+                if exc.errno == errno.EADDRNOTAVAIL:  # skipped by asyncio too (a family that is not enabled)
+                    continue
+                hint = "--port / VISAGE_PORT" if exc.errno == errno.EACCES else "--host / VISAGE_HOST"
+                raise AddressUnavailable(f"cannot listen on {shown}: {exc.strerror} (check {hint})") from exc
+    if not bound:
+        raise AddressUnavailable(f"cannot listen on {shown}: no such address on this host (check --host / VISAGE_HOST)")
+
+
+def _prepare_serve(settings: Any) -> None:
+    """Everything ``visage serve`` checks and says before uvicorn starts."""
+    from app.files import private_dir
+    from app.logs import startup_line
+    from app.settings import resolve_api_keys
+    from model.bundle import DEFAULT_WEIGHTS, load_bundle
+    from model.errors import InvalidConfig, WeightsError
+
+    check_bindable(settings.host, settings.port)  # first: a busy port is the most common failure, and the cheapest
+    weights = settings.weights or DEFAULT_WEIGHTS
+    if not Path(weights).is_file():  # fail here, not in every worker's background loader
+        raise WeightsError(f"weights file not found: {weights}")
+    bundle = load_bundle(weights)  # ... and so for a bad bundle or a default far it has no threshold for (a
+    if bundle.thresholds and bundle.calibrated_far(settings.default_far) is None:  # /readyz 503 for ever)
+        raise InvalidConfig(f"VISAGE_DEFAULT_FAR={settings.default_far} is not calibrated in {weights} (it has "
+                            f"{', '.join(sorted(bundle.thresholds))})")
+    del bundle
+    private_dir(settings.data_dir)
+    keys, generated = resolve_api_keys(settings)
+    fmt = settings.log_format
+    if settings.api_keys:
+        startup_line(f"API keys: {len(keys)} from VISAGE_API_KEYS", fmt)
+    elif generated:  # the one time the key is shown: logs (journald, docker) are kept, and read, more widely
+        startup_line(f"API key (generated and stored in {settings.key_path.resolve()}; shown only this once): "
+                     f"{keys[0]}", fmt)
+    else:
+        startup_line(f"API key: stored in {settings.key_path.resolve()} (not printed: read it from that file)", fmt)
+    # The workers build their own Settings from the environment: pass the command-line overrides on.
+    for name in ("data_dir", "weights", "host", "port", "workers"):
+        value = getattr(settings, name)
+        if value is not None:
+            os.environ[f"VISAGE_{name.upper()}"] = str(Path(value).resolve() if name == "data_dir" else value)
+    startup_line(
+        f"Visage on http://{settings.host}:{settings.port} (docs at /docs), data in {settings.data_dir.resolve()}", fmt
+    )
 
 
 def _progress(items: list, disable: bool, desc: str):

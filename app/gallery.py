@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import NoCurrentFaces, StorageUnavailable
-from app.index import FaceIndex, IndexConfig, IndexFileError, ids_checksum
+from app.index import FaceIndex, IndexConfig, IndexFileError, IndexFileMissing, ids_checksum
 from app.store import Store, SubjectRef
 from model.score_norm import CohortNorm
 
@@ -78,6 +78,9 @@ class Gallery:
                     self.save()
                 else:
                     self.opened_by = "loaded"
+            except IndexFileMissing as exc:  # the first start, not a problem: "built", not "rebuilt"
+                self.rebuild(str(exc), first=True)
+                self.save()
             except IndexFileError as exc:
                 self.rebuild(str(exc))
                 self.save()
@@ -120,8 +123,9 @@ class Gallery:
             return
         raise IndexFileError("the store kept changing while the index was checked")
 
-    def rebuild(self, reason: str) -> None:
-        """A fresh index from every current-version face in the store."""
+    def rebuild(self, reason: str, first: bool = False) -> None:
+        """A fresh index from every current-version face in the store. ``first``: there was no index to replace
+        (no index file), so it is "built", and "built (new gallery)" when the store has never held a face."""
         with self._lock:
             snap = self.store.snapshot(self.model_version, self.dim)
             self.index = FaceIndex.build(
@@ -133,8 +137,11 @@ class Gallery:
                 snap.generation,
             )
             self.index.store_id = self.store.store_id
-            self.opened_by = f"rebuilt ({reason})"
-            log.info("index rebuilt from the store: %s; %d faces", reason, len(snap.ids))
+            verb = "built" if first else "rebuilt"
+            if first and snap.generation == 0:
+                reason = "new gallery"
+            self.opened_by = f"{verb} ({reason})"
+            log.info("index %s from the store: %s; %d faces", verb, reason, len(snap.ids))
 
     def save(self) -> None:
         with self._lock:

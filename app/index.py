@@ -57,6 +57,10 @@ class IndexFileError(Exception):
     """The index file is missing, unreadable or does not describe this model (the caller rebuilds)."""
 
 
+class IndexFileMissing(IndexFileError):
+    """No index file at all: a new gallery, or none saved yet (the caller builds one; nothing is wrong)."""
+
+
 def ids_checksum(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(ids, dtype="<i8")).tobytes()).hexdigest()
 
@@ -245,8 +249,10 @@ class FaceIndex:
         path = Path(path)
         try:
             raw = path.read_bytes()
-        except OSError as exc:
-            raise IndexFileError(f"no index file ({exc.strerror})") from exc
+        except FileNotFoundError as exc:
+            raise IndexFileMissing("no saved index file") from exc
+        except OSError as exc:  # permissions, a folder in its place, an I/O error: a real problem
+            raise IndexFileError(f"index file cannot be read ({exc.strerror})") from exc
         try:
             if raw[: len(MAGIC)] != MAGIC:
                 raise ValueError("not a Visage index file")

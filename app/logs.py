@@ -2,14 +2,17 @@
 its request id (the ``X-Request-ID`` header, taken from the client or a proxy when it looks like an id, else
 generated, and sent back on the response), so a user's "my request failed" and a 500's traceback meet in one
 ``grep``.
-``VISAGE_LOG_FORMAT=json`` writes one JSON object a line for log collectors."""
+``VISAGE_LOG_FORMAT=json`` writes one JSON object a line for log collectors, its ``time`` in ISO-8601 UTC with
+milliseconds (``2026-11-30T19:58:23.589Z``); ``visage serve``'s own start-up lines too (``startup_line``)."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import re
-from typing import Any, Literal
+import sys
+import time
+from typing import IO, Any, Literal
 
 import uvicorn.config
 from asgi_correlation_id import CorrelationIdFilter, CorrelationIdMiddleware, correlation_id
@@ -38,8 +41,17 @@ def add_request_ids(app: Starlette) -> None:
     app.add_middleware(CorrelationIdMiddleware, header_name=REQUEST_ID_HEADER, validator=acceptable_request_id)
 
 
+class UtcJsonFormatter(JsonFormatter):
+    """python-json-logger's formatter with ``time`` in ISO-8601 UTC to the millisecond, ``...T19:58:23.589Z``
+    (logging's default is local time without a zone, ``2026-11-30 19:58:23,589``, which collectors misread)."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
 JSON_FORMATTER = {
-    "()": "pythonjsonlogger.json.JsonFormatter",
+    "()": "app.logs.UtcJsonFormatter",
     "fmt": "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s",
     "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "correlation_id": "request_id"},
     "reserved_attrs": [*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
@@ -77,8 +89,7 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
         handler = logging.StreamHandler()
         handler.addFilter(CorrelationIdFilter(default_value=NO_REQUEST))
         if log_format == "json":
-            options = {k: v for k, v in JSON_FORMATTER.items() if k != "()"}
-            handler.setFormatter(JsonFormatter(options.pop("fmt"), **options))
+            handler.setFormatter(json_formatter())
         else:
             handler.setFormatter(logging.Formatter(VISAGE_TEXT))
         logger.addHandler(handler)
@@ -86,3 +97,18 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
         if refused_ids.level == logging.NOTSET:  # as in log_config, unless the host application chose
             refused_ids.setLevel(logging.ERROR)
     logger.setLevel(uvicorn.config.LOG_LEVELS[level])
+
+
+def json_formatter() -> UtcJsonFormatter:
+    options = {k: v for k, v in JSON_FORMATTER.items() if k != "()"}
+    return UtcJsonFormatter(options.pop("fmt"), **options)
+
+
+def startup_line(message: str, log_format: LogFormat, level: int = logging.INFO, stream: IO[str] | None = None) -> None:
+    """A line ``visage serve`` writes before uvicorn has set up logging: as it is in ``text`` (default: to
+    stdout), in ``json`` the same object as every other line (logger ``visage.serve``, no request id)."""
+    if log_format == "json":
+        record = logging.LogRecord("visage.serve", level, __file__, 0, message, None, None)
+        record.correlation_id = NO_REQUEST
+        message = json_formatter().format(record)
+    print(message, file=stream or sys.stdout, flush=True)

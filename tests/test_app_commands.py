@@ -41,8 +41,82 @@ def test_serve_refuses_a_default_far_the_weights_have_no_threshold_for(monkeypat
     monkeypatch.setenv("VISAGE_API_KEYS", "test-key")
     monkeypatch.setenv("VISAGE_DEFAULT_FAR", "1e-5")
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started"))
-    assert main(["serve"]) == 2
+    assert main(["serve", "--port", "0"]) == 2  # (any free port: the address is checked first)
     assert "VISAGE_DEFAULT_FAR=1e-5 is not calibrated" in capsys.readouterr().err
+
+
+@pytest.fixture
+def serve_env(monkeypatch, tmp_path) -> Path:
+    """A data folder for ``visage serve``, no configured key, uvicorn not started, and the environment restored
+    afterwards (serve passes its settings on to the workers through it)."""
+    for name in (*PASSED_ON, "VISAGE_API_KEYS", "VISAGE_LOG_FORMAT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VISAGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    return tmp_path
+
+
+ISO_UTC_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+def test_serve_with_json_logs_writes_its_start_up_lines_as_json_too(serve_env, monkeypatch, capsys):
+    """The "API key ..." and "Visage on http://..." lines were plain text among the JSON objects."""
+    monkeypatch.setenv("VISAGE_LOG_FORMAT", "json")
+    assert main(["serve", "--port", "0"]) == 0
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
+    assert [r["message"].split(" (")[0] for r in records] == ["API key", "Visage on http://127.0.0.1:0"]
+    for record in records:
+        assert set(record) == {"time", "level", "logger", "request_id", "message"}
+        assert record["level"] == "INFO" and record["logger"] == "visage.serve" and record["request_id"] == "-"
+        assert re.fullmatch(ISO_UTC_MS, record["time"]), record["time"]
+    assert err == ""
+
+
+def test_serve_prints_a_generated_key_once_and_later_only_where_it_is(serve_env, capsys):
+    """The key was printed on every start, so every journald / docker log of every restart held it."""
+    assert main(["serve", "--port", "0"]) == 0
+    first = capsys.readouterr().out
+    key = (serve_env / "api_key").read_text().strip()
+    assert f"API key (generated and stored in {serve_env / 'api_key'}; shown only this once): {key}" in first
+    assert main(["serve", "--port", "0"]) == 0
+    later = capsys.readouterr().out
+    assert key not in later
+    assert f"API key: stored in {serve_env / 'api_key'} (not printed: read it from that file)" in later
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_on_a_port_in_use_says_so_in_one_line_before_the_banner_the_key_and_the_model(
+    serve_env, monkeypatch, capsys, log_format
+):
+    """It printed the banner, generated the key and loaded the model, then failed with uvicorn's "[Errno 98]
+    address already in use" (exit 3)."""
+    import socket
+
+    monkeypatch.setenv("VISAGE_LOG_FORMAT", log_format)
+    monkeypatch.setattr("model.bundle.load_bundle", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started"))
+    with socket.socket() as other:  # another server, listening
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and not (serve_env / "api_key").exists()  # no banner, no key
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    message = json.loads(err)["message"] if log_format == "json" else err
+    assert f"127.0.0.1:{port} is already in use" in message and "--port or VISAGE_PORT" in message
+    if log_format == "json":
+        assert json.loads(err)["level"] == "ERROR"
+    else:
+        assert err.startswith("visage serve: error: ")
+
+
+def test_serve_on_an_address_not_of_this_host_says_which_setting_to_change(serve_env, capsys):
+    assert main(["serve", "--host", "192.0.2.1", "--port", "0"]) == 2  # TEST-NET-1: never a local address
+    err = capsys.readouterr().err
+    assert "cannot listen on 192.0.2.1:0" in err and "--host / VISAGE_HOST" in err and len(err.splitlines()) == 1
 
 
 def test_a_loaded_service_runs_numpy_blas_on_the_configured_threads(monkeypatch, tmp_path):

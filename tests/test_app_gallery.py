@@ -17,7 +17,7 @@ from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit, write_
 
 from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StorageUnavailable, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
-from app.index import FaceIndex, IndexConfig
+from app.index import FaceIndex, IndexConfig, IndexFileError, IndexFileMissing
 from app.store import Store, SubjectRef
 from model.score_norm import CohortNorm
 
@@ -392,13 +392,23 @@ def test_index_is_loaded_when_it_agrees_and_replays_later_changes(tmp_path):
     assert open_gallery(tmp_path).opened_by == "loaded"
 
 
+def test_a_new_gallery_says_its_index_was_built_not_rebuilt_after_an_error(tmp_path, caplog):
+    """The first start logged "rebuilt (no index file (No such file or directory))", which read like a fault."""
+    with caplog.at_level("INFO", logger="visage.gallery"):
+        gallery = open_gallery(tmp_path)
+    assert gallery.opened_by == "built (new gallery)"
+    assert "index flat: built (new gallery) (0 faces" in caplog.text and "No such file" not in caplog.text
+    gallery.close()
+    assert open_gallery(tmp_path).opened_by == "loaded"
+
+
 def test_index_is_rebuilt_when_its_file_is_missing_or_damaged(tmp_path):
     gallery = open_gallery(tmp_path)
     add(gallery.store, "alice", unit(1))
     gallery.close()
     (tmp_path / "index.faiss").unlink()
-    gallery = open_gallery(tmp_path)
-    assert gallery.opened_by.startswith("rebuilt (no index file")
+    gallery = open_gallery(tmp_path)  # faces but no index file (e.g. enrolled by `visage enroll` before any start)
+    assert gallery.opened_by == "built (no saved index file)"
     assert gallery.identify(unit(1), 1)[0][0].name == "alice"
     gallery.close()
     raw = (tmp_path / "index.faiss").read_bytes()
@@ -406,6 +416,9 @@ def test_index_is_rebuilt_when_its_file_is_missing_or_damaged(tmp_path):
     gallery = open_gallery(tmp_path)
     assert gallery.opened_by.startswith("rebuilt (index file is damaged")
     assert gallery.agreement()["agree"]
+    with pytest.raises(IndexFileError, match=r"index file cannot be read \(Is a directory\)") as caught:
+        FaceIndex.load(tmp_path, IndexConfig())  # a file that is there but unreadable is still a problem
+    assert not isinstance(caught.value, IndexFileMissing)
 
 
 def test_index_is_rebuilt_when_a_row_was_added_behind_its_back(tmp_path):
@@ -469,7 +482,7 @@ def test_an_index_that_cannot_be_saved_at_close_is_logged_and_rebuilt_at_the_nex
     folder.unlink()
     reopened = Gallery(Store(tmp_path / "visage.db"), folder / "index.faiss", V1, DIM, IndexConfig())
     reopened.open()
-    assert reopened.store.counts(V1)["faces"] == 1 and "rebuilt" in reopened.opened_by
+    assert reopened.store.counts(V1)["faces"] == 1 and reopened.opened_by == "built (no saved index file)"
     assert reopened.identify(unit(1, 0)[None], k=1)[0][0].name == "alice"
     reopened.close()
 

@@ -305,7 +305,9 @@ class ReadyResponse(BaseModel):
     thresholds: dict[str, float] = Field(description="calibrated score thresholds by false-accept rate")
     scoring: str = Field(description="how faces are scored: 'cosine', or the weights' cohort (model/score_norm.py)")
     index_kind: str
-    index_state: str = Field(description="how the index was opened: loaded, or rebuilt and why")
+    index_state: str = Field(
+        description="how the index was opened: loaded, built (no index file yet), or rebuilt and why"
+    )
     subjects: int
     faces: int
     current_faces: int
