@@ -51,7 +51,8 @@ def register(sub) -> None:
         default=os.environ.get("VISAGE_API_KEY"),
         help="API key for --url (default: $VISAGE_API_KEY)",
     )
-    p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv)")
+    p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv; "
+                   "with --url, enroll_failures.csv in the current folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     add_json_flag(p)
@@ -217,10 +218,12 @@ def _progress(items: list, disable: bool, desc: str):
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from app.enroll import check_writable, remote_enroller, run_batch, scan, shown, write_failures
+    from app.settings import FAILURES_CSV
 
     settings = _settings(args)
     items = scan(args.dir)
-    failures_path = args.failures or settings.failures_path
+    # a batch posted to a service has nothing to do with the local data folder: its list goes where it was run
+    failures_path = args.failures or (Path(FAILURES_CSV) if args.url else settings.failures_path)
     try:  # found now, not after the whole batch
         check_writable(failures_path)
     except OSError as exc:

@@ -21,6 +21,7 @@ from model.errors import validation_problems
 
 IndexType = Literal["flat", "hnsw", "ivf"]
 KEY_FILE = "api_key"
+FAILURES_CSV = "enroll_failures.csv"  # visage enroll's list of failed files
 
 
 class Settings(BaseSettings):
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
 
     @property
     def failures_path(self) -> Path:
-        return self.data_dir / "enroll_failures.csv"
+        return self.data_dir / FAILURES_CSV
 
     @property
     def decode_limits(self) -> DecodeLimits:

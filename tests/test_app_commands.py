@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +216,24 @@ def test_an_interrupted_batch_exits_130_and_still_reports_what_was_done(tmp_path
     assert report["aborted"] == "interrupted" and report["created"] == 0 and failures.is_file()
     assert main(argv) == 130
     assert "stopped early: interrupted" in capsys.readouterr().err
+
+
+def test_a_batch_posted_to_a_service_lists_its_failures_where_it_was_run(tmp_path, capsys, monkeypatch):
+    """With --url the list went to ./data/enroll_failures.csv, a local gallery folder the batch never used
+    (created for it)."""
+    (tmp_path / "photos" / "alice").mkdir(parents=True)
+    (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("VISAGE_DATA_DIR", raising=False)
+    monkeypatch.setattr("app.enroll.time.sleep", lambda s: None)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--json", "--no-progress"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["aborted"].endswith(")") and "unreachable" in report["aborted"]
+    assert report["failures_csv"] == "enroll_failures.csv" and (tmp_path / "enroll_failures.csv").is_file()
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_url_without_http_is_refused_at_once_not_retried_as_unreachable(tmp_path, capsys):
