@@ -57,6 +57,14 @@ class FaceOfImageEnrolled(VisageError):
     status = 409
 
 
+class LowQualityFace(VisageError):
+    """An enrollment face under ``VISAGE_MIN_ENROLL_QUALITY``: refused, where a probe of the same quality is only
+    answered with a lower score."""
+
+    code = "low_quality_face"
+    status = 422
+
+
 class NoCurrentFaces(VisageError):
     """The subject's faces were all embedded by another model version (run ``visage reindex``)."""
 

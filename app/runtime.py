@@ -78,7 +78,13 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
         )
         if with_index:
             gallery.open()
-        service = FaceService(pipeline, gallery, store_images=settings.store_images, default_far=settings.default_far)
+        service = FaceService(
+            pipeline,
+            gallery,
+            store_images=settings.store_images,
+            default_far=settings.default_far,
+            min_enroll_quality=settings.min_enroll_quality,
+        )
     except BaseException:
         store.close()
         raise

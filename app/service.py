@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import BadParameter, FaceOfImageEnrolled
+from app.errors import BadParameter, FaceOfImageEnrolled, LowQualityFace
 from app.gallery import Gallery, SubjectHit
 from app.names import clean_name
 from app.store import FaceRow, SubjectRef, SubjectRow, sha256
@@ -113,10 +113,16 @@ class FaceService:
     """A face pipeline and a gallery for the same model version."""
 
     def __init__(
-        self, pipeline: FacePipeline, gallery: Gallery, store_images: bool = True, default_far: str = "1e-3"
+        self,
+        pipeline: FacePipeline,
+        gallery: Gallery,
+        store_images: bool = True,
+        default_far: str = "1e-3",
+        min_enroll_quality: float = 0.0,
     ) -> None:
         self.pipeline, self.gallery = pipeline, gallery
         self.store_images, self.default_far = store_images, default_far
+        self.min_enroll_quality = min_enroll_quality
         if gallery.model_version != self.model_version:
             raise ValueError(f"gallery is for {gallery.model_version}, the model is {self.model_version}")
 
@@ -221,7 +227,15 @@ class FaceService:
     def store_face(
         self, ref: SubjectRef, digest: str, data: bytes, face: Face, metadata: dict[str, Any] | None = None
     ) -> EnrollResult:
-        """Store an embedded face in one transaction and bring the index up to date (store only)."""
+        """Store an embedded face in one transaction and bring the index up to date (store only); a face under
+        ``min_enroll_quality`` is refused first."""
+        if face.quality < self.min_enroll_quality:
+            width, height = face.box[2] - face.box[0], face.box[3] - face.box[1]
+            raise LowQualityFace(
+                f"the face's quality is {face.quality:.2f} ({width:.0f}x{height:.0f} px, detection score "
+                f"{face.score:.2f}); enrollment needs at least {self.min_enroll_quality:g} "
+                "(VISAGE_MIN_ENROLL_QUALITY): send a larger, sharper photo of the face"
+            )
         row, subject, created = self.gallery.store.add_face(
             ref,
             digest,

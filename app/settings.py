@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     )
     default_far: str = Field("1e-3", description="false-accept rate whose calibrated threshold is the default")
     store_images: bool = Field(True, description="keep enrolled originals so `visage reindex` can re-embed")
+    min_enroll_quality: float = Field(
+        0.0, ge=0.0, le=1.0, description="refuse to enroll a face whose quality (detection score, scaled down for "
+        "faces under 80 px) is below this: a tiny or doubtful face in the gallery spoils every later match of its "
+        "subject; 0 enrolls every face found"
+    )
     inference_threads: int = Field(
         1, ge=1, le=64, description="images processed at once per worker, each on its own OS thread; 1 keeps the "
         "/verify latency and memory targets on 2 cores; 2 served ~30% more requests/s at 16 clients for ~40 MiB "

@@ -257,6 +257,21 @@ def test_enrolling_the_same_image_after_new_weights_brings_the_face_back(tmp_pat
         assert client.post("/verify", files=probe, data={"subject": "alice"}).json()["match"] is True
 
 
+def test_a_face_under_the_enrollment_quality_is_refused_and_nothing_is_stored(tmp_path):
+    """VISAGE_MIN_ENROLL_QUALITY: a 30 px face (quality 0.37 = score x 30/80) is refused with a reason; a 100 px
+    one is enrolled; a probe of the same small face is still answered (only enrollment is guarded)."""
+    with make_client(tmp_path, min_enroll_quality=0.5) as client:
+        assert client.app.state.runtime.wait_ready(30)
+        small = {"image": ("s.png", png(RED, width=50))}  # the square cut to 30 px by the canvas
+        r = client.post("/enroll", files=small, data={"subject": "alice"})
+        is_error(r, 422, "low_quality_face")
+        assert "quality is 0.37 (30x100 px" in r.json()["detail"] and "VISAGE_MIN_ENROLL_QUALITY" in r.text
+        assert client.get("/subjects").json()["total"] == 0
+        big = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
+        assert big.status_code == 201
+        assert client.post("/verify", files=small, data={"subject": "alice"}).status_code == 200
+
+
 def test_an_image_sent_as_text_says_to_send_a_file(client):
     """``-F image=photo.jpg`` (no @) sends the name as text: the detail said "Expected UploadFile, received:
     <class 'str'>", Python's words, not the client's."""
