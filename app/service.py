@@ -159,7 +159,11 @@ class FaceService:
     def one_face(self, data: bytes, selector: FaceSelector) -> Face:
         """Decode, detect, pick one face, align and embed only that one."""
         image, detected = self.detect(data)
-        face = align_faces(image, [selector.choose(detected)])[0]
+        return self._embedded(image, selector.choose(detected))
+
+    def _embedded(self, image: Any, detected: DetectedFace) -> Face:
+        """Align and embed one detected face (only that one: the image's other faces cost nothing)."""
+        face = align_faces(image, [detected])[0]
         face.embedding = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
         return face
 
@@ -210,9 +214,7 @@ class FaceService:
             self._check_same_face(stored, subject, face_at(detected, selector.box).box)
         if stored.model_version == self.model_version:
             return None
-        face = align_faces(image, [face_at(detected, stored.box)])[0]
-        face.embedding = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
-        return face
+        return self._embedded(image, face_at(detected, stored.box))
 
     def repeated(self, found: tuple[FaceRow, SubjectRow], redone: Face | None) -> EnrollResult:
         """The stored face of a repeat (store only), its embedding replaced by ``redone`` when there is one."""
@@ -314,11 +316,9 @@ class FaceService:
                         )
                     cache = (row.image_sha256, *self.detect(data))
                 _, image, detected = cache
-                found = face_at(detected, row.box)
-                face = align_faces(image, [found])[0]
-                vector = self.pipeline.embedder.embed(np.stack([face.crop]))[0]
+                face = self._embedded(image, face_at(detected, row.box))
                 if self.gallery.store.reembed_face(
-                    row.id, row.model_version, vector, self.model_version, face.box, face.quality
+                    row.id, row.model_version, face.embedding, self.model_version, face.box, face.quality
                 ):
                     report.redone += 1
                 else:
