@@ -480,6 +480,7 @@ def test_metrics_name_the_route_of_docs_and_of_requests_refused_before_routing(c
     assert 'visage_http_requests_total{method="POST",route="/enroll",status="413"} 1.0' in text
     assert 'visage_http_requests_total{method="GET",route="unmatched",status="404"} 1.0' in text
     assert 'route="unmatched",status="200"' not in text
+    assert "_created" not in text  # no creation-time series beside each counter and histogram
 
 
 def test_an_unexpected_error_is_a_json_500_logged_once_and_counted(client, caplog):
