@@ -52,8 +52,15 @@ class UtcJsonFormatter(JsonFormatter):
 
 JSON_FORMATTER = {
     "()": "app.logs.UtcJsonFormatter",
-    "fmt": "%(asctime)s %(levelname)s %(name)s %(correlation_id)s %(message)s",
-    "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger", "correlation_id": "request_id"},
+    # pid: with --workers N, which worker wrote the line
+    "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(correlation_id)s %(message)s",
+    "rename_fields": {
+        "asctime": "time",
+        "levelname": "level",
+        "name": "logger",
+        "process": "pid",
+        "correlation_id": "request_id",
+    },
     "reserved_attrs": [*RESERVED_ATTRS, "color_message"],  # uvicorn's ANSI-coloured copy of the message
 }
 VISAGE_TEXT = "%(levelname)-9s %(name)s [%(correlation_id)s]: %(message)s"

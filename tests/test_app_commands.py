@@ -69,7 +69,7 @@ def test_serve_with_json_logs_writes_its_start_up_lines_as_json_too(serve_env, m
     records = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
     assert [r["message"].split(" (")[0] for r in records] == ["API key", "Visage on http://127.0.0.1:0"]
     for record in records:
-        assert set(record) == {"time", "level", "logger", "request_id", "message"}
+        assert set(record) == {"time", "level", "logger", "pid", "request_id", "message"}
         assert record["level"] == "INFO" and record["logger"] == "visage.serve" and record["request_id"] == "-"
         assert re.fullmatch(ISO_UTC_MS, record["time"]), record["time"]
     assert err == ""

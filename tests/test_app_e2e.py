@@ -338,7 +338,7 @@ def test_json_logs_key_every_request_line_by_its_request_id(tmp_path):
     assert refused.headers["x-request-id"] == "support-ticket-17"
     lines = [line for line in srv.log.read_text().splitlines() if line.startswith("{")]
     records = [json.loads(line) for line in lines]
-    assert {"time", "level", "logger", "request_id", "message"} <= set(records[0])
+    assert {"time", "level", "logger", "pid", "request_id", "message"} <= set(records[0])
     access = [rec for rec in records if rec["logger"] == "uvicorn.access"]
     mine = [rec for rec in access if rec["request_id"] == "support-ticket-17"]
     assert len(mine) == 1 and "POST /embed" in mine[0]["message"] and "400" in mine[0]["message"]

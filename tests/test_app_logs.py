@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def test_json_config_writes_one_object_a_line_without_uvicorns_colour_copy():
     records = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", records[0]["time"]), records[0]["time"]
     assert records[0] == {"time": records[0]["time"], "level": "INFO", "logger": "uvicorn.error",
-                          "request_id": NO_REQUEST, "message": "Started server process [7]"}
+                          "pid": records[0]["pid"], "request_id": NO_REQUEST, "message": "Started server process [7]"}
+    assert records[0]["pid"] == records[1]["pid"] > 0  # which worker wrote the line, with --workers N
     assert records[1]["logger"] == "visage.test" and records[1]["message"] == "hello"
     assert len(records) == 2  # the middleware's warning about a refused client id is not a line per request
 
@@ -85,5 +87,5 @@ def test_a_start_up_line_is_as_written_in_text_and_a_log_object_in_json(capsys):
     assert capsys.readouterr().out == "Visage on http://127.0.0.1:8000\n"
     startup_line("Visage on http://127.0.0.1:8000", "json", logging.WARNING)
     line = json.loads(capsys.readouterr().out)
-    assert line == {"time": line["time"], "level": "WARNING", "logger": "visage.serve", "request_id": NO_REQUEST,
-                    "message": "Visage on http://127.0.0.1:8000"}
+    assert line == {"time": line["time"], "level": "WARNING", "logger": "visage.serve", "pid": os.getpid(),
+                    "request_id": NO_REQUEST, "message": "Visage on http://127.0.0.1:8000"}
