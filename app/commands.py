@@ -52,7 +52,7 @@ def register(sub) -> None:
         help="API key for --url (default: $VISAGE_API_KEY)",
     )
     p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv; "
-                   "with --url, enroll_failures.csv in the current folder)")
+                   "with --url and no data folder named, enroll_failures.csv in the current folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)
     add_json_flag(p)
@@ -165,7 +165,7 @@ def check_bindable(host: str, port: int) -> None:
                         f"{shown} is already in use (another Visage, or another server, listens there): "
                         "choose another port with --port or VISAGE_PORT"
                     ) from exc
-                if exc.errno == errno.EADDRNOTAVAIL:  # skipped by asyncio too (a family that is not enabled)
+                if exc.errno == errno.EADDRNOTAVAIL:  # a family not enabled here: let uvicorn decide
                     continue
                 hint = "--port / VISAGE_PORT" if exc.errno == errno.EACCES else "--host / VISAGE_HOST"
                 raise AddressUnavailable(f"cannot listen on {shown}: {exc.strerror} (check {hint})") from exc
@@ -222,8 +222,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     items = scan(args.dir)
-    # a batch posted to a service has nothing to do with the local data folder: its list goes where it was run
-    failures_path = args.failures or (Path(FAILURES_CSV) if args.url else settings.failures_path)
+    # a batch posted to a service has nothing to do with ./data: unless a data folder was named (--data-dir,
+    # VISAGE_DATA_DIR: the Docker image's /data, where its working folder is not writable), the list goes where
+    # the command was run
+    named = "data_dir" in settings.model_fields_set
+    failures_path = args.failures or (Path(FAILURES_CSV) if args.url and not named else settings.failures_path)
     try:  # found now, not after the whole batch
         check_writable(failures_path)
     except OSError as exc:

@@ -26,6 +26,7 @@ from app.settings import Settings, load_settings
 from model.faces import FacePipeline
 
 VERSION = "0.1.0"
+STORE_WRITERS = 4  # threads that may wait for the store's write lock at once (app.api.deps.run_write)
 
 
 def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.cpu_pool = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="visage-cpu")
+        app.state.store_writers = anyio.CapacityLimiter(STORE_WRITERS)  # (made in the loop it limits)
         runtime.start()
         try:
             yield

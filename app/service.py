@@ -1,6 +1,7 @@
 """What the API and the CLI do with an image: enroll, verify, identify, compare, embed, reindex.
 
-One implementation for both: ``POST /enroll`` and ``visage enroll`` call the same ``FaceService.enroll``.
+One implementation for both: ``visage enroll`` calls ``FaceService.enroll``, and ``POST /enroll`` runs its steps
+(``find_enrolled``, ``one_face`` / ``repeat_face``, ``store_face`` / ``repeated``), each on its own threads.
 Every method here is blocking (detection and the network run on the CPU): the API calls them from worker
 threads.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from app.errors import BadParameter, FaceOfImageEnrolled, LowQualityFace
+from app.errors import BadParameter, FaceOfImageEnrolled, LowQualityFace, SubjectNotFound
 from app.gallery import Gallery, SubjectHit
 from app.names import clean_name
 from app.store import FaceRow, SubjectRef, SubjectRow, sha256
@@ -80,7 +81,7 @@ class EnrollResult:
     face: FaceRow
     subject: SubjectRow
     created: bool
-    detected: Face | None = None  # None when the image was already enrolled (nothing was detected)
+    detected: Face | None = None  # None when the image was already enrolled (and not re-embedded)
 
 
 @dataclass
@@ -188,7 +189,7 @@ class FaceService:
         found = self.find_enrolled(ref, digest)
         if found is not None:
             redone = self.repeat_face(found, data, selector) if self.repeat_needs_model(found, selector) else None
-            return self.repeated(found, redone)
+            return self.repeated(ref, digest, data, found, redone, metadata)
         return self.store_face(ref, digest, data, self.one_face(data, selector), metadata)
 
     # The steps of ``enroll``, for the API to run the store's on the store's threads and the model's on
@@ -214,17 +215,40 @@ class FaceService:
             self._check_same_face(stored, subject, face_at(detected, selector.box).box)
         if stored.model_version == self.model_version:
             return None
-        return self._embedded(image, face_at(detected, stored.box))
+        try:
+            return self._embedded(image, face_at(detected, stored.box))
+        except VisageError as exc:  # still the idempotent 200 it always was; reindex lists the face too
+            log.warning("face %d (%s) could not be re-embedded by %s: %s", stored.id, stored.model_version,
+                        self.model_version, exc.detail)
+            return None
 
-    def repeated(self, found: tuple[FaceRow, SubjectRow], redone: Face | None) -> EnrollResult:
-        """The stored face of a repeat (store only), its embedding replaced by ``redone`` when there is one."""
+    def repeated(
+        self,
+        ref: SubjectRef,
+        digest: str,
+        data: bytes,
+        found: tuple[FaceRow, SubjectRow],
+        redone: Face | None,
+        metadata: dict[str, Any] | None = None,
+    ) -> EnrollResult:
+        """The stored face of a repeat (store only), its embedding replaced by ``redone`` when there is one. The
+        model ran since ``found`` was read: a face re-embedded meanwhile is answered as it is now, and one deleted
+        meanwhile is stored again (the request came after the delete; answering with the deleted face's id would
+        acknowledge a face that is not there)."""
         stored, subject = found
-        if redone is not None and self.gallery.store.reembed_face(
+        if redone is None:
+            return EnrollResult(stored, subject, created=False)
+        if self.gallery.store.reembed_face(
             stored.id, stored.model_version, redone.embedding, self.model_version, redone.box, redone.quality
         ):
             self.gallery.sync()
-            found = self.gallery.store.find_face(SubjectRef(id=subject.id), stored.image_sha256) or found
-        return EnrollResult(*found, created=False, detected=redone)
+        try:
+            now = self.gallery.store.find_face(SubjectRef(id=subject.id), digest)
+        except SubjectNotFound:
+            now = None
+        if now is None:
+            return self.store_face(ref, digest, data, redone, metadata)
+        return EnrollResult(*now, created=False, detected=redone)
 
     def store_face(
         self, ref: SubjectRef, digest: str, data: bytes, face: Face, metadata: dict[str, Any] | None = None
@@ -234,7 +258,7 @@ class FaceService:
         if face.quality < self.min_enroll_quality:
             width, height = face.box[2] - face.box[0], face.box[3] - face.box[1]
             raise LowQualityFace(
-                f"the face's quality is {face.quality:.2f} ({width:.0f}x{height:.0f} px, detection score "
+                f"the face's quality is {face.quality:g} ({width:.0f}x{height:.0f} px, detection score "
                 f"{face.score:.2f}); enrollment needs at least {self.min_enroll_quality:g} "
                 "(VISAGE_MIN_ENROLL_QUALITY): send a larger, sharper photo of the face"
             )

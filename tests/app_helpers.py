@@ -190,7 +190,7 @@ class Server:
 
     def printed_key(self) -> str:
         for line in self.log.read_text().splitlines():
-            if line.startswith("API key"):
+            if line.startswith("API key") and "(not printed" not in line:  # (a later start names only the file)
                 return line.rsplit(": ", 1)[1].strip()
         raise AssertionError(f"no API key printed:\n{self.log.read_text()[-2000:]}")
 

@@ -258,14 +258,14 @@ def test_enrolling_the_same_image_after_new_weights_brings_the_face_back(tmp_pat
 
 
 def test_a_face_under_the_enrollment_quality_is_refused_and_nothing_is_stored(tmp_path):
-    """VISAGE_MIN_ENROLL_QUALITY: a 30 px face (quality 0.37 = score x 30/80) is refused with a reason; a 100 px
+    """VISAGE_MIN_ENROLL_QUALITY: a 30 px face (quality 0.3746 = score x 30/80) is refused with a reason; a 100 px
     one is enrolled; a probe of the same small face is still answered (only enrollment is guarded)."""
     with make_client(tmp_path, min_enroll_quality=0.5) as client:
         assert client.app.state.runtime.wait_ready(30)
         small = {"image": ("s.png", png(RED, width=50))}  # the square cut to 30 px by the canvas
         r = client.post("/enroll", files=small, data={"subject": "alice"})
         is_error(r, 422, "low_quality_face")
-        assert "quality is 0.37 (30x100 px" in r.json()["detail"] and "VISAGE_MIN_ENROLL_QUALITY" in r.text
+        assert "quality is 0.3746 (30x100 px" in r.json()["detail"] and "VISAGE_MIN_ENROLL_QUALITY" in r.text
         assert client.get("/subjects").json()["total"] == 0
         big = client.post("/enroll", files={"image": ("a.png", png(RED))}, data={"subject": "alice"})
         assert big.status_code == 201
@@ -555,6 +555,31 @@ def test_an_enroll_waiting_for_the_write_lock_does_not_hold_the_inference_thread
         waiting.join(30)
         assert [r.status_code for r in answers] == [201]
         assert client.get("/subjects").json()["total"] == 1
+
+
+def test_enrolls_queued_on_the_write_lock_leave_threads_for_everything_else(tmp_path, monkeypatch):
+    """45 enrolls waiting for SQLite's write lock (another process holds it) took all 40 threads of anyio's
+    shared pool: /readyz, /subjects and /metrics waited behind them (17 s), and a health check gave up. Writes
+    now wait for at most STORE_WRITERS threads; every enroll still succeeds once the lock is free."""
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 20.0)
+    n = 45
+    with make_client(tmp_path, max_pending_images=200) as client:
+        assert client.app.state.runtime.wait_ready(30)
+        answers: list = []
+        with write_locked(tmp_path / "visage.db"):
+            threads = [threading.Thread(target=lambda i=i: answers.append(client.post(
+                "/enroll", files={"image": ("a.png", png(RED, width=130 + i))}, data={"subject": "alice"})))
+                for i in range(n)]
+            for t in threads:
+                t.start()
+            time.sleep(2)  # (the fake model is instant: every enroll is now at its store step)
+            start = time.perf_counter()
+            assert client.get("/readyz").status_code == 200 and client.get("/subjects").status_code == 200
+            assert time.perf_counter() - start < 3.0
+        for t in threads:
+            t.join(60)
+        assert sorted(r.status_code for r in answers) == [201] * n
+        assert client.get("/subjects/1").json()["face_count"] == n
 
 
 def test_every_answer_carries_a_request_id_that_the_model_work_sees(client):

@@ -9,6 +9,7 @@ import os
 import resource
 import sqlite3
 import warnings
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from app.main import create_app
 from app.runtime import open_service
 from app.service import FaceSelector
 from app.settings import Settings
-from app.store import SubjectRef
+from app.store import SubjectRef, sha256
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -213,6 +214,50 @@ def test_enrolling_again_after_new_weights_re_embeds_the_face_in_place(tmp_path)
     assert new.verify(png(RED, width=200), alice, FaceSelector.parse("largest"), new.threshold()).match
     third = new.enroll(png(RED), alice)  # current now: nothing to redo
     assert not third.created and third.detected is None and third.face == again.face
+    new.gallery.close()
+
+
+def test_a_repeat_that_races_a_delete_or_another_repeat_answers_what_is_stored(tmp_path):
+    """The model runs between reading the stored face and re-embedding it: a face deleted meanwhile was answered
+    200 with its old id (acknowledging a face that is not there), and the slower of two repeats answered with
+    the old weights' version though the stored face was already re-embedded."""
+    settings = Settings(data_dir=tmp_path / "data")
+    old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
+    first = old.enroll(png(RED), SubjectRef(name="alice")).face
+    old.gallery.close()
+    new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
+    alice, data = SubjectRef(name="alice"), png(RED)
+    digest = sha256(data)
+    found = new.find_enrolled(alice, digest)
+    slow, fast = (new.repeat_face(found, data, FaceSelector()) for _ in range(2))
+    assert new.repeated(alice, digest, data, found, fast).face.model_version == "fake-v2"
+    late = new.repeated(alice, digest, data, found, slow)  # its reembed_face finds nothing stale: no update
+    assert not late.created and late.face.id == first.id and late.face.model_version == "fake-v2"
+
+    new.gallery.store.delete_face(first.id)  # deleted while a third repeat's model ran
+    stale = (replace(found[0], model_version="fake-v1"), found[1])
+    again = new.repeated(alice, digest, data, stale, new.repeat_face(stale, data, FaceSelector()))
+    assert again.created and again.face.id != first.id
+    assert [f.id for f in new.gallery.store.subject_faces(again.subject.id)] == [again.face.id]
+    assert new.gallery.stats()["indexed_faces"] == 1
+    new.gallery.close()
+
+
+def test_a_repeat_whose_face_cannot_be_found_again_is_still_the_idempotent_200(tmp_path, caplog):
+    """Re-embedding a face of other weights at its stored box can fail (the detector no longer finds it): the
+    repeat answers as it always did, with the stored face, and says so in the log."""
+    settings = Settings(data_dir=tmp_path / "data")
+    old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
+    first = old.enroll(png(RED), SubjectRef(name="alice")).face
+    old.gallery.close()
+    conn = sqlite3.connect(settings.db_path)
+    with conn:  # as if the detector no longer found a face where this one was
+        conn.execute("UPDATE faces SET box = '[0, 0, 10, 10]' WHERE id = ?", (first.id,))
+    conn.close()
+    new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
+    again = new.enroll(png(RED), SubjectRef(name="alice"))
+    assert not again.created and again.face.id == first.id and again.face.model_version == "fake-v1"
+    assert "could not be re-embedded" in caplog.text
     new.gallery.close()
 
 

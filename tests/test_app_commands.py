@@ -234,6 +234,9 @@ def test_a_batch_posted_to_a_service_lists_its_failures_where_it_was_run(tmp_pat
     assert report["aborted"].endswith(")") and "unreachable" in report["aborted"]
     assert report["failures_csv"] == "enroll_failures.csv" and (tmp_path / "enroll_failures.csv").is_file()
     assert not (tmp_path / "data").exists()
+    monkeypatch.setenv("VISAGE_DATA_DIR", str(tmp_path / "named"))  # (the Docker image's /data)
+    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--json", "--no-progress"]) == 1
+    assert json.loads(capsys.readouterr().out)["failures_csv"] == str(tmp_path / "named" / "enroll_failures.csv")
 
 
 def test_a_url_without_http_is_refused_at_once_not_retried_as_unreachable(tmp_path, capsys):

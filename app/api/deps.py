@@ -93,6 +93,15 @@ async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
     return await anyio.to_thread.run_sync(partial(func, *args, **kwargs))
 
 
+async def run_write(request: Request, func: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Run a store write in a worker thread, at most ``STORE_WRITERS`` at once. Writes take turns on SQLite's
+    one write lock anyway; while another process holds it each waits up to the busy timeout, and 40 of them
+    (with VISAGE_MAX_PENDING_IMAGES above that) held every thread of anyio's shared pool: /readyz took 17 s
+    to answer and a health check gave up. The others wait here, as tasks, not threads."""
+    limiter: anyio.CapacityLimiter = request.app.state.store_writers
+    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs), limiter=limiter)
+
+
 async def read_upload(upload: UploadFile, settings: Settings, field: str = "image") -> bytes:
     """The uploaded file's bytes, refusing more than ``max_upload_bytes`` without reading further. Errors start
     with the form field, as the decoding errors of ``/compare``'s two images do."""

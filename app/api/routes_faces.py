@@ -15,6 +15,7 @@ from app.api.deps import (
     require_api_key,
     run_cpu,
     run_db,
+    run_write,
     single_valued_form,
 )
 from app.api.schemas import (
@@ -43,7 +44,8 @@ IMAGE_ERRORS: dict[int | str, dict] = {
     401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
     413: {"model": ErrorResponse, "description": "file too large, or too many pixels"},
     415: {"model": ErrorResponse, "description": "image format not supported"},
-    422: {"model": ErrorResponse, "description": "no face, several faces, or a bad parameter"},
+    422: {"model": ErrorResponse, "description": "no face, several faces, a bad parameter, or (enroll) a face under "
+          "VISAGE_MIN_ENROLL_QUALITY"},
     503: {
         "model": ErrorResponse,
         "description": "still loading, the gallery cannot be read or written, or too many image requests at once",
@@ -87,17 +89,17 @@ async def enroll(
     ref = subject_ref(form.subject, form.subject_id)
     selector = FaceSelector.parse(form.face, "single")
     data = await read_upload(image, settings)
-    # the store's steps on the store's threads, the model's on the inference threads (FaceService.enroll's steps)
+    # FaceService.enroll's steps, the store's on the store's threads and the model's on the inference threads
     digest = await run_db(sha256, data)
     found = await run_db(service.find_enrolled, ref, digest)
     if found is not None:  # a repeat: the model only checks a face box or re-embeds a face of other weights
         redone = None
         if service.repeat_needs_model(found, selector):
             redone = await run_cpu(request, service.repeat_face, found, data, selector)
-        result = await run_db(service.repeated, found, redone)
+        result = await run_write(request, service.repeated, ref, digest, data, found, redone, form.metadata)
     else:
         face = await run_cpu(request, service.one_face, data, selector)
-        result = await run_db(service.store_face, ref, digest, data, face, form.metadata)
+        result = await run_write(request, service.store_face, ref, digest, data, face, form.metadata)
     if not result.created:
         response.status_code = status.HTTP_200_OK
     return EnrollResponse(

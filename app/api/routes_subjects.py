@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Path, Query, Request
 
-from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db
+from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db, run_write
 from app.api.schemas import (
     DeletedFace,
     DeletedSubject,
@@ -67,29 +67,31 @@ async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDeta
     },
     summary="Rename a subject and/or replace its metadata",
 )
-async def update_subject(gallery: GalleryDep, subject_id: SubjectId, update: SubjectUpdate) -> SubjectDetail:
+async def update_subject(
+    request: Request, gallery: GalleryDep, subject_id: SubjectId, update: SubjectUpdate
+) -> SubjectDetail:
     name = clean_name(update.name) if update.name is not None else None
-    await run_db(gallery.store.update_subject, subject_id, name, update.metadata)
+    await run_write(request, gallery.store.update_subject, subject_id, name, update.metadata)
     return await run_db(_detail, gallery, subject_id)
 
 
 @router.delete("/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images")
-async def delete_subject(service: ServiceDep, subject_id: SubjectId) -> DeletedSubject:
+async def delete_subject(request: Request, service: ServiceDep, subject_id: SubjectId) -> DeletedSubject:
     def work() -> int:
         count = service.gallery.store.delete_subject(subject_id)
         service.gallery.sync()
         return count
 
-    return DeletedSubject(subject_id=subject_id, deleted_faces=await run_db(work))
+    return DeletedSubject(subject_id=subject_id, deleted_faces=await run_write(request, work))
 
 
 @router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
 async def delete_face(
-    service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+    request: Request, service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 ) -> DeletedFace:
     def work() -> None:
         service.gallery.store.delete_face(face_id, subject_id)
         service.gallery.sync()
 
-    await run_db(work)
+    await run_write(request, work)
     return DeletedFace(face_id=face_id, subject_id=subject_id)

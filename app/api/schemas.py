@@ -306,7 +306,8 @@ class ReadyResponse(BaseModel):
     scoring: str = Field(description="how faces are scored: 'cosine', or the weights' cohort (model/score_norm.py)")
     index_kind: str
     index_state: str = Field(
-        description="how the index was opened: loaded, built (no index file yet), or rebuilt and why"
+        description="how the index was opened: 'loaded', 'built (new gallery)' or 'built (no saved index file)' "
+        "when there was no index file, or 'rebuilt (why)'"
     )
     subjects: int
     faces: int
