@@ -11,6 +11,7 @@ merge names that are different.)
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 
 from app.errors import BadParameter
 
@@ -29,16 +30,27 @@ def _invisible_edge(c: str) -> bool:
     return c.isspace() or c in _INVISIBLE
 
 
+def _trimmed(text: str, at_start: Callable[[str], bool], at_end: Callable[[str], bool]) -> str:
+    """NFC ``text`` without the characters ``at_start`` / ``at_end`` accept at its start / end."""
+    text = unicodedata.normalize("NFC", text)
+    start, end = 0, len(text)
+    while start < end and at_start(text[start]):
+        start += 1
+    while end > start and at_end(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
 def canonical_name(name: str) -> str:
     """NFC, without spaces or zero-width characters at either end. Inside a name they stay: Persian and Indic
     names and emoji sequences need the zero-width (non-)joiners."""
-    name = unicodedata.normalize("NFC", name)
-    start, end = 0, len(name)
-    while start < end and _invisible_edge(name[start]):
-        start += 1
-    while end > start and _invisible_edge(name[end - 1]):
-        end -= 1
-    return name[start:end]
+    return _trimmed(name, _invisible_edge, _invisible_edge)
+
+
+def canonical_prefix(prefix: str) -> str:
+    """A name prefix in the form names are stored in: NFC, trimmed at the start as names are, and of zero-width
+    characters at the end (a pasted "Alice" + U+200B found nothing); a trailing space stays ("Jo " is not "Jo")."""
+    return _trimmed(prefix, _invisible_edge, _INVISIBLE.__contains__)
 
 
 def clean_name(name: str) -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_validator
 
 from app.gallery import SubjectHit
-from app.names import MAX_NAME_LENGTH
+from app.names import MAX_NAME_LENGTH, canonical_prefix
 from app.service import Threshold
 from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
@@ -255,9 +254,9 @@ class SubjectQuery(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _nfc(cls, name: str | None) -> str | None:
-        """Stored names are NFC (app.names): so is the prefix that is matched against them."""
-        return None if name is None else unicodedata.normalize("NFC", name)
+    def _canonical(cls, name: str | None) -> str | None:
+        """Stored names are canonical (app.names): so is the prefix that is matched against them."""
+        return None if name is None else canonical_prefix(name)
 
 
 class SubjectPage(BaseModel):
