@@ -84,8 +84,12 @@ class Bundle:
         net = build_model(self.config)
         try:
             net.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(f"weights do not fit the config {self.config}: {exc}") from exc
+        except RuntimeError as exc:  # torch lists every tensor, one line each (a hundred for another alpha)
+            problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc)]
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            where = f"{self.source}: " if self.source else ""
+            raise WeightsError(f"{where}weights do not fit the config {self.config}: "
+                               f"{_shorten(problems[0], 300)}{more}") from exc
         return net.eval()
 
 
@@ -128,10 +132,16 @@ def _as_number(text: str) -> float | None:
 def load_bundle(path: str | Path | None = None) -> Bundle:
     """Load a bundle (the shipped default when ``path`` is None) without unpickling arbitrary objects."""
     path = Path(path) if path else DEFAULT_WEIGHTS
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder; give the weights file's path")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        payload = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:  # a bundle that cannot be read (permissions, I/O) is not "another kind of file"
+        raise WeightsError(f"cannot read the weights file {path}: {exc.strerror or exc}") from exc
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the caller
         # (not torch's message: its advice to re-run with weights_only=False is not for our users)
         raise WeightsError(f"{path} is not a Visage weights bundle (torch.load: {type(exc).__name__}; a "
@@ -149,3 +159,7 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path} has a damaged score cohort: {exc!r}") from exc
     return Bundle(config, state_dict, payload.get("metadata") or {}, source=path, score_norm=score_norm)
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

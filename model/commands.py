@@ -109,7 +109,7 @@ def _read(path: Path) -> bytes:
 
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not an image file")
-    if not path.is_file():
+    if not path.exists():  # (not is_file: a pipe, /dev/stdin or <(curl ...), is read like a file, within the limit)
         raise FileNotFoundError(f"no such file: {path}")
     return read_limited(path)
 
@@ -151,6 +151,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.threshold is not None and not -2.0 <= args.threshold <= 2.0:  # (also refuses nan)
         raise ValueError(f"--threshold is a score in [-2, 2], got {args.threshold}")
     pipe = load_pipeline(args.weights)
+    # before the photos: a --far the weights lack is refused at once, not after both are embedded (or hidden
+    # behind a photo's error)
+    threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)
 
     def largest(path: Path):
         try:
@@ -159,7 +162,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise exc.prefixed(str(path)) from None
 
     a, b = largest(args.image1), largest(args.image2)
-    threshold = args.threshold if args.threshold is not None else pipe.embedder.bundle.threshold(args.far)
     sim = pipe.embedder.bundle.scorer.score(a.embedding, b.embedding)
     out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "match": sim >= threshold,
            "model_version": pipe.embedder.model_version, "face1": a.summary(), "face2": b.summary()}

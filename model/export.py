@@ -64,6 +64,14 @@ def onnx_runner(bundle: Bundle, threads: int | None = None) -> OnnxRunner:
 
 def export_onnx(bundle: Bundle, path: str | Path) -> Path:
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the .onnx file's path")
+    if bundle.source is not None and path.exists() and path.samefile(bundle.source):
+        raise ValueError(f"{path} is the weights bundle being exported; give the .onnx file's path "
+                         f"(beside it: {companion_path(bundle)})")
+    nearest = next((parent for parent in path.parents if parent.exists()), None)
+    if nearest is not None and not nearest.is_dir():  # (mkdir's own error: "File exists: 'nearest'")
+        raise NotADirectoryError(f"cannot write {path}: {nearest} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onnx_bytes(bundle))
     return path

@@ -195,6 +195,38 @@ def test_weights_that_do_not_fit_the_config_fail_at_build(tmp_path):
         Bundle(ModelConfig(), state).build()
 
 
+def test_weights_that_do_not_fit_say_so_in_one_line_naming_the_file(tmp_path):
+    """A bundle whose config says alpha 0.25 over alpha 0.5 tensors: torch's message lists every tensor (23 KB,
+    a hundred lines, printed whole by `visage compare --weights`); one line naming the file is enough."""
+    other = build_model(ModelConfig(alpha=0.5))
+    path = save_bundle(Bundle(ModelConfig(alpha=0.25), {k: v.clone() for k, v in other.state_dict().items()}),
+                       tmp_path / "mismatch.pt")
+    with pytest.raises(WeightsError) as info:
+        load_bundle(path).build()
+    detail = info.value.detail
+    assert "\n" not in detail and len(detail) < 600, detail
+    assert str(path) in detail and "do not fit" in detail and "size mismatch" in detail and "more)" in detail
+
+
+def test_a_folder_given_as_weights_is_named_as_a_folder(tmp_path):
+    with pytest.raises(WeightsError, match="is a folder"):
+        load_bundle(tmp_path)
+
+
+def test_an_unreadable_bundle_is_not_called_another_kind_of_file(net_and_path, monkeypatch):
+    """A bundle without read permission was "not a Visage weights bundle (torch.load: PermissionError; a damaged
+    bundle, or another kind of file)". (Patched: the tests may run as root, whom chmod 000 does not stop.)"""
+    _, good = net_and_path
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(WeightsError) as info:
+        load_bundle(good)
+    assert info.value.detail == f"cannot read the weights file {good}: Permission denied"
+
+
 def test_an_invalid_stored_config_is_refused(net_and_path, tmp_path):
     _, good = net_and_path
     payload = torch.load(good, weights_only=True)

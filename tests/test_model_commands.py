@@ -144,9 +144,51 @@ def test_embed_exit_status_when_every_image_fails(weights, capsys):
     assert [i["error"] for i in out["images"]] == ["empty_image", "file_not_found"]
 
 
+def test_embed_reads_a_pipe_and_calls_an_empty_device_empty(weights):
+    """`cat obama.jpg | visage embed /dev/stdin`, `visage embed <(curl ...)`: a pipe is not a regular file, and
+    was reported as "no such file: /dev/stdin"; /dev/null too, which exists and is empty."""
+    result = subprocess.run([VISAGE, "embed", "--weights", str(weights), "--json", "/dev/stdin", "/dev/null"],
+                            input=photo("obama.jpg").read_bytes(), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    piped, null = json.loads(result.stdout)["images"]
+    assert piped["image"] == "/dev/stdin" and len(piped["faces"]) == 1, piped
+    assert null["error"] == "empty_image", null
+
+
+def test_compare_refuses_an_uncalibrated_far_before_reading_the_photos(weights, tmp_path, capsys):
+    """A --far the weights lack was checked only after both photos were embedded, so a photo's own error (no face
+    here) hid it, and the fix of one revealed the other."""
+    from model.bundle import load_bundle
+
+    bundle = load_bundle(weights)
+    bundle.metadata["thresholds"] = {"1e-3": 0.3}
+    calibrated = save_bundle(bundle, tmp_path / "calibrated.pt")
+    code = main(["compare", "--weights", str(calibrated), "--far", "1e-5", "--json", str(photo("obama.jpg")),
+                 str(photo("nonface/coffee.jpg"))])
+    assert code == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"] == "invalid_value" and "1e-5" in out["detail"], out
+
+
 def test_embed_with_missing_weights_is_a_clean_error(tmp_path, capsys):
     assert main(["embed", "--weights", str(tmp_path / "none.pt"), str(photo("obama.jpg"))]) == 2
     assert "weights file not found" in capsys.readouterr().err
+
+
+def test_export_never_overwrites_its_own_weights_and_names_bad_paths(weights, tmp_path, capsys):
+    """`visage export --weights W --onnx W` replaced the bundle with its ONNX graph (exit 0; the weights were gone);
+    a folder, or a path under a file, gave errno text ("File exists: 'photo.jpg'")."""
+    bundle = shutil.copy(weights, tmp_path / "w.pt")
+    before = Path(bundle).read_bytes()
+    assert main(["export", "--weights", str(bundle), "--onnx", str(bundle), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert "is the weights bundle being exported" in out["detail"] and Path(bundle).read_bytes() == before
+    assert main(["export", "--weights", str(bundle), "--onnx", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    a_file = tmp_path / "photo.jpg"
+    a_file.write_bytes(b"x")
+    assert main(["export", "--weights", str(bundle), "--onnx", str(a_file / "w.onnx")]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_compare_reports_similarity_against_the_threshold(weights, capsys):
