@@ -39,13 +39,20 @@ def main() -> int:
     ap.add_argument("--no-flip", action="store_true",
                     help="one pass per face (default: as served, the bundle's test-time views mirror-averaged)")
     args = ap.parse_args()
+    if args.quick:  # a smoke test: one pass a face, a small int8 calibration set, every sixth pair
+        args.no_flip, args.calibration = True, min(args.calibration, 32)
     info = machine(args.threads)  # first: the load average of the machine, not of this script's own work
 
     bundle, source = load_default_bundle(args.weights)
     # training's own split: the same held-out people and pairs as validation during training
     split = load_split(load_config(None, ['prepared={lfw = "prepared/lfw"}', f"val_folds=[{args.folds}]"]),
                        need_teacher=False)
-    crops, left, right = split.val.crops, split.val_left, split.val_right
+    chosen = np.arange(len(split.val_left))[:: 6 if args.quick else 1]  # (every fold, both kinds of pair)
+    needed = (np.unique(np.concatenate([split.val_left[chosen], split.val_right[chosen]])) if args.quick
+              else np.arange(len(split.val)))  # quick: only the images its pairs need; else every held-out face
+    crops = split.val.crops[needed]
+    left, right = np.searchsorted(needed, split.val_left[chosen]), np.searchsorted(needed, split.val_right[chosen])
+    same, folds = split.val_same[chosen], split.val_folds[chosen]
     pick = np.random.default_rng(0).choice(len(split.train), size=min(args.calibration, len(split.train)),
                                            replace=False)
     calibration = split.train.crops[np.sort(pick)]
@@ -63,7 +70,7 @@ def main() -> int:
         if reference is None:
             reference = emb
         # scored as the service scores: the bundle's cohort normalisation (model/score_norm.py)
-        result = verify(bundle.scorer.pairs(emb[left], emb[right]), split.val_same, split.val_folds)
+        result = verify(bundle.scorer.pairs(emb[left], emb[right]), same, folds)
         name = "eager, channels-last (the reference)" if v.key == "eager" else v.name
         results.append({"key": v.key, "name": name, "accuracy": result.accuracy, "std": result.accuracy_std,
                         "auc": result.auc, "tar_1e-3": result.tar_at_far.get("1e-3"),
