@@ -13,12 +13,13 @@ import re
 import sys
 from pathlib import Path
 
-from payload import CONFIG
+from payload import CONFIG, answer_help
 
 from training.config import load_config
 
 CHECKPOINT = 0.2  # s: ~14 MB of weights and optimiser state, with margin
 
+answer_help(__doc__)
 run, log, wall, left = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 per_epoch = int(Path(sys.argv[5]).read_text())
 val_every = load_config(CONFIG, [a for a in sys.argv[6:] if "=" in a]).val_every

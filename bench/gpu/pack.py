@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 import wheels
-from payload import CONFIG, PAYLOAD
+from payload import CONFIG, PAYLOAD, answer_help
 from PIL import Image
 
 from training.config import load_config
@@ -75,4 +75,5 @@ def main(quality: int) -> None:
 
 
 if __name__ == "__main__":
+    answer_help(__doc__)
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 72)

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-from payload import CONFIG, PAYLOAD
+from payload import CONFIG, PAYLOAD, answer_help
 from PIL import Image
 
 
@@ -76,4 +76,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    answer_help(__doc__)
     main()

@@ -14,7 +14,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-from payload import WHEELS
+from payload import WHEELS, answer_help
 
 DEVICE_LACKS = ("pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions")
 DEVICE_PYTHON = "3.12"
@@ -34,4 +34,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    answer_help(__doc__)
     main()
