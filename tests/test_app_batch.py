@@ -243,6 +243,14 @@ def test_a_repeat_that_races_a_delete_or_another_repeat_answers_what_is_stored(t
     new.gallery.close()
 
 
+def move_out_of_sight(settings: Settings, face_id: int) -> None:
+    """Move a stored face's box where the detector finds nothing, as if it no longer found the face."""
+    conn = sqlite3.connect(settings.db_path)
+    with conn:
+        conn.execute("UPDATE faces SET box = '[0, 0, 10, 10]' WHERE id = ?", (face_id,))
+    conn.close()
+
+
 def test_a_repeat_whose_face_cannot_be_found_again_is_still_the_idempotent_200(tmp_path, caplog):
     """Re-embedding a face of other weights at its stored box can fail (the detector no longer finds it): the
     repeat answers as it always did, with the stored face, and says so in the log."""
@@ -250,10 +258,7 @@ def test_a_repeat_whose_face_cannot_be_found_again_is_still_the_idempotent_200(t
     old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
     first = old.enroll(png(RED), SubjectRef(name="alice")).face
     old.gallery.close()
-    conn = sqlite3.connect(settings.db_path)
-    with conn:  # as if the detector no longer found a face where this one was
-        conn.execute("UPDATE faces SET box = '[0, 0, 10, 10]' WHERE id = ?", (first.id,))
-    conn.close()
+    move_out_of_sight(settings, first.id)
     new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
     again = new.enroll(png(RED), SubjectRef(name="alice"))
     assert not again.created and again.face.id == first.id and again.face.model_version == "fake-v1"
@@ -269,10 +274,7 @@ def test_reindex_reembeds_old_versions_and_reports_what_it_cannot(tmp_path):
     old.store_images = False
     lost = old.enroll(png(BLUE), SubjectRef(name="bob")).face
     old.gallery.close()
-    conn = sqlite3.connect(settings.db_path)
-    with conn:  # as if the detector no longer found a face where this one was
-        conn.execute("UPDATE faces SET box = '[0, 0, 10, 10]' WHERE id = ?", (moved.id,))
-    conn.close()
+    move_out_of_sight(settings, moved.id)
 
     new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
     assert new.gallery.stats()["stale_faces"] == 3 and new.gallery.stats()["indexed_faces"] == 0
