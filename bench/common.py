@@ -44,11 +44,15 @@ def default_weights() -> Path | None:
 def load_default_bundle(weights: str | Path | None):
     """(bundle, description): ``weights`` if given, else the shipped bundle, else a fresh default network."""
     from model.bundle import bundle_from_model, load_bundle
+    from model.errors import WeightsError
     from model.mobilenet import ModelConfig, build_model
 
     path = Path(weights) if weights else default_weights()
     if path is not None:
-        return load_bundle(path), f"weights {path.name}"
+        try:
+            return load_bundle(path), f"weights {path.name}"
+        except WeightsError as exc:  # one line, not a traceback (the script has measured nothing yet)
+            raise SystemExit(f"error: {exc.detail}") from None
     import torch
 
     torch.manual_seed(0)
@@ -301,11 +305,22 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON instead of Markdown")
     ap.add_argument(
         "--out",
-        type=Path,
+        type=out_file,
         metavar="FILE",
         help="also write this benchmark's section of FILE (e.g. docs/BENCHMARKS.md), replacing the previous one",
     )
     return ap
+
+
+def out_file(text: str) -> Path:
+    """``--out``, checked when the arguments are read: a folder or a missing folder was a traceback after the
+    whole benchmark had run."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the Markdown file's path")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not a folder")
+    return path
 
 
 def emit(name: str, title: str, markdown: str, results: dict[str, Any], args: argparse.Namespace) -> None:
