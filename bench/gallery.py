@@ -158,6 +158,9 @@ def one_size(n: int, args) -> list[dict]:
         serialized = faiss.serialize_index(index._index).nbytes
         knobs = [None] if kind == "flat" else sorted(set(args.ef_search if kind == "hnsw" else args.nprobe))
         default_knob = {"hnsw": IndexConfig().hnsw_ef_search, "ivf": IndexConfig().ivf_nprobe}.get(kind)
+        if kind == "ivf":  # nprobe is capped at nlist (as set_knob and the app do): rows past it were duplicates
+            nlist = int(index._index.nlist)
+            knobs, default_knob = sorted({min(k, nlist) for k in knobs}), min(default_knob, nlist)
         for knob in knobs:
             if knob is not None:
                 set_knob(index, knob)
