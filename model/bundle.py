@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class Bundle:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             where = f"{self.source}: " if self.source else ""
             raise WeightsError(f"{where}weights do not fit the config {self.config}: "
-                               f"{_shorten(problems[0], 300)}{more}") from exc
+                               f"{textwrap.shorten(problems[0], 300)}{more}") from exc
         return net.eval()
 
 
@@ -159,7 +160,3 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path} has a damaged score cohort: {exc!r}") from exc
     return Bundle(config, state_dict, payload.get("metadata") or {}, source=path, score_norm=score_norm)
-
-
-def _shorten(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
