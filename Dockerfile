@@ -14,7 +14,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1 --index-url https://download.p
 
 # The package with its shipped weights (model/weights/*.pt is package data). training/ is installed too because
 # the `visage` command loads every package's subcommands; the service itself never imports it.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY model ./model
 COPY training ./training
 COPY app ./app

@@ -107,14 +107,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from model.console import EXIT_USER_ERROR
     from model.errors import VisageError
 
-    settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+    log_format = _requested_log_format()  # until the settings are read (they may be what is wrong)
     try:
+        settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
+        log_format = settings.log_format
         _prepare_serve(settings)
     except (VisageError, OSError, ValueError) as exc:
-        if settings.log_format != "json":
+        if log_format != "json":
             raise  # the command's usual one line: "visage serve: error: ..."
-        # every line in the log's format, a refusal to start too (a bad setting, read before the format is known,
-        # stays a plain line)
+        # every line in the log's format, a refusal to start too: a log collector parsing JSON would drop a
+        # plain "invalid settings" line, the one line that says why the service is down
         startup_line(str(getattr(exc, "detail", exc)), "json", logging.ERROR, sys.stderr)
         return EXIT_USER_ERROR
     uvicorn.run(
@@ -128,6 +130,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def _requested_log_format() -> str:
+    """VISAGE_LOG_FORMAT as the environment spells it, for the error when the settings as a whole are invalid."""
+    import os
+
+    return next((v.strip().lower() for k, v in os.environ.items() if k.upper() == "VISAGE_LOG_FORMAT"), "text")
 
 
 class AddressUnavailable(OSError):

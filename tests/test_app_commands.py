@@ -114,6 +114,24 @@ def test_serve_on_a_port_in_use_says_so_in_one_line_before_the_banner_the_key_an
         assert err.startswith("visage serve: error: ")
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_with_an_invalid_setting_says_so_in_one_line_in_the_log_format(
+    serve_env, monkeypatch, capsys, log_format
+):
+    """With VISAGE_LOG_FORMAT=json a bad setting was still a plain line: a log collector that parses JSON dropped
+    the one line saying why the service did not start."""
+    monkeypatch.setenv("vIsAgE_LoG_FoRmAt", log_format)  # pydantic-settings reads names in any case; so must this
+    monkeypatch.setenv("VISAGE_MAX_PIXELS", "lots")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("uvicorn started"))
+    assert main(["serve", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "Traceback" not in err
+    message = json.loads(err)["message"] if log_format == "json" else err
+    assert "invalid settings" in message and "VISAGE_MAX_PIXELS='lots'" in message
+    if log_format == "json":
+        assert json.loads(err)["level"] == "ERROR" and json.loads(err)["logger"] == "visage.serve"
+
+
 def test_serve_on_an_address_not_of_this_host_says_which_setting_to_change(serve_env, capsys):
     assert main(["serve", "--host", "192.0.2.1", "--port", "0"]) == 2  # TEST-NET-1: never a local address
     err = capsys.readouterr().err
