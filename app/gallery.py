@@ -70,20 +70,20 @@ class Gallery:
                 self._catch_up()
                 self._check_agreement()
                 if self.index is not index:  # replaying the log needed a rebuild (HNSW replaced a vector)
-                    self.save()
+                    self._save_cache()
                 elif index.needs_rebuild:
                     raise IndexFileError("the index is due for a rebuild (tombstones or IVF training)")
                 elif index.generation > before:
                     self.opened_by = f"loaded, replayed changes {before + 1}..{index.generation}"
-                    self.save()
+                    self._save_cache()
                 else:
                     self.opened_by = "loaded"
             except IndexFileMissing as exc:  # the first start, not a problem: "built", not "rebuilt"
                 self.rebuild(str(exc), first=True)
-                self.save()
+                self._save_cache()
             except IndexFileError as exc:
                 self.rebuild(str(exc))
-                self.save()
+                self._save_cache()
             log.info(
                 "index %s: %s (%d faces, %s)",
                 self.config.kind,
@@ -148,14 +148,24 @@ class Gallery:
             if self.index is not None and self.index_path is not None:
                 self.index.save(self.index_path)
 
-    def close(self) -> None:
-        """Save the index (a cache: losing it only costs a replay or rebuild) and close the store. A catch-up or
-        save that fails (disk full, the folder gone) is logged, not raised: it would only fail the shutdown."""
+    def _save_cache(self) -> None:
+        """``save``, where a failure (disk full, a read-only folder) is logged, not raised: the index is a cache
+        of the store, and one that cannot be written is still right in memory. Raised, it kept a service whose
+        store was fine from ever becoming ready (at start-up) or failed its shutdown."""
         try:
-            self.sync()
             self.save()
-        except (OSError, StorageUnavailable) as exc:
+        except OSError as exc:
             log.warning("index not saved (%s): the next start replays or rebuilds it from the store", exc)
+
+    def close(self) -> None:
+        """Save the index and close the store; a catch-up that fails is logged too (it would only fail the
+        shutdown)."""
+        try:
+            try:
+                self.sync()
+            except StorageUnavailable as exc:  # saved as it is: consistent with its own generation
+                log.warning("index not brought up to date (%s): the next start replays the rest", exc)
+            self._save_cache()
         finally:
             self.store.close()
 

@@ -15,6 +15,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -195,6 +196,10 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
         raise
     conn.execute("COMMIT")
 
+def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
+    conn.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")
+
+
 def _canonicalise_names(conn: sqlite3.Connection) -> None:
     """Once per database: bring the names stored before ``app.names`` existed (kept as typed) to the form every
     lookup now uses, so a subject enrolled as NFD "José" is still found by name. A name whose canonical form is
@@ -257,7 +262,7 @@ class Store:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        _busy_timeout(conn, BUSY_TIMEOUT_S)
         return conn
 
     @contextmanager
@@ -307,10 +312,29 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction, committed (and synced) on success, rolled back on any exception. Disk full or
-        read-only, I/O errors, the lock held past the busy timeout: ``StorageUnavailable``."""
-        with self._unavailable_on_error("written", "; nothing was stored"), self._write_lock, \
-                self._connection() as conn, _transaction(conn, "BEGIN IMMEDIATE"):
-            yield conn
+        read-only, I/O errors, the lock held past the busy timeout: ``StorageUnavailable``.
+
+        One busy timeout in all, from the call: this process's own writers queue on a lock first, and each used
+        to start SQLite's full busy wait only once it had that lock, so behind another process's lock the n-th
+        waiting write failed after n busy timeouts (a 32-deep queue: 16 minutes)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        with self._unavailable_on_error("written", "; nothing was stored"):
+            if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_S):
+                raise StorageUnavailable(
+                    f"the gallery {self.path.name} could not be written (database is locked: this process's "
+                    f"other writes held it for {BUSY_TIMEOUT_S:g} s); nothing was stored"
+                )
+            try:
+                with self._connection() as conn:
+                    _busy_timeout(conn, deadline - time.monotonic())  # what is left of this write's wait
+                    try:
+                        with _transaction(conn, "BEGIN IMMEDIATE"):
+                            _busy_timeout(conn, BUSY_TIMEOUT_S)
+                            yield conn
+                    finally:
+                        _busy_timeout(conn, BUSY_TIMEOUT_S)  # (after a BEGIN that timed out too: pooled connection)
+            finally:
+                self._write_lock.release()
 
     @contextmanager
     def _unavailable_on_error(self, verb: str, consequence: str) -> Iterator[None]:

@@ -177,6 +177,32 @@ def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
         Store(good)  # another process writing: the healthy file is locked, not damaged
 
 
+def test_writes_queued_behind_another_process_lock_each_fail_after_one_busy_timeout(tmp_path, monkeypatch):
+    """Behind another process's write lock, this process's writers queued on its own lock and each began SQLite's
+    full busy wait only once it had that lock: the n-th failed after n timeouts (30 s, 60 s, ... 16 minutes for
+    a 32-deep queue), holding its admission place all along. Now every write has one timeout from its call."""
+    store = Store(tmp_path / "visage.db")
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.5)
+    took: dict[int, float] = {}
+
+    def enroll(i: int) -> None:
+        start = time.monotonic()
+        with pytest.raises(StorageUnavailable, match="locked"):
+            add(store, f"person_{i}", unit(1, i))
+        took[i] = time.monotonic() - start
+
+    with write_locked(tmp_path / "visage.db"):
+        writers = [threading.Thread(target=enroll, args=(i,)) for i in range(4)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(10)
+    assert sorted(took) == [0, 1, 2, 3] and max(took.values()) < 1.2, took  # was 0.5, 1.0, 1.5, 2.0
+    add(store, "later", unit(1, 9))  # the lock gone, writes work (and wait the full timeout again)
+    assert store.generation() == 1
+    store.close()
+
+
 def test_store_subjects_page_rename_and_generation(tmp_path):
     store = Store(tmp_path / "visage.db")
     assert store.generation() == 0
@@ -467,6 +493,23 @@ def test_hnsw_filters_removed_faces_and_rebuilds_for_a_replaced_vector(tmp_path)
 
 
 # -- other processes and threads ----------------------------------------------------------------------------------
+
+
+def test_an_index_that_cannot_be_saved_at_start_up_is_logged_and_served_from_memory(tmp_path, caplog):
+    """A rebuild whose save failed (disk full, a read-only folder) raised out of open(): the worker's /readyz said
+    "failed to load" for good although the store was fine and the index was right in memory."""
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1, 0))
+    folder = tmp_path / "cache"
+    folder.write_text("a file where the index folder was")  # the index can be neither read nor written
+    gallery = Gallery(store, folder / "index.faiss", V1, DIM, IndexConfig())
+    with caplog.at_level("WARNING", logger="visage.gallery"):
+        assert gallery.open().startswith("rebuilt")
+    assert any("index not saved" in r.getMessage() for r in caplog.records)
+    assert gallery.identify(unit(1, 0)[None], k=1)[0][0].name == "alice"
+    add(store, "bob", unit(1, 1))  # and it keeps up with the store
+    assert gallery.identify(unit(1, 1)[None], k=1)[0][0].name == "bob"
+    gallery.close()
 
 
 def test_an_index_that_cannot_be_saved_at_close_is_logged_and_rebuilt_at_the_next_start(tmp_path, caplog):
