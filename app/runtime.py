@@ -8,6 +8,7 @@ import ctypes
 import logging
 import threading
 
+from app.errors import NotReady, StillLoading, StorageUnavailable
 from app.gallery import Gallery
 from app.index import IndexConfig, set_faiss_threads
 from app.service import FaceService
@@ -17,6 +18,7 @@ from model.errors import InvalidConfig
 from model.faces import FacePipeline, load_pipeline
 
 log = logging.getLogger("visage.runtime")
+LOAD_RETRY_MAX_S = 30.0
 
 
 def trim_heap() -> None:
@@ -54,16 +56,21 @@ def index_config(settings: Settings) -> IndexConfig:
     )
 
 
+def load_service_pipeline(settings: Settings) -> FacePipeline:
+    """The detector and the embedder the settings name."""
+    return load_pipeline(
+        str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits,
+        backend=settings.backend,
+    )
+
+
 def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipeline | None = None) -> FaceService:
     """Load the model (unless given) and open the gallery in ``settings.data_dir``.
 
     ``with_index=False`` opens the store only: enough for a writer (batch enrollment, reindex) whose changes a
     running service picks up from the store's change log.
     """
-    pipeline = pipeline or load_pipeline(
-        str(settings.weights) if settings.weights else None, flip=settings.flip, limits=settings.decode_limits,
-        backend=settings.backend,
-    )
+    pipeline = pipeline or load_service_pipeline(settings)
     set_blas_threads(settings.blas_threads)
     set_faiss_threads(settings.faiss_threads)
     store = Store(settings.db_path)
@@ -114,7 +121,8 @@ class Runtime:
         if generated:
             log.warning("no API key configured: generated one and stored it in %s", settings.key_path)
         self.service: FaceService | None = None
-        self.error: str | None = None
+        self.error: str | None = None  # the load failed for good (bad weights, a damaged database)
+        self.retrying: str | None = None  # the gallery could not be opened yet (locked, disk full): trying again
         self._pipeline = pipeline
         self._loader: threading.Thread | None = None
         self._closed = threading.Event()
@@ -125,7 +133,9 @@ class Runtime:
 
     def _load(self) -> None:
         try:
-            service = open_service(self.settings, pipeline=self._pipeline)
+            service = self._open_service()
+            if service is None:
+                return  # closed while retrying
             known = service.thresholds
             if known and service.pipeline.embedder.bundle.calibrated_far(self.settings.default_far) is None:
                 service.gallery.close()
@@ -143,6 +153,34 @@ class Runtime:
         self.service = service
         trim_heap()
         log.info("ready: model %s, %s", service.model_version, service.gallery.opened_by)
+
+    def _open_service(self) -> FaceService | None:
+        """``open_service``, opening the gallery again with a growing pause (up to ``LOAD_RETRY_MAX_S``) while
+        it fails for a reason that can pass: another process holding the write lock past the busy timeout, a
+        full or read-only disk. Failing for good on the first such error left the worker unready until someone
+        restarted it, while /healthz said it was alive."""
+        pipeline = self._pipeline or load_service_pipeline(self.settings)
+        pause = 1.0
+        while True:
+            try:
+                service = open_service(self.settings, pipeline=pipeline)
+            except (StorageUnavailable, OSError) as exc:
+                self.retrying = str(getattr(exc, "detail", exc))
+                log.warning("the gallery cannot be opened (%s): trying again in %.0f s", self.retrying, pause)
+                if self._closed.wait(pause):
+                    return None
+                pause = min(2 * pause, LOAD_RETRY_MAX_S)
+                continue
+            self.retrying = None
+            return service
+
+    def not_ready(self) -> NotReady:
+        """What a request that needs the service is told while there is none."""
+        if self.error:
+            return NotReady(f"failed to load: {self.error}")
+        if self.retrying:
+            return StillLoading(f"the gallery cannot be opened yet, retrying: {self.retrying}")
+        return StillLoading("loading the model and the index")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         if self._loader is not None:

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 from app_helpers import BLUE, GREEN, RED, fake_pipeline, png, write_locked
@@ -515,6 +516,30 @@ def test_while_loading_every_endpoint_but_healthz_is_a_503_that_says_when_to_ask
         finally:
             release.set()
         assert client.app.state.runtime.wait_ready(30) and client.get("/readyz").status_code == 200
+
+
+def test_a_gallery_locked_at_start_up_is_opened_once_the_lock_is_gone(tmp_path, monkeypatch):
+    """Another process holding the write lock past the busy timeout while a worker started made the load fail for
+    good: /readyz 503 "failed to load" until someone restarted it, while /healthz said it was alive."""
+    from app.store import Store
+
+    Store(tmp_path / "visage.db").close()
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.3)
+    with ExitStack() as other_process:
+        other_process.enter_context(write_locked(tmp_path / "visage.db"))
+        with make_client(tmp_path) as client:
+            runtime = client.app.state.runtime
+            deadline = time.monotonic() + 20
+            while runtime.retrying is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            r = client.get("/readyz")
+            is_error(r, 503, "not_ready")
+            assert r.headers["retry-after"] == "5" and "retrying" in r.json()["detail"]
+            assert "database is locked" in r.json()["detail"]
+            assert client.get("/healthz").status_code == 200
+            other_process.close()  # it lets go
+            assert runtime.wait_ready(30) and runtime.error is None and runtime.retrying is None
+            assert client.get("/readyz").status_code == 200
 
 
 def test_a_gallery_that_cannot_be_written_is_a_503_and_the_same_request_succeeds_later(tmp_path, monkeypatch):

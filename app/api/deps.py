@@ -15,7 +15,7 @@ import anyio
 from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
-from app.errors import BadParameter, NotReady, StillLoading, Unauthorized
+from app.errors import BadParameter, Unauthorized
 from app.gallery import Gallery
 from app.runtime import Runtime
 from app.service import FaceService
@@ -37,9 +37,7 @@ def get_settings(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Settings:
 
 def get_service(runtime: Annotated[Runtime, Depends(get_runtime)]) -> FaceService:
     if runtime.service is None:
-        if runtime.error:
-            raise NotReady(runtime.error)
-        raise StillLoading("the model and the index are still loading; see /readyz")
+        raise runtime.not_ready()
     return runtime.service
 
 

@@ -9,7 +9,6 @@ from fastapi.responses import Response
 
 from app.api.deps import RuntimeDep, require_api_key, run_db
 from app.api.schemas import ErrorResponse, HealthResponse, ReadyResponse
-from app.errors import NotReady, StillLoading
 from app.metrics import Metrics
 
 router = APIRouter(tags=["health"])
@@ -32,9 +31,7 @@ async def healthz() -> HealthResponse:
 async def readyz(runtime: RuntimeDep) -> ReadyResponse:
     service = runtime.service
     if service is None:
-        if runtime.error:
-            raise NotReady(f"failed to load: {runtime.error}")
-        raise StillLoading("loading the model and the index")
+        raise runtime.not_ready()
     stats = await run_db(service.gallery.stats)
     return ReadyResponse(
         model_version=service.model_version,
