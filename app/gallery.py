@@ -105,6 +105,9 @@ class Gallery:
             raise IndexFileError("index file was built from another database (restored from a backup?)")
         if index.generation > self.store.generation():
             raise IndexFileError("index file is ahead of the store (was the database replaced?)")
+        if index.change_token != self.store.change_token(index.generation):  # same ids, maybe other vectors
+            raise IndexFileError("index file was saved from another history of this database (a copy of it put "
+                                 "back, then written to?)")
         return index
 
     def _check_agreement(self) -> None:
@@ -146,6 +149,7 @@ class Gallery:
     def save(self) -> None:
         with self._lock:
             if self.index is not None and self.index_path is not None:
+                self.index.change_token = self.store.change_token(self.index.generation)
                 self.index.save(self.index_path)
 
     def _save_cache(self) -> None:
@@ -154,7 +158,7 @@ class Gallery:
         store was fine from ever becoming ready (at start-up) or failed its shutdown."""
         try:
             self.save()
-        except OSError as exc:
+        except (OSError, StorageUnavailable) as exc:
             log.warning("index not saved (%s): the next start replays or rebuilds it from the store", exc)
 
     def close(self) -> None:

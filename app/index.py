@@ -7,8 +7,10 @@ rebuilt from the store once they exceed a fifth of it, or when a removed face co
 (reindex).
 
 The file written by ``save`` carries the store generation it reflects, the id of the database it was built
-from, the live id count and a checksum of the ids, so start-up can tell a current cache from a stale or foreign
-one (``app.gallery`` decides what to do).
+from and the token of that generation's change (another history of the same database: a copy put back, then
+written to), the live id count, a checksum of the ids and one of the FAISS bytes (a damaged vector would
+otherwise be served as it is), so start-up can tell a current cache from a stale, foreign or damaged one
+(``app.gallery`` decides what to do).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from app.files import private_dir
 from app.settings import IndexType
 
 MAGIC = b"VISAGEIX"
-FORMAT = 1
+FORMAT = 2  # 2: payload checksum and change token (a format-1 file is rebuilt once)
 TOMBSTONE_REBUILD_FRACTION = 0.2
 IVF_MIN_PER_LIST = 39  # FAISS warns below ~39 training points per centroid
 
@@ -75,6 +77,7 @@ class FaceIndex:
         self.dim, self.config, self.model_version = dim, config, model_version
         self.generation = 0
         self.store_id = ""  # the database it was built from (``Store.store_id``)
+        self.change_token: str | None = None  # ``Store.change_token(generation)``, set by the gallery on save
         self.trained_on = 0
         self.tombstones: set[int] = set()
         self._index = self._new_index(np.zeros((0, dim), dtype=np.float32))
@@ -218,6 +221,7 @@ class FaceIndex:
             "kind": self.kind,
             "generation": self.generation,
             "store_id": self.store_id,
+            "change_token": self.change_token,
             "count": len(self),
             "ids_sha256": self.checksum(),
             "tombstones": sorted(self.tombstones),
@@ -229,13 +233,13 @@ class FaceIndex:
         one."""
         path = Path(path)
         private_dir(path.parent)
-        header = json.dumps(self.header()).encode()
-        payload = faiss.serialize_index(self._index)
+        payload = faiss.serialize_index(self._index).tobytes()
+        header = json.dumps({**self.header(), "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(MAGIC + struct.pack("<I", len(header)) + header)
-                fh.write(payload.tobytes())
+                fh.write(payload)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -259,15 +263,23 @@ class FaceIndex:
             (size,) = struct.unpack("<I", raw[len(MAGIC) : len(MAGIC) + 4])
             start = len(MAGIC) + 4
             header = json.loads(raw[start : start + size])
-            inner = faiss.deserialize_index(np.frombuffer(raw[start + size :], dtype=np.uint8))
+            if header.get("format") != FORMAT:
+                raise IndexFileError(f"index file is of format {header.get('format')}, not {FORMAT} (another version)")
+            payload = memoryview(raw)[start + size :]
+            if hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+                raise ValueError("its vectors do not match their checksum")
+            inner = faiss.deserialize_index(np.frombuffer(payload, dtype=np.uint8))
+        except IndexFileError:
+            raise
         except Exception as exc:  # struct, json and FAISS each raise their own types for a damaged file
             raise IndexFileError(f"index file is damaged ({exc})") from exc
-        if header.get("format") != FORMAT or header.get("kind") != config.kind:
+        if header.get("kind") != config.kind:
             raise IndexFileError(f"index file is a {header.get('kind')} index; settings ask for {config.kind}")
         index = cls(int(header["dim"]), config, str(header["model_version"]))
         index._index = inner
         index.generation = int(header["generation"])
         index.store_id = str(header.get("store_id", ""))
+        index.change_token = header.get("change_token")
         index.trained_on = int(header.get("trained_on", 0))
         index.tombstones = {int(i) for i in header.get("tombstones", [])}
         if inner.d != index.dim or len(index) != header["count"] or index.checksum() != header["ids_sha256"]:

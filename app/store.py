@@ -43,6 +43,19 @@ BUSY_TIMEOUT_S = 30.0
 CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
 _CHUNK = 900  # bound on "?" parameters per statement
 
+TRIGGERS = [
+    """CREATE TRIGGER IF NOT EXISTS faces_added AFTER INSERT ON faces
+        BEGIN INSERT INTO changes (face_id, token) VALUES (NEW.id, lower(hex(randomblob(8)))); END""",
+    """CREATE TRIGGER IF NOT EXISTS faces_changed AFTER UPDATE OF embedding, model_version ON faces
+        BEGIN INSERT INTO changes (face_id, token) VALUES (NEW.id, lower(hex(randomblob(8)))); END""",
+    """CREATE TRIGGER IF NOT EXISTS faces_removed AFTER DELETE ON faces
+        BEGIN
+            INSERT INTO changes (face_id, token) VALUES (OLD.id, lower(hex(randomblob(8))));
+            DELETE FROM blobs WHERE sha256 = OLD.image_sha256
+                AND NOT EXISTS (SELECT 1 FROM faces WHERE image_sha256 = OLD.image_sha256);
+        END""",
+]
+
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE IF NOT EXISTS subjects (
@@ -65,17 +78,10 @@ SCHEMA = [
         UNIQUE (subject_id, image_sha256))""",
     "CREATE INDEX IF NOT EXISTS faces_by_version ON faces (model_version, id)",
     "CREATE INDEX IF NOT EXISTS faces_by_image ON faces (image_sha256)",
-    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, face_id INTEGER NOT NULL)",
-    """CREATE TRIGGER IF NOT EXISTS faces_added AFTER INSERT ON faces
-        BEGIN INSERT INTO changes (face_id) VALUES (NEW.id); END""",
-    """CREATE TRIGGER IF NOT EXISTS faces_changed AFTER UPDATE OF embedding, model_version ON faces
-        BEGIN INSERT INTO changes (face_id) VALUES (NEW.id); END""",
-    """CREATE TRIGGER IF NOT EXISTS faces_removed AFTER DELETE ON faces
-        BEGIN
-            INSERT INTO changes (face_id) VALUES (OLD.id);
-            DELETE FROM blobs WHERE sha256 = OLD.image_sha256
-                AND NOT EXISTS (SELECT 1 FROM faces WHERE image_sha256 = OLD.image_sha256);
-        END""",
+    # token: random per change, so the same seq in two histories of one database (a copy put back, then written
+    # to) can be told apart by the index saved from the other (``Store.change_token``)
+    "CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, face_id INTEGER NOT NULL, token TEXT)",
+    *TRIGGERS,
 ]
 
 
@@ -200,6 +206,18 @@ def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
     conn.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")
 
 
+def _add_change_tokens(conn: sqlite3.Connection) -> None:
+    """Once per database made before change tokens: the column, and triggers that fill it (older changes keep
+    none: an index saved at one of them is checked as before, by store id, generation and ids)."""
+    if any(row[1] == "token" for row in conn.execute("PRAGMA table_info(changes)")):
+        return
+    conn.execute("ALTER TABLE changes ADD COLUMN token TEXT")
+    for name in ("faces_added", "faces_changed", "faces_removed"):
+        conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+    for statement in TRIGGERS:
+        conn.execute(statement)
+
+
 def _canonicalise_names(conn: sqlite3.Connection) -> None:
     """Once per database: bring the names stored before ``app.names`` existed (kept as typed) to the form every
     lookup now uses, so a subject enrolled as NFD "José" is still found by name. A name whose canonical form is
@@ -241,6 +259,7 @@ class Store:
                 )
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (new_store_id(),))
                 _canonicalise_names(conn)
+                _add_change_tokens(conn)
                 self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         except StorageUnavailable:  # locked, read-only, disk full: the file itself is fine
             self.close()
@@ -571,6 +590,12 @@ class Store:
         removed = np.array([i for i in touched if i not in present], dtype=np.int64)
         # a row of the wrong width is dropped from the index rather than crashing the search
         return Changes(now_gen, ids[keep], matrix, np.concatenate([removed, ids[~keep]]))
+
+    def change_token(self, generation: int) -> str | None:
+        """The random token of change ``generation`` (None for 0, or a change made before tokens existed)."""
+        with self.read() as conn:
+            row = conn.execute("SELECT token FROM changes WHERE seq = ?", (generation,)).fetchone()
+        return row[0] if row else None
 
     def current_ids(self, model_version: str, dim: int) -> tuple[int, np.ndarray]:
         """(generation, sorted ids of the ``model_version`` faces the index can hold), from one snapshot."""

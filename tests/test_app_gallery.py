@@ -447,6 +447,73 @@ def test_index_is_rebuilt_when_its_file_is_missing_or_damaged(tmp_path):
     assert not isinstance(caught.value, IndexFileMissing)
 
 
+def test_an_index_file_whose_vectors_were_damaged_is_rebuilt(tmp_path):
+    """Only the ids were checked on load: a damaged vector (bit rot, a bad copy) was served as it was, and /identify
+    named alice for bob's face with a score of 1e28."""
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    add(gallery.store, "bob", unit(0, 1))
+    alice = gallery.scorer.gallery_vectors(unit(1)[None]).astype(np.float32).tobytes()
+    gallery.close()
+    raw = (tmp_path / "index.faiss").read_bytes()
+    assert raw.count(alice) == 1
+    at = raw.index(alice) + 4  # alice's second coordinate: 0 -> 1e30
+    (tmp_path / "index.faiss").write_bytes(raw[:at] + np.float32(1e30).tobytes() + raw[at + 4 :])
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by == "rebuilt (index file is damaged (its vectors do not match their checksum))"
+    hit = gallery.identify(unit(0, 1), 1)[0][0]
+    assert hit.name == "bob" and hit.similarity == pytest.approx(1.0)
+    gallery.close()
+
+
+def test_an_index_saved_from_another_history_of_the_database_is_rebuilt(tmp_path):
+    """A plain copy of the database put back (a volume snapshot, not `visage backup`) keeps its store id; one write
+    then brought it to the saved index's generation with the same face ids but other people: the index loaded,
+    and carol's face was answered as dave's."""
+    db = tmp_path / "visage.db"
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    add(gallery.store, "bob", unit(0, 1))
+    gallery.close()
+    shutil.copy(db, tmp_path / "copy.db")  # (closed: everything is in the main file)
+    gallery = open_gallery(tmp_path)
+    carol = add(gallery.store, "carol", unit(0, 0, 1))
+    gallery.close()  # the index is saved at generation 3, with carol
+    shutil.copy(tmp_path / "copy.db", db)  # the copy put back ...
+    store = Store(db)
+    assert add(store, "dave", unit(0, 0, 0, 1)) == carol and store.generation() == 3  # ... and written to
+    store.close()
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt (index file was saved from another history of this database")
+    assert gallery.identify(unit(0, 0, 0, 1), 1)[0][0].name == "dave"
+    assert gallery.identify(unit(0, 0, 1), 1)[0][0].similarity == pytest.approx(0.0, abs=1e-6)  # carol is gone
+    gallery.close()
+    assert open_gallery(tmp_path).opened_by == "loaded"
+
+
+def test_a_database_made_before_change_tokens_gets_them_and_its_index_is_rebuilt_once(tmp_path):
+    db = tmp_path / "visage.db"
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    gallery.close()
+    conn = sqlite3.connect(db)
+    with conn:  # as an older Visage left it: no token column, triggers without it
+        for name in ("faces_added", "faces_changed", "faces_removed"):
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("ALTER TABLE changes DROP COLUMN token")
+        conn.execute("CREATE TRIGGER faces_added AFTER INSERT ON faces BEGIN INSERT INTO changes (face_id) "
+                     "VALUES (NEW.id); END")
+    conn.close()
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt")
+    assert gallery.store.change_token(1) is None  # older changes keep none
+    add(gallery.store, "bob", unit(0, 1))
+    assert len(gallery.store.change_token(2)) == 16
+    assert gallery.identify(unit(0, 1), 1)[0][0].name == "bob"
+    gallery.close()
+    assert open_gallery(tmp_path).opened_by == "loaded"
+
+
 def test_index_is_rebuilt_when_a_row_was_added_behind_its_back(tmp_path):
     gallery = open_gallery(tmp_path)
     add(gallery.store, "alice", unit(1))
