@@ -13,7 +13,7 @@ from app.gallery import Gallery
 from app.index import IndexConfig, set_faiss_threads
 from app.service import FaceService
 from app.settings import Settings, resolve_api_keys
-from app.store import Store
+from app.store import Store, may_pass
 from model.errors import InvalidConfig
 from model.faces import FacePipeline, load_pipeline
 
@@ -156,15 +156,18 @@ class Runtime:
 
     def _open_service(self) -> FaceService | None:
         """``open_service``, opening the gallery again with a growing pause (up to ``LOAD_RETRY_MAX_S``) while
-        it fails for a reason that can pass: another process holding the write lock past the busy timeout, a
-        full or read-only disk. Failing for good on the first such error left the worker unready until someone
-        restarted it, while /healthz said it was alive."""
+        it fails for a reason that may pass (``may_pass``: another process holding the write lock past the busy
+        timeout, a full disk). Failing for good on the first such error left the worker unready until someone
+        restarted it, while /healthz said it was alive; a read-only file or a folder in its place still fails at
+        once."""
         pipeline = self._pipeline or load_service_pipeline(self.settings)
         pause = 1.0
         while True:
             try:
                 service = open_service(self.settings, pipeline=pipeline)
             except (StorageUnavailable, OSError) as exc:
+                if not may_pass(exc):
+                    raise
                 self.retrying = str(getattr(exc, "detail", exc))
                 log.warning("the gallery cannot be opened (%s): trying again in %.0f s", self.retrying, pause)
                 if self._closed.wait(pause):

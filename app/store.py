@@ -10,6 +10,7 @@ face to the ``changes`` log; its highest ``seq`` is the store's *generation*, wh
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +41,7 @@ STORAGE_ERRORS = frozenset({
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
     sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
 })
+PASSING_ERRORS = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL})
 BUSY_TIMEOUT_S = 30.0
 CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
 _CHUNK = 900  # bound on "?" parameters per statement
@@ -202,6 +205,37 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[None]:
         raise
     conn.execute("COMMIT")
 
+_write_deadline: ContextVar[float | None] = ContextVar("visage_write_deadline", default=None)
+
+
+def may_pass(exc: BaseException) -> bool:
+    """Whether opening the store again later may work: another process's lock, a full disk. A folder where the file
+    should be, a file the service may not write, a read-only disk: not until someone acts."""
+    cause = exc.__cause__ if isinstance(exc, StorageUnavailable) else exc
+    if isinstance(cause, sqlite3.Error):
+        return (getattr(cause, "sqlite_errorcode", None) or 0) & 0xFF in PASSING_ERRORS
+    if isinstance(cause, OSError):
+        return cause.errno in {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY}
+    return isinstance(exc, StorageUnavailable)  # (this process's own writers held the lock: it passes)
+
+
+def busy_deadline() -> float:
+    """A busy timeout from now, on the ``time.monotonic`` clock."""
+    return time.monotonic() + BUSY_TIMEOUT_S
+
+
+@contextmanager
+def write_deadline(at: float) -> Iterator[None]:
+    """Every ``Store.write`` inside shares the deadline ``at`` (``busy_deadline()`` taken earlier) instead of a
+    busy timeout each from its own start: a request that queued for its turn to write has spent part of its wait
+    already."""
+    token = _write_deadline.set(at)
+    try:
+        yield
+    finally:
+        _write_deadline.reset(token)
+
+
 def _busy_timeout(conn: sqlite3.Connection, seconds: float) -> None:
     conn.execute(f"PRAGMA busy_timeout={max(1, int(seconds * 1000))}")
 
@@ -333,15 +367,16 @@ class Store:
         """A write transaction, committed (and synced) on success, rolled back on any exception. Disk full or
         read-only, I/O errors, the lock held past the busy timeout: ``StorageUnavailable``.
 
-        One busy timeout in all, from the call: this process's own writers queue on a lock first, and each used
-        to start SQLite's full busy wait only once it had that lock, so behind another process's lock the n-th
-        waiting write failed after n busy timeouts (a 32-deep queue: 16 minutes)."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        One busy timeout in all, from the call (or from the caller's ``write_deadline``): this process's own
+        writers queue on a lock first, and each used to start SQLite's full busy wait only once it had that lock,
+        so behind another process's lock the n-th waiting write failed after n busy timeouts (a 32-deep queue:
+        16 minutes)."""
+        deadline = _write_deadline.get() or busy_deadline()
         with self._unavailable_on_error("written", "; nothing was stored"):
-            if not self._write_lock.acquire(timeout=BUSY_TIMEOUT_S):
+            if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise StorageUnavailable(
-                    f"the gallery {self.path.name} could not be written (database is locked: this process's "
-                    f"other writes held it for {BUSY_TIMEOUT_S:g} s); nothing was stored"
+                    f"the gallery {self.path.name} could not be written (database is locked: waited "
+                    f"{BUSY_TIMEOUT_S:g} s behind this worker's other writes); nothing was stored"
                 )
             try:
                 with self._connection() as conn:

@@ -20,6 +20,7 @@ from app.gallery import Gallery
 from app.runtime import Runtime
 from app.service import FaceService
 from app.settings import Settings
+from app.store import busy_deadline, write_deadline
 from model.errors import EmptyImage, ImageTooLarge
 
 T = TypeVar("T")
@@ -97,7 +98,13 @@ async def run_write(request: Request, func: Callable[..., T], *args: object, **k
     (with VISAGE_MAX_PENDING_IMAGES above that) held every thread of anyio's shared pool: /readyz took 17 s
     to answer and a health check gave up. The others wait here, as tasks, not threads."""
     limiter: anyio.CapacityLimiter = request.app.state.store_writers
-    return await anyio.to_thread.run_sync(partial(func, *args, **kwargs), limiter=limiter)
+    deadline = busy_deadline()  # the busy timeout counts from here: the wait for a turn below is part of it
+
+    def write() -> T:
+        with write_deadline(deadline):
+            return func(*args, **kwargs)
+
+    return await anyio.to_thread.run_sync(write, limiter=limiter)
 
 
 async def read_upload(upload: UploadFile, settings: Settings, field: str = "image") -> bytes:
