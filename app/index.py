@@ -233,7 +233,7 @@ class FaceIndex:
         one."""
         path = Path(path)
         private_dir(path.parent)
-        payload = faiss.serialize_index(self._index).tobytes()
+        payload = faiss.serialize_index(self._index)  # a uint8 array, hashed and written as it is (no copy)
         header = json.dumps({**self.header(), "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
