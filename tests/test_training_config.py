@@ -119,6 +119,12 @@ def test_unknown_keys_are_refused(tmp_path):
         ("score_cohort=-5", "score_cohort"),
         ("p=1", "p=1"),
         ("mixup=true teacher_mode=online", "mixup=True: Input should be a valid number"),
+        # inf passed every range (warmup_epochs=inf: OverflowError traceback; lr=inf: an epoch of NaNs, then an error)
+        ("warmup_epochs=inf", "warmup_epochs=inf: Input should be a finite number"),
+        ("lr=inf", "lr=inf: Input should be a finite number"),
+        ("margin=inf", "margin=inf"),
+        ("w_distill=inf", "w_distill=inf"),
+        ("lr=nan", "lr=nan"),
     ],
 )
 def test_bad_values_are_refused(override, message):

@@ -368,3 +368,20 @@ def test_torchrun_trains_with_the_same_command_on_two_cpu_processes(work):
     bundle = load_bundle(run / "bundle.pt")
     assert set(bundle.thresholds) == {"1e-2", "1e-3", "1e-4"}
     assert f"weights bundle: {run / 'bundle.pt'}" in result.stdout
+
+
+def test_held_out_folds_are_checked_against_the_pairs_file_before_any_face_loads(work, tmp_path, capsys):
+    """val_folds=[7, 8] on a 2-fold pairs file trained a whole epoch and then died with an IndexError traceback
+    (no checkpoint); `visage eval` on a 1-fold file aligned and embedded every image before refusing."""
+    from model.console import main
+
+    root, src, pairs = work
+    for folds in ("[7, 8]", "[1]"):  # (the prepared folder does not exist: the folds are refused first)
+        with pytest.raises(ValueError, match=r"val_folds must be at least 2 fold numbers from 1 to 2 .*got \["):
+            loop.load_split(config(pairs, 1, f"val_folds={folds}", 'prepared={lfw = "nowhere"}'), need_teacher=False)
+    one_fold = tmp_path / "one_fold.txt"
+    one_fold.write_text("1\t1\nAaron_Peirsol\t1\t2\nAaron_Peirsol\t3\tAbdoulaye_Wade\t1\n")
+    assert main(["eval", "--pairs", str(one_fold), "--images", str(src), "--json"]) == 2
+    out = capsys.readouterr()
+    assert "the pairs file's header must be at least 2 fold numbers" in json.loads(out.out)["detail"]
+    assert "aligning" not in out.err

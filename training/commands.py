@@ -262,19 +262,18 @@ def _teacher_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
 
 def parse_folds(text: str, n_folds: int) -> set[int]:
     """``--folds 7,8`` -> {6, 7} (0-based), each checked against the pairs file's header."""
+    from training.pairs import chosen_folds
+
     try:
         folds = {int(f) for f in text.split(",") if f.strip()}
     except ValueError:
         raise ValueError(f"--folds takes comma-separated fold numbers, e.g. 7,8; got {text!r}") from None
-    bad = sorted(f for f in folds if not 1 <= f <= n_folds)
-    if bad or not folds:
-        raise ValueError(f"--folds must be numbers from 1 to {n_folds} (the pairs file's folds); got {text!r}")
-    return {f - 1 for f in folds}
+    return chosen_folds(folds, n_folds, "--folds")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from training.evaluate import check_figure_path, plot_roc, verify
-    from training.pairs import read_pairs
+    from training.pairs import chosen_folds, read_pairs
 
     if args.teacher and (args.weights or args.prepared):
         raise ValueError("--teacher dlib evaluates dlib's own network on its own chips: --weights and --prepared "
@@ -285,7 +284,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     n_folds, pairs = read_pairs(args.pairs)
     if args.folds:
         wanted = parse_folds(args.folds, n_folds)
-        pairs = [p for p in pairs if p.fold in wanted]
+    else:
+        wanted = chosen_folds(range(1, n_folds + 1), n_folds, "the pairs file's header")
+    pairs = [p for p in pairs if p.fold in wanted]
     if not pairs:
         raise ValueError(f"{args.pairs} has no pairs to evaluate")
     names = _pair_images(pairs)

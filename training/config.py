@@ -25,8 +25,9 @@ Share = Annotated[float, Field(ge=0, lt=1)]  # a fraction of the samples, or a d
 
 @dataclass
 class TrainConfig:
-    # strict: TOML already types every value, and a lax check would take true for 1 and "5" for 5
-    __pydantic_config__ = ConfigDict(strict=True, revalidate_instances="always")
+    # strict: TOML already types every value, and a lax check would take true for 1 and "5" for 5; no inf or nan
+    # (warmup_epochs=inf crashed the schedule, lr=inf trained an epoch of NaNs before failing)
+    __pydantic_config__ = ConfigDict(strict=True, revalidate_instances="always", allow_inf_nan=False)
 
     # data: prepared folders (``visage prepare`` outputs) by namespace, relative to the work dir
     prepared: dict[str, str] = field(default_factory=lambda: {"lfw": "prepared/lfw", "celeba": "prepared/celeba"})

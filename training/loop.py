@@ -42,7 +42,7 @@ from training.losses import (
     triplet_margin_loss,
 )
 from training.miners import MINERS
-from training.pairs import people_in_folds, read_pairs
+from training.pairs import chosen_folds, people_in_folds, read_pairs
 from training.paths import shared_data, work_dir
 from training.sam import SharpnessAware, batchnorm_statistics_kept
 from training.sampler import PKSampler
@@ -76,12 +76,12 @@ def load_teacher(cfg: TrainConfig) -> TeacherCache:
 
 def load_split(cfg: TrainConfig, need_teacher: bool) -> Split:
     """Training faces minus every person in the validation folds; validation pairs over those people."""
+    n_folds, pairs = read_pairs(shared_data() / cfg.pairs)  # first: a wrong fold is refused before the faces load
+    folds = chosen_folds(cfg.val_folds, n_folds, "val_folds")
     sets = [load_prepared(work_dir() / folder, ns) for ns, folder in cfg.prepared.items()]
     faces = concat(sets)
     if need_teacher:
         faces = faces.with_teacher(load_teacher(cfg))
-    _, pairs = read_pairs(shared_data() / cfg.pairs)
-    folds = {f - 1 for f in cfg.val_folds}
     held = {f"{cfg.pairs_namespace}/{p}" for p in people_in_folds(pairs, folds)}
     in_val = np.array([i in held for i in faces.identities])
     val = faces.subset(in_val)

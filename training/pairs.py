@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def _pair(fold: int, parts: list[str]) -> Pair:
     if len(parts) == 3:
         return Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[0], parts[2]), True)
     return Pair(fold, lfw_image(parts[0], parts[1]), lfw_image(parts[2], parts[3]), False)
+
+
+def chosen_folds(folds: Iterable[int], n_folds: int, name: str) -> set[int]:
+    """1-based fold numbers -> 0-based, refused unless each is a fold of the pairs file and there are at least 2
+    (the protocol chooses each fold's threshold on the others): found before any image is read, not after."""
+    folds = set(folds)
+    bad = sorted(f for f in folds if not 1 <= f <= n_folds)
+    if bad or len(folds) < 2:
+        raise ValueError(f"{name} must be at least 2 fold numbers from 1 to {n_folds} (the pairs file's folds: the "
+                         f"protocol chooses each fold's threshold on the others); got {sorted(folds)}")
+    return {f - 1 for f in folds}
 
 
 def people_in_folds(pairs: list[Pair], folds: set[int]) -> set[str]:
