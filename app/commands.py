@@ -230,7 +230,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     from app.settings import FAILURES_CSV
 
     settings = _settings(args)
-    items = scan(args.dir)
+    found = scan(args.dir)
+    items = found.items
     # a batch posted to a service has nothing to do with ./data: unless a data folder was named (--data-dir,
     # VISAGE_DATA_DIR: the Docker image's /data, where its working folder is not writable), the list goes where
     # the command was run
@@ -239,7 +240,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     try:  # found now, not after the whole batch
         check_writable(failures_path)
     except OSError as exc:
-        raise type(exc)(f"--failures {shown(failures_path)} cannot be written: {exc}") from exc
+        whose = "--failures" if args.failures else "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)"
+        raise type(exc)(f"{whose} {shown(failures_path)} cannot be written: {exc}") from exc
     max_bytes = settings.max_upload_bytes
     if args.url:
         import httpx
@@ -252,7 +254,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             raise ValueError(f"--url {args.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:  # not three retries of "unreachable" later
             raise ValueError(f"--url {args.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000")
-        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
+        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client, \
+                _sigterm_as_interrupt():  # killed (timeout, systemd): the summary and the failures list still
             report = run_batch(
                 items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
             )
@@ -263,9 +266,10 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         service = open_service(settings, with_index=False)
         try:
-            report = run_batch(
-                items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
-            )
+            with _sigterm_as_interrupt():
+                report = run_batch(
+                    items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
+                )
         finally:
             service.gallery.close()
         target = str(settings.db_path)
@@ -276,13 +280,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         print(f"could not write the failures CSV {shown(failures_path)}: {exc}", file=sys.stderr)
         failures_csv = None
     if args.json:
-        print_json({**report.to_dict(), "target": target, "failures_csv": failures_csv})
+        print_json({**report.to_dict(), "target": target, "failures_csv": failures_csv, "skipped": found.skipped})
     else:
         rows = [
             ("images", report.files),
             ("enrolled", report.created),
             ("already enrolled", report.existing),
             ("failed", report.failed),
+            ("not attempted", report.files - report.attempted),
             ("subjects", len(report.subjects)),
         ]
         caption = (
@@ -291,10 +296,20 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             else f"{report.seconds:.1f} s"
         )
         print_table(f"enroll {shown(args.dir)} -> {target}", ["", "count"], rows, caption=caption)
+        if found.skipped:
+            print(f"not read ({len(found.skipped)}): " + "; ".join(found.skipped[:5])
+                  + (f"; ... ({len(found.skipped) - 5} more: --json lists them)" if len(found.skipped) > 5 else ""),
+                  file=sys.stderr)
         if report.aborted:
-            print(f"stopped early: {report.aborted}. Run the same command again to resume.", file=sys.stderr)
+            left = report.files - report.attempted
+            print(f"stopped early: {report.aborted}."
+                  + (f" {left} of {report.files} images were not attempted." if left else "")
+                  + " Run the same command again (once that is fixed) to go on: it skips what is enrolled.",
+                  file=sys.stderr)
     if report.interrupted:
         return 130  # the shell's status for Ctrl-C: a script must not read a cut-short batch as done
+    if report.aborted:
+        return 2  # stopped by what every later image would meet too (a refused key, no service, a locked store)
     return 1 if report.failures else 0
 
 
@@ -314,7 +329,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         def progress(done: int, total: int) -> None:
             bar.update(1)
 
-        report = service.reindex(progress)
+        with _sigterm_as_interrupt():  # killed (timeout, systemd): the store closes cleanly, as on Ctrl-C
+            report = service.reindex(progress)
     finally:
         if bar is not None:
             bar.close()

@@ -22,10 +22,9 @@ from app.files import private_dir
 from app.names import clean_name
 from app.service import FaceSelector, FaceService
 from app.store import SubjectRef
-from model.decode import DEFAULT_MAX_BYTES, read_limited
+from model.decode import DEFAULT_MAX_BYTES, IMAGE_SUFFIXES, read_limited
 from model.errors import VisageError
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"})
 FAILURE_COLUMNS = ("file", "subject", "error", "detail")
 CONNECTION_ATTEMPTS = 6  # a service being restarted (a supervisor, a deploy) refuses connections: 1 + 2 + ... + 16 s
 NOT_READY_ATTEMPTS = 6  # a service still loading its model answers 503: wait for it (1 + 2 + ... + 16 s)
@@ -46,6 +45,7 @@ class BatchReport:
     files: int = 0
     created: int = 0
     existing: int = 0
+    attempted: int = 0  # files taken up before the run stopped (all of them unless it stopped early)
     failures: list[dict[str, str]] = field(default_factory=list)
     subjects: set[str] = field(default_factory=set)
     aborted: str | None = None  # why the run stopped early (service unreachable, bad key, INTERRUPTED)
@@ -66,6 +66,7 @@ class BatchReport:
             "created": self.created,
             "existing": self.existing,
             "failed": self.failed,
+            "not_attempted": self.files - self.attempted,
             "subjects": len(self.subjects),
             "aborted": self.aborted,
             "seconds": round(self.seconds, 2),
@@ -83,22 +84,42 @@ class Abort(Exception):
     """Stop the whole batch (the service is unreachable or refuses the key): per-file errors do not."""
 
 
-def scan(root: Path) -> list[Item]:
+@dataclass(frozen=True)
+class Scan:
+    items: list[Item]
+    skipped: list[str]  # what is not read, and why: a photo format not taken, a folder inside a subject's...
+
+
+def scan(root: Path) -> Scan:
     """Every image under ``root/<subject>/``, sorted; the folder name is the subject name. A folder holding no
-    such image is an error: a mistyped path or layout must not end as "0 images, success"."""
+    such image is an error: a mistyped path or layout must not end as "0 images, success". What is not read
+    (other files, deeper folders, files beside the subject folders, empty subject folders) is listed, not
+    passed over in silence (a HEIC photo, a year's subfolder). Hidden files are left out of both."""
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}")
-    items = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith("."):
-                items.append(Item(path, folder.name))
+    items: list[Item] = []
+    skipped: list[str] = []
+    for entry in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not entry.is_dir():
+            skipped.append(f"{shown(entry)}: not in a subject folder")
+            continue
+        found = 0
+        for path in sorted(p for p in entry.iterdir() if not p.name.startswith(".")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                items.append(Item(path, entry.name))
+                found += 1
+            elif path.is_dir():
+                skipped.append(f"{shown(path)}/: a folder inside a subject folder (not read)")
+            else:
+                skipped.append(f"{shown(path)}: not a photo format this reads ({path.suffix or 'no suffix'})")
+        if not found:
+            skipped.append(f"{shown(entry)}/: no photos")
     if not items:
         raise FileNotFoundError(
             f"no images in {root}: expected one folder per subject, DIR/<subject>/<photo>, with photos ending in "
             + ", ".join(sorted(IMAGE_SUFFIXES))
         )
-    return items
+    return Scan(items, skipped)
 
 
 # An enroller takes (image bytes, subject name, file name) and returns created: bool, or raises
@@ -113,7 +134,7 @@ def local_enroller(service: FaceService, face: str) -> Enroller:
         try:
             return service.enroll(data, SubjectRef(name=clean_name(subject)), selector).created
         except StorageUnavailable as exc:  # every later image would fail alike: stop, the batch resumes later
-            raise Abort(f"{exc.detail}; fix that, then run the same command again (it resumes)") from exc
+            raise Abort(exc.detail) from exc
 
     return enroll
 
@@ -185,6 +206,9 @@ def remote_enroller(client: Any, face: str) -> Enroller:
         code, detail = _error_of(response)
         if response.status_code in (401, 403):
             raise Abort(f"the service refused the API key: {detail}")
+        if code.startswith("http_") or detail.startswith("no route "):  # every later file would fail alike
+            raise Abort(f"{client.base_url} does not look like a Visage service (POST /enroll answered "
+                        f"{response.status_code} {code}: {detail[:100]}); check --url")
         raise RemoteError(code, detail)
 
     return enroll
@@ -198,14 +222,16 @@ def run_batch(
     start = time.perf_counter()
     for item in progress if progress is not None else iter(items):
         try:
+            report.attempted += 1
             data = read_limited(item.path, max_bytes)
             if enroll(data, item.subject, item.path.name):
                 report.created += 1
             else:
                 report.existing += 1
-            report.subjects.add(item.subject)
+            report.subjects.add(clean_name(item.subject))  # ("José" in two Unicode spellings is one subject)
         except KeyboardInterrupt:
             report.aborted = INTERRUPTED  # still print the summary and write the failures so far
+            report.attempted -= 1  # (this one may or may not have been stored: the next run knows)
             break
         except Abort as exc:
             report.aborted = str(exc)

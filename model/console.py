@@ -47,12 +47,18 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title, caption=caption or None)
+    table = Table()
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")  # paths whole, not "..."
     for row in rows:
         table.add_row(*[f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in row])
-    Console(width=max(100, Console().width)).print(table)
+    console = Console(width=max(100, Console().width))
+    # title and caption on lines of their own: inside the table they wrapped to its width, cutting a path or a
+    # model version in two ("enroll_fa" / "ilures.csv")
+    console.print(title, style="bold", markup=False, highlight=False, soft_wrap=True)
+    console.print(table)
+    if caption:
+        console.print(caption, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
@@ -117,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`visage cost --json | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
         return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:  # while the commands load, before any command runs: no traceback either
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(argv: list[str]) -> int:
@@ -140,6 +149,8 @@ def _run(argv: list[str]) -> int:
     except sqlite3.Error as exc:  # the gallery's database: locked past the busy timeout, disk full, damaged
         _fail(args, "database_error", f"database error: {exc}")
     except KeyboardInterrupt:
+        if getattr(args, "json", False):  # a script reading stdout gets its one object here too
+            print(json.dumps({"error": "interrupted", "detail": "interrupted (Ctrl-C or SIGTERM)"}))
         print("interrupted", file=sys.stderr)
         return 130
     return EXIT_USER_ERROR

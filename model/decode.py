@@ -19,6 +19,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from model.errors import EmptyImage, ImageTooLarge, UnreadableImage, UnsupportedImageType
 
 SUPPORTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "MPO", "PPM"})  # PPM: .pgm/.ppm
+# the file names the folder-reading commands (enroll, prepare, teacher-embed) take as photos of those formats
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                            ".pgm", ".ppm", ".mpo"})
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4000x2249 photo is 9 Mpx; a 20000x20000 bomb is 400 Mpx
 # Pillow refuses to open anything over twice its MAX_IMAGE_PIXELS whatever we allow: the highest usable limit

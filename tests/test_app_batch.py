@@ -40,10 +40,22 @@ def folder(tmp_path):
     return root
 
 
-def test_scan_takes_subject_folders_only(folder):
-    items = scan(folder)
-    assert [(i.subject, i.path.name) for i in items] == [
-        ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("junk", "bad.jpg"), ("pair", "two.png")]
+def test_scan_takes_subject_folders_only_and_lists_what_it_does_not_read(folder):
+    """A HEIC photo, a year's subfolder or an empty subject folder were passed over in silence (exit 0)."""
+    (folder / "bob" / "2019").mkdir()
+    (folder / "bob" / "2019" / "x.jpg").write_bytes(png(BLUE, fmt="JPEG"))
+    (folder / "bob" / "d.heic").write_bytes(b"heic")
+    (folder / "bob" / "e.JFIF").write_bytes(png(BLUE, width=200, fmt="JPEG"))
+    (folder / "carol").mkdir()
+    (folder / "bob" / ".DS_Store").write_bytes(b"hidden: neither read nor listed")
+    found = scan(folder)
+    assert [(i.subject, i.path.name) for i in found.items] == [
+        ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("bob", "e.JFIF"), ("junk", "bad.jpg"),
+        ("pair", "two.png")]
+    assert [s.removeprefix(f"{folder}/") for s in found.skipped] == [
+        "bob/2019/: a folder inside a subject folder (not read)", "bob/d.heic: not a photo format this reads (.heic)",
+        "carol/: no photos", "junk/notes.txt: not a photo format this reads (.txt)",
+        "stray.png: not in a subject folder"]
     with pytest.raises(FileNotFoundError):
         scan(folder / "missing")
     (folder / "empty" / "nested" / "deeper").mkdir(parents=True)
@@ -59,12 +71,12 @@ def test_names_that_are_not_utf8_are_reported_not_fatal(tmp_path, folder):
     (folder / "alice" / os.fsdecode(b"f\xfe.png")).write_bytes(png(RED, width=350))
     settings = Settings(data_dir=tmp_path / "data")
     service = open_service(settings, with_index=False, pipeline=fake_pipeline())
-    local = run_batch(scan(folder), local_enroller(service, "single"))
+    local = run_batch(scan(folder).items, local_enroller(service, "single"))
     service.gallery.close()
     app = create_app(Settings(data_dir=tmp_path / "remote", api_keys="k"), pipeline=fake_pipeline())
     with TestClient(app, base_url="http://visage", headers={"X-API-Key": "k"}) as client:
         app.state.runtime.wait_ready(30)
-        remote = run_batch(scan(folder), remote_enroller(client, "single"))
+        remote = run_batch(scan(folder).items, remote_enroller(client, "single"))
     for report in (local, remote):
         assert report.created == 4 and report.aborted is None  # alice's odd file name included
         odd = [f for f in report.failures if f["error"] == "bad_parameter"]
@@ -135,7 +147,7 @@ def test_remote_batch_waits_out_an_overloaded_service_as_it_says(monkeypatch):
 def test_local_batch_is_idempotent_resumable_and_lists_failures(tmp_path, folder):
     settings = Settings(data_dir=tmp_path / "data")
     service = open_service(settings, with_index=False, pipeline=fake_pipeline())
-    items = scan(folder)
+    items = scan(folder).items
     report = run_batch(items, local_enroller(service, "single"))
     assert (report.created, report.existing, report.failed, len(report.subjects)) == (3, 0, 2, 2)
     assert {(f["subject"], f["error"]) for f in report.failures} == {
@@ -159,7 +171,7 @@ def test_a_file_over_the_size_limit_is_a_failure_read_no_further(tmp_path, folde
         fh.truncate(4 * 1024**3)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     service = open_service(Settings(data_dir=tmp_path / "data"), with_index=False, pipeline=fake_pipeline())
-    report = run_batch(scan(folder), local_enroller(service, "single"), max_bytes=1024 * 1024)
+    report = run_batch(scan(folder).items, local_enroller(service, "single"), max_bytes=1024 * 1024)
     service.gallery.close()
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 100  # MiB, not 4 GiB
     (failure,) = [f for f in report.failures if f["file"].endswith("huge.jpg")]
@@ -171,10 +183,10 @@ def test_local_batch_stops_at_a_gallery_that_cannot_be_written_and_resumes_later
     monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 0.2)
     settings = Settings(data_dir=tmp_path / "data")
     service = open_service(settings, with_index=False, pipeline=fake_pipeline())
-    items = scan(folder)
+    items = scan(folder).items
     with write_locked(settings.data_dir / "visage.db"):
         report = run_batch(items, local_enroller(service, "single"))
-    assert report.aborted and "database is locked" in report.aborted and "run the same command again" in report.aborted
+    assert report.aborted and "database is locked" in report.aborted and report.to_dict()["not_attempted"] == 4
     assert (report.created, report.failed) == (0, 1)  # one attempt, not one failure per remaining image
     assert service.gallery.store.counts(service.model_version)["faces"] == 0
     again = run_batch(items, local_enroller(service, "single"))
@@ -186,12 +198,30 @@ def test_remote_batch_goes_through_the_api(tmp_path, folder):
     app = create_app(Settings(data_dir=tmp_path / "data", api_keys="k"), pipeline=fake_pipeline())
     with TestClient(app, base_url="http://visage", headers={"X-API-Key": "k"}) as client:
         app.state.runtime.wait_ready(30)
-        report = run_batch(scan(folder), remote_enroller(client, "single"))
+        report = run_batch(scan(folder).items, remote_enroller(client, "single"))
         assert (report.created, report.existing, report.failed) == (3, 0, 2)
         assert client.get("/subjects").json()["total"] == 2
         client.headers["X-API-Key"] = "wrong"
-        refused = run_batch(scan(folder), remote_enroller(client, "single"))
+        refused = run_batch(scan(folder).items, remote_enroller(client, "single"))
         assert "refused the API key" in refused.aborted and refused.failed == 1
+        assert refused.to_dict()["not_attempted"] == 4  # of 5: counted, not left out of every count
+
+
+def test_a_remote_batch_to_a_url_that_is_not_a_visage_service_stops_at_the_first_file(tmp_path, folder):
+    """A wrong path in --url, or another web server, failed every file one by one (404 no route, 501 pages)."""
+    app = create_app(Settings(data_dir=tmp_path / "data", api_keys="k"), pipeline=fake_pipeline())
+    with TestClient(app, base_url="http://visage/v1", headers={"X-API-Key": "k"}) as client:
+        app.state.runtime.wait_ready(30)
+        report = run_batch(scan(folder).items, remote_enroller(client, "single"))
+    assert "does not look like a Visage service" in report.aborted and "no route POST /v1/enroll" in report.aborted
+    assert report.failed == 1 and report.to_dict()["not_attempted"] == 4
+
+    def not_visage(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(501, text="<html>Unsupported method ('POST')</html>")
+
+    with httpx.Client(transport=httpx.MockTransport(not_visage), base_url="http://elsewhere") as client:
+        report = run_batch(scan(folder).items, remote_enroller(client, "single"))
+    assert "does not look like a Visage service (POST /enroll answered 501 http_501" in report.aborted
 
 
 def test_enrolling_again_after_new_weights_re_embeds_the_face_in_place(tmp_path):

@@ -212,10 +212,14 @@ def test_an_unwritable_failures_path_is_refused_before_the_batch_runs(tmp_path, 
     argv = ["enroll", str(tmp_path / "photos"), "--data-dir", str(data), "--json", "--no-progress"]
     assert main([*argv, "--failures", str(tmp_path / "a_file" / "failures.csv")]) == 2
     out, err = capsys.readouterr()
-    assert json.loads(out)["error"] in ("file_exists", "not_a_directory") and "cannot be written" in err
-    assert not data.exists()  # refused before the gallery was opened
+    assert json.loads(out)["error"] in ("file_exists", "not_a_directory") and "--failures" in err
+    assert "cannot be written" in err and not data.exists()  # refused before the gallery was opened
     assert main([*argv, "--failures", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    argv[3] = str(tmp_path / "a_file")  # --data-dir a file: the failures list was blamed on --failures
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)" in err and "--failures " not in err
 
 
 def test_an_interrupted_batch_exits_130_and_still_reports_what_was_done(tmp_path, capsys, monkeypatch):
@@ -247,14 +251,16 @@ def test_a_batch_posted_to_a_service_lists_its_failures_where_it_was_run(tmp_pat
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--json", "--no-progress"]) == 1
+    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--json", "--no-progress"]) == 2  # stopped
     report = json.loads(capsys.readouterr().out)
     assert report["aborted"].endswith(")") and "unreachable" in report["aborted"]
     assert report["failures_csv"] == "enroll_failures.csv" and (tmp_path / "enroll_failures.csv").is_file()
     assert not (tmp_path / "data").exists()
     monkeypatch.setenv("VISAGE_DATA_DIR", str(tmp_path / "named"))  # (the Docker image's /data)
-    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--json", "--no-progress"]) == 1
-    assert json.loads(capsys.readouterr().out)["failures_csv"] == str(tmp_path / "named" / "enroll_failures.csv")
+    assert main(["enroll", "photos", "--url", url, "--api-key", "k", "--no-progress"]) == 2
+    assert (tmp_path / "named" / "enroll_failures.csv").is_file()
+    err = capsys.readouterr().err  # exit 2, not 1 ("some files failed"): nothing could be tried; said so
+    assert "stopped early: the service at" in err and "Run the same command again (once that is fixed)" in err
 
 
 def test_a_url_without_http_is_refused_at_once_not_retried_as_unreachable(tmp_path, capsys):

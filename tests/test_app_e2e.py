@@ -199,7 +199,7 @@ def test_batch_enroll_while_serving_then_through_the_api(server, api, tmp_path):
     assert [r["error"] for r in csv.DictReader(failures.open())] == ["unreadable_image"]
     bad_key = visage("enroll", str(batch), "--url", server.url, "--api-key", "nope", "--json", "--no-progress",
                      "--failures", str(failures))
-    assert bad_key.returncode == 1 and "refused the API key" in json.loads(bad_key.stdout)["aborted"]
+    assert bad_key.returncode == 2 and "refused the API key" in json.loads(bad_key.stdout)["aborted"]
 
 
 def test_reindex_redoes_old_version_faces_and_reports_the_rest(server, api):

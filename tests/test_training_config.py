@@ -202,3 +202,57 @@ def test_resume_needs_a_checkpoint_and_max_steps_a_positive_count(tmp_path):
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         train(load_config(), tmp_path / "run", max_steps=0)
     assert not (tmp_path / "typo").exists()
+
+
+def _checkpoint(path: Path, **config) -> None:
+    """A run's last.pt as `visage train` writes it, with only what resuming reads before any data loads."""
+    import torch
+
+    cfg = {**load_config().to_dict(), **config}
+    torch.save({"model": {}, "opt": {}, "sched": {}, "config": cfg, "epoch": 0, "history": []}, path)
+
+
+def test_a_damaged_or_foreign_checkpoint_is_one_line_for_resume_and_export(tmp_path, capsys):
+    """A text file, an empty file or a bundle as last.pt were UnpicklingError / EOFError / KeyError tracebacks."""
+    import shutil
+
+    from model.bundle import DEFAULT_WEIGHTS
+    from model.console import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for content, says in [(b"not a checkpoint", "not a readable training checkpoint"), (b"", "not a readable"),
+                          (None, "not a training checkpoint of `visage train` (it is a weights bundle)")]:
+        if content is None:
+            shutil.copy(DEFAULT_WEIGHTS, run / "last.pt")
+        else:
+            (run / "last.pt").write_bytes(content)
+        for flag in ("--resume", "--export"):
+            assert main(["train", "--run-dir", str(run), flag]) == 2
+            err = capsys.readouterr().err
+            assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, (flag, err)
+
+
+def test_export_takes_no_training_settings(tmp_path, capsys):
+    from model.console import main
+
+    _checkpoint(tmp_path / "last.pt")
+    assert main(["train", "--run-dir", str(tmp_path), "--export", "epochs=abc"]) == 2
+    assert "--export turns RUN_DIR/last.pt into a bundle with the run's own settings" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_own_settings_and_refuses_another_optimizer(tmp_path):
+    """Without --config a resumed run fell back to the built-in defaults (another recipe half-way); a changed
+    optimizer was a KeyError traceback from torch after config.json had been overwritten."""
+    import argparse
+
+    from training.commands import train_config
+    from training.loop import train
+
+    _checkpoint(tmp_path / "last.pt", optimizer="sgd", epochs=33, lr=0.05, w_bank=0.5)
+    args = argparse.Namespace(run_dir=tmp_path, resume=True, config=None, overrides=["epochs=40"])
+    cfg = train_config(args)
+    assert (cfg.optimizer, cfg.epochs, cfg.lr, cfg.w_bank) == ("sgd", 40, 0.05, 0.5)
+    with pytest.raises(ValueError, match="was trained with optimizer=sgd: resume it with the same optimizer"):
+        train(load_config(None, ["optimizer=adamw"]), tmp_path, resume=True)
+    assert not (tmp_path / "config.json").exists()

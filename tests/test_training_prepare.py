@@ -15,10 +15,10 @@ from conftest import photo
 from PIL import Image
 
 from model.align import ARCFACE_TEMPLATE
-from model.decode import decode_image
+from model.decode import IMAGE_SUFFIXES, decode_image
 from model.detect import FaceDetector
 from training.paths import shared_data
-from training.prepare import IMAGE_SUFFIXES, MANIFEST, _sigint_deferred, list_images, prepare, read_manifest
+from training.prepare import MANIFEST, _sigint_deferred, list_images, prepare, read_manifest
 
 LFW = shared_data() / "lfw" / "images"
 PEOPLE = ["Colin_Powell", "Joseph_Biden", "Serena_Williams"]
@@ -204,6 +204,40 @@ def test_a_manifest_from_before_landmarks_is_upgraded_in_place(prepared, tmp_pat
     assert again.done_before == 8  # nothing redone
     assert (old / MANIFEST).read_text().splitlines()[0].endswith(",landmarks")
     assert all(r.landmarks == "" for r in read_manifest(old))
+
+
+def test_a_row_torn_by_a_crash_is_redone_and_a_foreign_or_damaged_manifest_is_named(prepared, tmp_path):
+    """The next run appended onto a torn last row (TypeError in every later prepare, eval and train); a folder
+    holding someone else's manifest.csv was a KeyError traceback."""
+    src, dst, _ = prepared
+    torn = tmp_path / "torn"
+    shutil.copytree(dst, torn)
+    raw = (torn / MANIFEST).read_bytes()
+    (torn / MANIFEST).write_bytes(raw[:-60])  # the last row cut short, without its newline
+    again = prepare(src, torn, workers=1, progress=False)
+    assert again.total == 8 and again.done_before == 7 and again.failed_now == 0  # the torn row's image redone
+    assert sorted(r.source for r in read_manifest(torn)) == sorted(r.source for r in read_manifest(dst))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / MANIFEST).write_text("file,label\na.jpg,1\n")
+    with pytest.raises(ValueError, match="is not a manifest written by `visage prepare` .*file, label"):
+        prepare(src, foreign, workers=1, progress=False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(dst, damaged)
+    lines = (damaged / MANIFEST).read_text().splitlines()
+    lines[3] = lines[3] + ",extra,fields"
+    (damaged / MANIFEST).write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"manifest.csv, line 4, is damaged \(wrong number of fields\)"):
+        read_manifest(damaged)
+
+
+def test_a_destination_inside_the_source_is_refused(tmp_path):
+    """Its crops became photos of a new identity (named after the folder) on the next run."""
+    (tmp_path / "src" / "someone").mkdir(parents=True)
+    for dst in (tmp_path / "src" / "out", tmp_path / "src"):
+        with pytest.raises(ValueError, match="is inside the source"):
+            prepare(tmp_path / "src", dst, workers=1, progress=False)
+    assert not (tmp_path / "src" / "out").exists()
 
 
 @pytest.mark.parametrize("pad", [-0.1, 1.5, float("nan")])

@@ -17,6 +17,7 @@ from training.prepare import DEFAULT_PAD
 
 if TYPE_CHECKING:
     from model.bundle import Bundle
+    from training.config import TrainConfig
 
 
 def register(sub) -> None:
@@ -132,8 +133,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_teacher_embed(args: argparse.Namespace) -> int:
+    from model.decode import IMAGE_SUFFIXES
     from training.paths import work_dir
-    from training.prepare import IMAGE_SUFFIXES
     from training.teacher import teacher_embed
 
     if not args.folder.is_dir():
@@ -157,16 +158,28 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from training.config import load_config
     from training.loop import export_checkpoint, train
 
     if args.export:
+        if args.config or args.overrides or args.resume or args.max_steps:
+            raise ValueError("--export turns RUN_DIR/last.pt into a bundle with the run's own settings: it takes "
+                             "no --config, KEY=VALUE, --resume or --max-steps")
         print(f"weights bundle: {export_checkpoint(args.run_dir)}")
         return 0
-    cfg = load_config(args.config, args.overrides)
-    out = train(cfg, args.run_dir, resume=args.resume, max_steps=args.max_steps)
+    out = train(train_config(args), args.run_dir, resume=args.resume, max_steps=args.max_steps)
     print(f"weights bundle: {out}")
     return 0
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """--config and KEY=VALUE over the defaults, or with --resume over the run's own settings: the built-in
+    defaults under a forgotten --config silently changed a resumed run's recipe half-way."""
+    from training.config import load_config
+    from training.loop import RESUME_KEYS, load_checkpoint
+
+    last = args.run_dir / "last.pt"
+    base = load_checkpoint(last, RESUME_KEYS)["config"] if args.resume and last.is_file() else None
+    return load_config(args.config, args.overrides, base=base)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

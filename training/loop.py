@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -276,10 +277,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if not resume and ckpt_path.exists():  # ... nor overwrite hours of work and its metrics
         raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
                               "another --run-dir (or delete that one) to start afresh")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if resume else None
+    ckpt = load_checkpoint(ckpt_path, RESUME_KEYS) if resume else None
     if ckpt is not None and (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # (before the data loads)
         raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
                          f"run's own settings ({run_dir / 'config.json'})")
+    if ckpt is not None and (was := ckpt["config"].get("optimizer", "adamw")) != cfg.optimizer:  # its state is kept
+        raise ValueError(f"{ckpt_path} was trained with optimizer={was}: resume it with the same optimizer")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
@@ -480,6 +483,26 @@ def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+RESUME_KEYS = frozenset({"model", "opt", "sched", "config", "epoch", "history"})
+EXPORT_KEYS = frozenset({"model", "config", "epoch", "history"})
+
+
+def load_checkpoint(path: Path, keys: frozenset[str]) -> dict[str, Any]:
+    """A run's ``last.pt``; a missing, damaged or foreign file is one ``WeightsError`` naming it (torch raises
+    UnpicklingError, EOFError, KeyError... for the same problem)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint {path}")
+    try:  # (not weights-only: it holds the optimiser's state and the recipe)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise WeightsError(f"{path} is not a readable training checkpoint ({type(exc).__name__}: damaged or "
+                           "truncated?)") from exc
+    if not isinstance(ckpt, dict) or not keys <= ckpt.keys():
+        what = "a weights bundle" if isinstance(ckpt, dict) and "state_dict" in ckpt else "something else"
+        raise WeightsError(f"{path} is not a training checkpoint of `visage train` (it is {what})")
+    return ckpt
+
+
 def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The state dict a fine-tune starts from: a weights bundle or a ``last.pt`` checkpoint of the same network,
     or of a narrower MobileNet v1, widened (``training.widen``)."""
@@ -523,7 +546,7 @@ def finish(model: nn.Module, cfg: TrainConfig, split: Split, history: list[dict]
 def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Turn a run's latest checkpoint into a calibrated bundle, e.g. to try a model while training goes on."""
     run_dir = Path(run_dir)
-    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(run_dir / "last.pt", EXPORT_KEYS)
     cfg = TrainConfig(**ckpt["config"])
     model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])

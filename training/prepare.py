@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".pgm", ".tif", ".tiff"}
+from model.decode import IMAGE_SUFFIXES
+
 MANIFEST = "manifest.csv"
 SETTINGS = "prepare.json"  # the --pad the crops were made with
 CANVAS_GREY = (128, 128, 128)
@@ -60,14 +61,44 @@ def list_images(src: Path) -> list[tuple[str, str]]:
     return items
 
 
+REQUIRED_COLUMNS = frozenset(f for f in ManifestRow.__dataclass_fields__ if f != "landmarks")  # (older: none)
+
+
 def read_manifest(dst: Path) -> list[ManifestRow]:
+    """The rows of ``dst``'s manifest; one written by something else, or damaged mid-file, is a ``ValueError``
+    naming the file and line (they were TypeError / KeyError tracebacks in every later prepare, eval or train)."""
     path = dst / MANIFEST
     if not path.exists():
         return []
+    rows = []
     with path.open(newline="") as fh:
-        rows = [ManifestRow(**{**r, "score": float(r["score"])}) for r in csv.DictReader(fh)]
+        reader = csv.DictReader(fh)
+        if not set(reader.fieldnames or ()) >= REQUIRED_COLUMNS:
+            raise ValueError(f"{path} is not a manifest written by `visage prepare` (its columns: "
+                             f"{', '.join(reader.fieldnames or ['none'])}): give another destination")
+        for row in reader:
+            try:
+                if None in row or None in row.values():  # more or fewer fields than the header
+                    raise ValueError("wrong number of fields")
+                rows.append(ManifestRow(**{**row, "score": float(row["score"])}))
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {reader.line_num}, is damaged ({exc}): delete that line and run "
+                                 "`visage prepare` again to redo its image") from None
     # a resumed run appends a new row when it redoes an image (crop lost): the latest row wins
     return list({r.source: r for r in rows}.values())
+
+
+def _drop_torn_row(path: Path) -> None:
+    """A crash (power, a killed process) mid-write leaves the last row without its newline: the next run appended
+    onto it and damaged the manifest for good. The torn row goes; its image is redone."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return
+        fh.seek(0)
+        fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 def _write_manifest(path: Path, rows: list[ManifestRow]) -> None:
@@ -194,13 +225,17 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         raise ValueError(f"pad is a share of the image from 0 to 1, got {pad}")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} is a file: the destination must be a folder")
+    if src.resolve() in (dst.resolve(), *dst.resolve().parents):  # its crops would be photos of the next run
+        raise ValueError(f"the destination {dst} is inside the source {src}: the next run would read its crops as "
+                         "photos of an identity; choose a folder outside the source")
     images = list_images(src)
     if not images:  # a mistyped path or layout must not end as "0 images, success"
         raise FileNotFoundError(f"no images in {src}: expected one folder per identity, {src}/<name>/<photo>.jpg")
     dst.mkdir(parents=True, exist_ok=True)
     _check_pad(dst, pad)
-    existing = read_manifest(dst)
     manifest = dst / MANIFEST
+    _drop_torn_row(manifest)
+    existing = read_manifest(dst)
     if existing and "landmarks" not in manifest.open().readline():
         _write_manifest(manifest, existing)  # written before the landmarks column: upgrade the header in place
     done = {r.source for r in existing if r.status == "failed" or (dst / r.crop).exists()}
