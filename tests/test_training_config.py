@@ -125,6 +125,7 @@ def test_unknown_keys_are_refused(tmp_path):
         ("margin=inf", "margin=inf"),
         ("w_distill=inf", "w_distill=inf"),
         ("lr=nan", "lr=nan"),
+        ("prepared={}", "prepared={}: Dictionary should have at least 1 item"),
     ],
 )
 def test_bad_values_are_refused(override, message):
@@ -202,6 +203,9 @@ def test_resume_needs_a_checkpoint_and_max_steps_a_positive_count(tmp_path):
     with pytest.raises(ValueError, match="max_steps must be >= 1"):
         train(load_config(), tmp_path / "run", max_steps=0)
     assert not (tmp_path / "typo").exists()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FileExistsError, match="--run-dir .*a_file is a file: give a folder"):
+        train(load_config(), tmp_path / "a_file")
 
 
 def _checkpoint(path: Path, **config) -> None:

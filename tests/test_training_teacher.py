@@ -119,3 +119,13 @@ def test_photos_that_are_not_160px_crops_and_bombs_are_failures_and_fallbacks_ar
     assert set(result.failed) == {str(photo), str(bomb)}
     assert "160x160 face crops" in result.failed[str(photo)]
     assert result.computed == 1 and result.fallbacks == 1  # the blank crop: no face, the fixed central box
+
+
+def test_teacher_embed_on_a_folder_without_images_is_an_error_not_an_empty_success(tmp_path, capsys):
+    """It exited 0 with "images: 0" and wrote the whole reference cache (14 MB) for a mistyped folder."""
+    from model.console import main
+
+    (tmp_path / "notes.txt").write_text("not a photo")
+    cache = tmp_path / "cache.npz"
+    assert main(["teacher-embed", str(tmp_path), "--cache", str(cache)]) == 2
+    assert "no images in" in capsys.readouterr().err and not cache.exists()

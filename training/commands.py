@@ -140,6 +140,8 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise FileNotFoundError(f"no such folder: {args.folder}")
     images = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:  # a mistyped folder must not end as "0 images, success" (with the whole reference cache written)
+        raise FileNotFoundError(f"no images in {args.folder} (photos ending in {', '.join(sorted(IMAGE_SUFFIXES))})")
     cache_path = args.cache or work_dir() / "teacher_cache.npz"
     result = teacher_embed(images, cache_path, progress=not args.json)
     failed = result.failed

@@ -30,7 +30,8 @@ class TrainConfig:
     __pydantic_config__ = ConfigDict(strict=True, revalidate_instances="always", allow_inf_nan=False)
 
     # data: prepared folders (``visage prepare`` outputs) by namespace, relative to the work dir
-    prepared: dict[str, str] = field(default_factory=lambda: {"lfw": "prepared/lfw", "celeba": "prepared/celeba"})
+    prepared: Annotated[dict[str, str], Field(min_length=1)] = field(
+        default_factory=lambda: {"lfw": "prepared/lfw", "celeba": "prepared/celeba"})
     pairs: str = "lfw/pairs_dev.txt"  # relative to the shared data folder
     pairs_namespace: str = "lfw"  # which prepared set the pairs refer to
     # 1-based; their people are held out of training

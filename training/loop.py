@@ -271,6 +271,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
 
     run_dir = Path(run_dir)
     ckpt_path = run_dir / "last.pt"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--run-dir {run_dir} is a file: give a folder (made if missing)")
     if resume and not ckpt_path.is_file():  # a mistyped run folder must not start hours afresh
         raise FileNotFoundError(f"nothing to resume: no checkpoint {ckpt_path}; drop --resume to start a new run "
                                 "there")
