@@ -10,8 +10,9 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +235,15 @@ def open_gallery(tmp_path, kind: str = "flat", version: str = V1) -> Gallery:
     gallery = Gallery(Store(tmp_path / "visage.db"), tmp_path / "index.faiss", version, DIM, IndexConfig(kind=kind))
     gallery.open()
     return gallery
+
+
+def concurrently(work: Callable[[int], None], n: int, join_s: float = 30.0) -> None:
+    """``work(0)`` ... ``work(n - 1)`` on n threads at once; returns when all have ended (or ``join_s`` passed)."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(join_s)
 
 
 @contextmanager

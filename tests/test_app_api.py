@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
-from app_helpers import BLUE, GREEN, RED, fake_pipeline, png, write_locked
+from app_helpers import BLUE, GREEN, RED, concurrently, fake_pipeline, png, write_locked
 from fastapi import Request
 from PIL import Image
 
@@ -585,11 +585,7 @@ def test_enrolls_queued_behind_another_process_lock_are_each_answered_within_one
             answers.append((r.status_code, time.monotonic() - start))
 
         with write_locked(tmp_path / "visage.db"):
-            threads = [threading.Thread(target=enroll, args=(i,)) for i in range(12)]
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join(30)
+            concurrently(enroll, 12)
         assert [code for code, _ in answers] == [503] * 12
         assert max(took for _, took in answers) < 2.0, sorted(round(took, 2) for _, took in answers)  # was 3.0
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from app_helpers import DIM, REPO, V1, V2, add, near, open_gallery, unit, write_locked
+from app_helpers import DIM, REPO, V1, V2, add, concurrently, near, open_gallery, unit, write_locked
 
 from app.errors import FaceNotFound, NameTaken, NoCurrentFaces, StorageUnavailable, StoreUnreadable, SubjectNotFound
 from app.gallery import Gallery
@@ -192,11 +192,7 @@ def test_writes_queued_behind_another_process_lock_each_fail_after_one_busy_time
         took[i] = time.monotonic() - start
 
     with write_locked(tmp_path / "visage.db"):
-        writers = [threading.Thread(target=enroll, args=(i,)) for i in range(4)]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join(10)
+        concurrently(enroll, 4, join_s=10)
     assert sorted(took) == [0, 1, 2, 3] and max(took.values()) < 2.0, took  # was 1, 2, 3, 4 s
     add(store, "later", unit(1, 9))  # the lock gone, writes work (and wait the full timeout again)
     assert store.generation() == 1
