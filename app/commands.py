@@ -53,7 +53,8 @@ def register(sub) -> None:
     )
     p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv; "
                    "with --url and no data folder named, enroll_failures.csv in the current folder)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none either when stderr is not a terminal)")
     _add_common(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_enroll)
@@ -65,7 +66,8 @@ def register(sub) -> None:
         "by another model version than the loaded weights, and report the faces that cannot be "
         "redone (original not stored, or no face found at the stored box any more).",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none either when stderr is not a terminal)")
     _add_common(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_reindex)
@@ -222,7 +224,8 @@ def _prepare_serve(settings: Any) -> None:
 def _progress(items: list, disable: bool, desc: str):
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="img", disable=disable, file=sys.stderr)
+    # None: on a terminal only; redirected (cron, a log file) its \r updates were hundreds of lines of noise
+    return tqdm(items, desc=desc, unit="img", disable=True if disable else None, file=sys.stderr)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
