@@ -243,7 +243,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     try:  # found now, not after the whole batch
         check_writable(failures_path)
     except OSError as exc:
-        whose = "--failures" if args.failures else "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)"
+        whose = ("--failures" if args.failures else "the failures list in the current folder (give --failures)"
+                 if args.url and not named else "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)")
         raise type(exc)(f"{whose} {shown(failures_path)} cannot be written: {exc}") from exc
     max_bytes = settings.max_upload_bytes
     if args.url:

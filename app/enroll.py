@@ -198,17 +198,23 @@ def remote_enroller(client: Any, face: str) -> Enroller:
                 raise Abort(f"the service at {client.base_url} is not ready: {response.text[:200]}")
             time.sleep(0.5 * 2**not_ready)
 
+    answered = False  # the service has answered as Visage does (a face stored, or one of its JSON errors)
+
     def enroll(data: bytes, subject: str, filename: str) -> bool:
+        nonlocal answered
         subject = clean_name(subject)  # the service's own check, here: a name it cannot take is not sent
         response = post(data, subject, filename)
         if response.status_code in (200, 201):
+            answered = True
             return bool(response.json()["created"])
         code, detail = _error_of(response)
         if response.status_code in (401, 403):
             raise Abort(f"the service refused the API key: {detail}")
-        if code.startswith("http_") or detail.startswith("no route "):  # every later file would fail alike
+        not_visage = code.startswith("http_") or detail.startswith("no route ")
+        if not_visage and not answered:  # a wrong URL or another server: every later file would fail alike
             raise Abort(f"{client.base_url} does not look like a Visage service (POST /enroll answered "
                         f"{response.status_code} {code}: {detail[:100]}); check --url")
+        answered = answered or not not_visage  # (later, a proxy's page for one file is that file's failure)
         raise RemoteError(code, detail)
 
     return enroll

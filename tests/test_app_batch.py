@@ -223,6 +223,14 @@ def test_a_remote_batch_to_a_url_that_is_not_a_visage_service_stops_at_the_first
         report = run_batch(scan(folder).items, remote_enroller(client, "single"))
     assert "does not look like a Visage service (POST /enroll answered 501 http_501" in report.aborted
 
+    answers = iter([httpx.Response(201, json={"created": True}),  # a Visage service, behind a proxy ...
+                    httpx.Response(413, text="<html>413 Request Entity Too Large</html>"),  # ... that refuses one
+                    *[httpx.Response(201, json={"created": True})] * 3])
+    with httpx.Client(transport=httpx.MockTransport(lambda r: next(answers)), base_url="http://proxied") as client:
+        report = run_batch(scan(folder).items, remote_enroller(client, "single"))
+    assert (report.created, report.failed, report.aborted) == (4, 1, None)  # that file's failure, not the batch's
+    assert report.failures[0]["error"] == "http_413"
+
 
 def test_enrolling_again_after_new_weights_re_embeds_the_face_in_place(tmp_path):
     """A repeat enroll answered "already enrolled" with the old weights' face, which stays out of the index:

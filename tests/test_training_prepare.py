@@ -222,6 +222,10 @@ def test_a_row_torn_by_a_crash_is_redone_and_a_foreign_or_damaged_manifest_is_na
     (foreign / MANIFEST).write_text("file,label\na.jpg,1\n")
     with pytest.raises(ValueError, match="is not a manifest written by `visage prepare` .*file, label"):
         prepare(src, foreign, workers=1, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / MANIFEST).write_bytes(b"")  # a first run killed before its first row: carried on from, not refused
+    assert read_manifest(empty) == []
     damaged = tmp_path / "damaged"
     shutil.copytree(dst, damaged)
     lines = (damaged / MANIFEST).read_text().splitlines()

@@ -30,7 +30,7 @@ from model.errors import WeightsError
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm, cohort_from
 from model.tta import version_suffix
-from training.config import TrainConfig
+from training.config import TrainConfig, load_config
 from training.data import Augment, FaceSet, concat, load_prepared, load_sources
 from training.evaluate import threshold_at_far, verify
 from training.hints import STUDENT_LAYER, TEACHER_BLOCK, TEACHER_CHANNELS, HintHead, hint_loss, tapped, teacher_grid
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
                               "another --run-dir (or delete that one) to start afresh")
     ckpt = load_checkpoint(ckpt_path, RESUME_KEYS) if resume else None
-    if ckpt is not None and (saved := TrainConfig(**ckpt["config"]).model) != cfg.model:  # (before the data loads)
+    if ckpt is not None and (saved := load_config(base=ckpt["config"]).model) != cfg.model:  # (before data loads)
         raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
                          f"run's own settings ({run_dir / 'config.json'})")
     if ckpt is not None and (was := ckpt["config"].get("optimizer", "adamw")) != cfg.optimizer:  # its state is kept
@@ -517,7 +517,7 @@ def initial_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
         raise WeightsError(f"init_weights: {path} is neither a Visage weights bundle nor a training checkpoint "
                            f"(last.pt) ({type(exc).__name__})") from exc
     if isinstance(payload, dict) and {"model", "config"} <= payload.keys():  # a training checkpoint
-        saved, state = TrainConfig(**payload["config"]).model, payload["model"]
+        saved, state = load_config(base=payload["config"]).model, payload["model"]
     else:  # a bundle, or something else: load_bundle says exactly what is wrong with it
         bundle = load_bundle(path)
         saved, state = bundle.config, bundle.state_dict
@@ -549,7 +549,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None) -> Pat
     """Turn a run's latest checkpoint into a calibrated bundle, e.g. to try a model while training goes on."""
     run_dir = Path(run_dir)
     ckpt = load_checkpoint(run_dir / "last.pt", EXPORT_KEYS)
-    cfg = TrainConfig(**ckpt["config"])
+    cfg = load_config(base=ckpt["config"])
     model = build_model(cfg.model)
     model.load_state_dict(ckpt["model"])
     ema = weight_average(model, cfg.ema)

@@ -73,7 +73,9 @@ def read_manifest(dst: Path) -> list[ManifestRow]:
     rows = []
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        if not set(reader.fieldnames or ()) >= REQUIRED_COLUMNS:
+        if reader.fieldnames is None:  # empty: a first run stopped before its first row
+            return []
+        if not set(reader.fieldnames) >= REQUIRED_COLUMNS:
             raise ValueError(f"{path} is not a manifest written by `visage prepare` (its columns: "
                              f"{', '.join(reader.fieldnames or ['none'])}): give another destination")
         for row in reader:
@@ -246,6 +248,7 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
         if new_file:
             writer.writeheader()
+            fh.flush()
         jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
         # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers start
         # inside map() and inherit a handler that only takes note: without it each printed its own
