@@ -574,7 +574,7 @@ def test_enrolls_queued_behind_another_process_lock_are_each_answered_within_one
     """Each enroll's busy timeout began only once it had a turn to write (4 at a time per worker, then one at a
     time on the store's lock): behind another process's lock the last of 12 got its 503 after 3 timeouts (12
     before the store's own fix). The timeout now counts from the request's write."""
-    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("app.store.BUSY_TIMEOUT_S", 3.0)  # (long enough that a loaded machine's overhead is small)
     with make_client(tmp_path) as client:
         assert client.app.state.runtime.wait_ready(30)
         answers: list[tuple[int, float]] = []
@@ -587,7 +587,7 @@ def test_enrolls_queued_behind_another_process_lock_are_each_answered_within_one
         with write_locked(tmp_path / "visage.db"):
             concurrently(enroll, 12)
         assert [code for code, _ in answers] == [503] * 12
-        assert max(took for _, took in answers) < 2.0, sorted(round(took, 2) for _, took in answers)  # was 3.0
+        assert max(took for _, took in answers) < 6.0, sorted(round(took, 2) for _, took in answers)  # was 9.0
 
 
 def test_an_enroll_waiting_for_the_write_lock_does_not_hold_the_inference_thread(tmp_path, monkeypatch):
