@@ -45,5 +45,11 @@ def test_the_server_publishes_the_document_fuzzed_here(server: Server) -> None:
 @schema.parametrize()
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_request_gets_a_server_error_or_an_undocumented_answer(case, server: Server) -> None:
-    case.call_and_validate(base_url=server.url, headers={"X-API-Key": server.api_key},
-                           excluded_checks=NOT_EXPRESSIBLE, timeout=60)
+    # Every request carries the key, so a header negation (the key left out) is void: the auth checks judge the
+    # key. A case negated only there and in its query was judged on the query alone, which schemathesis can send
+    # as a valid one (`GET /subjects?limit=1`: "schema-violating request accepted"; schemathesis PR #4762 fixes
+    # a kin of it upstream). Such cases keep every other check; negations of the query alone stay judged.
+    negated = {loc.value for loc, part in (case.meta.components if case.meta else {}).items() if part.mode.is_negative}
+    void = "header" in negated and negated <= {"header", "query"}
+    case.call_and_validate(base_url=server.url, headers={"X-API-Key": server.api_key}, timeout=60,
+                           excluded_checks=NOT_EXPRESSIBLE + ([checks.negative_data_rejection] if void else []))
