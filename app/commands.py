@@ -344,6 +344,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         "redone": report.redone,
         "skipped": report.skipped,
         "failed": report.failed,
+        "interrupted": report.interrupted,
     }
     if args.json:
         print_json(out)
@@ -363,6 +364,10 @@ def cmd_reindex(args: argparse.Namespace) -> int:
                 ["face", "subject", "version", "error", "detail"],
                 [(f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"]) for f in report.failed],
             )
+    if report.interrupted:
+        print("interrupted: the faces above are re-embedded and kept; run the same command again to finish",
+              file=sys.stderr)
+        return 130
     return 1 if report.failed else 0
 
 

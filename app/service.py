@@ -108,6 +108,7 @@ class ReindexReport:
     redone: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)  # face_id, subject_id, error, detail
     skipped: int = 0  # deleted or re-embedded by someone else meanwhile
+    interrupted: bool = False  # stopped by Ctrl-C (or SIGTERM): what was redone is kept, a re-run does the rest
 
 
 class FaceService:
@@ -357,6 +358,9 @@ class FaceService:
                         "detail": exc.detail,
                     }
                 )
+            except KeyboardInterrupt:  # each face is its own transaction: report what was done, not a bare stop
+                report.interrupted = True
+                break
             if progress:
                 progress(done, len(stale))
         self.gallery.sync()

@@ -327,3 +327,24 @@ def test_reindex_reembeds_old_versions_and_reports_what_it_cannot(tmp_path):
     assert result.match and result.matched_face_id == kept.id
     assert new.reindex().redone == 0  # nothing left that can be redone
     new.gallery.close()
+
+
+def test_an_interrupted_reindex_keeps_and_reports_what_it_redid(tmp_path):
+    """Ctrl-C (or SIGTERM) said only "interrupted": the faces already re-embedded were kept but not reported."""
+    settings = Settings(data_dir=tmp_path / "data")
+    old = open_service(settings, pipeline=fake_pipeline("fake-v1"))
+    for color in (RED, GREEN, BLUE):
+        old.enroll(png(color), SubjectRef(name="alice"))
+    old.gallery.close()
+    new = open_service(settings, pipeline=fake_pipeline("fake-v2"))
+
+    def ctrl_c_after_two(done: int, total: int) -> None:
+        if done == 2:
+            new.detect = lambda data: (_ for _ in ()).throw(KeyboardInterrupt)  # the next face's work is cut
+
+    report = new.reindex(ctrl_c_after_two)
+    assert (report.redone, report.interrupted, new.gallery.stats()["stale_faces"]) == (2, True, 1)
+    del new.detect
+    again = new.reindex()
+    assert (again.redone, again.interrupted, new.gallery.stats()["stale_faces"]) == (1, False, 0)
+    new.gallery.close()
