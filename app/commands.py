@@ -291,7 +291,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             ("enrolled", report.created),
             ("already enrolled", report.existing),
             ("failed", report.failed),
-            ("not attempted", report.files - report.attempted),
+            ("not attempted", report.not_attempted),
             ("subjects", len(report.subjects)),
         ]
         caption = (
@@ -305,7 +305,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                   + (f"; ... ({len(found.skipped) - 5} more: --json lists them)" if len(found.skipped) > 5 else ""),
                   file=sys.stderr)
         if report.aborted:
-            left = report.files - report.attempted
+            left = report.not_attempted
             print(f"stopped early: {report.aborted}."
                   + (f" {left} of {report.files} images were not attempted." if left else "")
                   + " Run the same command again (once that is fixed) to go on: it skips what is enrolled.",

@@ -60,13 +60,17 @@ class BatchReport:
     def failed(self) -> int:
         return len(self.failures)
 
+    @property
+    def not_attempted(self) -> int:
+        return self.files - self.attempted
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "files": self.files,
             "created": self.created,
             "existing": self.existing,
             "failed": self.failed,
-            "not_attempted": self.files - self.attempted,
+            "not_attempted": self.not_attempted,
             "subjects": len(self.subjects),
             "aborted": self.aborted,
             "seconds": round(self.seconds, 2),
@@ -210,11 +214,11 @@ def remote_enroller(client: Any, face: str) -> Enroller:
         code, detail = _error_of(response)
         if response.status_code in (401, 403):
             raise Abort(f"the service refused the API key: {detail}")
-        not_visage = code.startswith("http_") or detail.startswith("no route ")
-        if not_visage and not answered:  # a wrong URL or another server: every later file would fail alike
+        visage = not (code.startswith("http_") or detail.startswith("no route "))  # one of its JSON errors
+        if not visage and not answered:  # a wrong URL or another server: every later file would fail alike
             raise Abort(f"{client.base_url} does not look like a Visage service (POST /enroll answered "
                         f"{response.status_code} {code}: {detail[:100]}); check --url")
-        answered = answered or not not_visage  # (later, a proxy's page for one file is that file's failure)
+        answered = answered or visage  # (later, a proxy's page for one file is that file's failure)
         raise RemoteError(code, detail)
 
     return enroll

@@ -280,11 +280,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         raise FileExistsError(f"{run_dir} already holds a run (last.pt): add --resume to continue it, or give "
                               "another --run-dir (or delete that one) to start afresh")
     ckpt = load_checkpoint(ckpt_path, RESUME_KEYS) if resume else None
-    if ckpt is not None and (saved := load_config(base=ckpt["config"]).model) != cfg.model:  # (before data loads)
-        raise ValueError(f"{ckpt_path} trains {saved}, but this config asks for {cfg.model}: resume with the "
+    was = load_config(base=ckpt["config"]) if ckpt is not None else None  # (checked before the data loads)
+    if was is not None and was.model != cfg.model:
+        raise ValueError(f"{ckpt_path} trains {was.model}, but this config asks for {cfg.model}: resume with the "
                          f"run's own settings ({run_dir / 'config.json'})")
-    if ckpt is not None and (was := ckpt["config"].get("optimizer", "adamw")) != cfg.optimizer:  # its state is kept
-        raise ValueError(f"{ckpt_path} was trained with optimizer={was}: resume it with the same optimizer")
+    if was is not None and was.optimizer != cfg.optimizer:  # its state is kept
+        raise ValueError(f"{ckpt_path} was trained with optimizer={was.optimizer}: resume it with the same optimizer")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()

@@ -77,7 +77,7 @@ def read_manifest(dst: Path) -> list[ManifestRow]:
             return []
         if not set(reader.fieldnames) >= REQUIRED_COLUMNS:
             raise ValueError(f"{path} is not a manifest written by `visage prepare` (its columns: "
-                             f"{', '.join(reader.fieldnames or ['none'])}): give another destination")
+                             f"{', '.join(reader.fieldnames)}): give another destination")
         for row in reader:
             try:
                 if None in row or None in row.values():  # more or fewer fields than the header
