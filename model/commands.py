@@ -31,8 +31,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("embed", help="detect, align and embed every face in images",
                        description="Detect every face, align it to the 112x112 template and print its embedding.",
-                       epilog="Exit status: 0 when at least one image was read (an image without a face is not an "
-                       "error: it lists no faces), 1 when none could be read, 2 for bad arguments or weights.")
+                       epilog="Exit status: 0 when every image was read (an image without a face is not an error: it "
+                       "lists no faces), 1 when some could not be (each listed with its error; the others are "
+                       "embedded), 2 for bad arguments or weights.")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--weights", help="weights bundle (default: the shipped model/weights bundle)")
     p.add_argument("--no-flip", action="store_true", help="skip mirror averaging (faster, slightly less accurate)")
@@ -140,7 +141,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print_json({"model_version": pipe.embedder.model_version, "dim": pipe.embedder.dim, "images": results})
     else:
         print_table(f"embeddings ({pipe.embedder.model_version})", ["image", "face", "size", "quality", "vector"], rows)
-    return 1 if failed == len(args.images) else 0
+    return 1 if failed else 0  # as enroll and prepare: some images failed (listed), the rest are embedded
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
