@@ -72,7 +72,10 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
         ImageOps.exif_transpose(img, in_place=True)  # (a copy would hold a second full image: +150 MB at 40 Mpx)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"the image data is corrupt or truncated ({exc})") from exc
-    return to_rgb8(img)
+    try:
+        return to_rgb8(img)
+    except (OSError, ValueError) as exc:  # a pixel mode Pillow cannot convert: the upload's fault, not a 500
+        raise UnreadableImage(f"the image's pixel format ({img.mode}) cannot be read ({exc})") from exc
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
@@ -81,15 +84,22 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         return img
     if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
         arr = np.asarray(img)
-        if img.mode == "F":
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        if img.mode == "F":  # (scaled by the finite values: one NaN or inf pixel blanked the whole image)
+            finite = arr[np.isfinite(arr)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            arr = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo or 1.0) * 255.0
         elif img.mode == "I" and arr.max() <= 255:
             pass  # 8-bit data stored as 32-bit int
         else:
             arr = arr.astype(np.uint32) >> 8
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in {"RGBA", "LA", "PA", "La", "RGBa"} or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in {"La", "RGBa"}:  # premultiplied alpha (TIFF "associated"): Pillow cannot convert La at all
+        arr = np.asarray(img, dtype=np.float32)
+        colour, alpha = arr[..., :-1], arr[..., -1:] / 255.0
+        out = np.clip(colour + np.float32(BACKGROUND[0]) * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(out[..., 0] if img.mode == "La" else out, "L" if img.mode == "La" else "RGB").convert(
+            "RGB")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")

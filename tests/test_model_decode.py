@@ -123,6 +123,51 @@ def test_transparency_is_composited_on_grey():
     assert rgba[cy, cx, 3] == 255 and np.array_equal(arr[cy, cx], rgba[cy, cx, :3])  # opaque centre unchanged
 
 
+def _associated_alpha_tiff(grey: np.ndarray, alpha: np.ndarray) -> bytes:
+    """A grey + alpha TIFF whose ExtraSamples tag says "associated" (premultiplied: Pillow's mode La), as
+    Photoshop, libtiff tools and scanners write it; Pillow itself writes "unassociated" (2)."""
+    buf = io.BytesIO()
+    premultiplied = (grey.astype(np.uint16) * alpha // 255).astype(np.uint8)
+    Image.merge("LA", (Image.fromarray(premultiplied), Image.fromarray(alpha))).save(buf, "TIFF")
+    data = bytearray(buf.getvalue())
+    ifd = int.from_bytes(data[4:8], "little")
+    for i in range(int.from_bytes(data[ifd:ifd + 2], "little")):
+        entry = ifd + 2 + 12 * i
+        if int.from_bytes(data[entry:entry + 2], "little") == 338:  # ExtraSamples
+            data[entry + 8:entry + 10] = (1).to_bytes(2, "little")
+    return bytes(data)
+
+
+def test_premultiplied_alpha_tiff_is_composited_on_grey():
+    """Mode La (grey with associated alpha) raised "conversion from La to L not supported" outside decode's
+    error handling: a 500 from every image endpoint, and `visage enroll` stopped its whole batch."""
+    face = np.asarray(Image.open(photo("obama.jpg")).convert("L").resize((120, 150)))
+    alpha = np.full(face.shape, 255, np.uint8)
+    alpha[:, :10] = 0  # a transparent strip
+    data = _associated_alpha_tiff(face, alpha)
+    assert Image.open(io.BytesIO(data)).mode == "La"
+    arr = np.asarray(decode_image(data))
+    assert arr.shape == (150, 120, 3) and (arr[..., 0] == arr[..., 2]).all()
+    assert np.array_equal(arr[:, 10:, 0], face[:, 10:])  # opaque pixels unchanged
+    assert (arr[:, :10] == BACKGROUND[0]).all()  # transparent ones on the grey background
+
+
+def test_a_pixel_mode_that_cannot_be_converted_is_unreadable_not_a_crash(monkeypatch):
+    def unconvertible(img):
+        raise ValueError(f"conversion from {img.mode} to RGB not supported")
+
+    monkeypatch.setattr("model.decode.to_rgb8", unconvertible)
+    with pytest.raises(UnreadableImage, match="pixel format"):
+        decode_image(photo("obama.jpg").read_bytes())
+
+
+def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture():
+    """The stretch used min and max, so one NaN (or inf) pixel turned every other pixel into one value."""
+    for bad in (np.nan, np.inf, -np.inf):
+        values = np.array([[-1.0, 0.0, 1.0, bad]], dtype=np.float32)
+        assert np.asarray(to_rgb8(Image.fromarray(values)))[0, :3, 0].tolist() == [0, 127, 255]
+
+
 def test_truncated_jpeg_is_unreadable():
     with pytest.raises(UnreadableImage, match="truncated"):
         read_image_file(str(photo("edge/bad/truncated.jpg")))
