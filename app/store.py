@@ -252,11 +252,17 @@ def _add_change_tokens(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# the rule ``app.names.canonical_name`` applies; a new value brings the stored names to it once more
+NAMES_RULE = "nfc-trimmed-invisible"
+
+
 def _canonicalise_names(conn: sqlite3.Connection) -> None:
-    """Once per database: bring the names stored before ``app.names`` existed (kept as typed) to the form every
-    lookup now uses, so a subject enrolled as NFD "José" is still found by name. A name whose canonical form is
-    already taken by another subject is left as it is, and logged: rename or merge it by id."""
-    if conn.execute("SELECT 1 FROM meta WHERE key = 'names'").fetchone():
+    """Once per rule and database: bring the names stored under an earlier rule (or before ``app.names``
+    existed, kept as typed) to the form every lookup now uses, so a subject enrolled as NFD "José" is still found
+    by name. A name whose canonical form is already taken by another subject is left as it is, and logged: rename
+    or merge it by id."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'names'").fetchone()
+    if row is not None and row[0] == NAMES_RULE:
         return
     for subject_id, name in conn.execute("SELECT id, name FROM subjects").fetchall():
         canonical = canonical_name(name)
@@ -268,7 +274,7 @@ def _canonicalise_names(conn: sqlite3.Connection) -> None:
             log.warning("subject %d is named %r, which looks the same as another subject's name %r: it keeps its "
                         "name and is reachable by id (PATCH /subjects/%d to rename it)",
                         subject_id, name, canonical, subject_id)
-    conn.execute("INSERT INTO meta (key, value) VALUES ('names', 'nfc-trimmed')")
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('names', ?)", (NAMES_RULE,))
 
 
 class Store:

@@ -178,7 +178,8 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
             (client.post("/enroll", files={"image": jpeg}, data={"subject": "a", "metadata": '{"n": NaN}'}), 422,
              "bad_parameter"),
             *((client.post("/enroll", files={"image": jpeg}, data={"subject": name}), 422, "bad_parameter")
-              for name in ("zero\x7fdel", "a\u202eb", "\u200b")),  # control, format, invisible-only
+              # control, format, invisible-only (blank-looking letters and the braille blank too)
+              for name in ("zero\x7fdel", "a\u202eb", "\u200b", "\u3164", "\u2800", "\u115f\u1160", "\u034f")),
             (client.get("/no/such/route"), 404, "not_found"),
             (client.put("/enroll"), 405, "method_not_allowed"),
         ]
@@ -231,6 +232,21 @@ def test_names_that_look_the_same_are_one_subject(client):
         r = client.post("/verify", files={"image": ("x.png", png(RED))}, data={"subject": twin})
         assert r.status_code == 200 and r.json()["subject"]["id"] == first["subject"]["id"], (twin, r.text)
     assert enroll(client, png(BLUE), subject="Jos\u00e9\u200b")["subject"]["id"] == first["subject"]["id"]
+    # any character that renders as nothing, at either end: a left-to-right mark, a soft hyphen, an invisible
+    # operator, a combining grapheme joiner, a variation selector or tag after a letter (each made a new subject)
+    for invisible in ["\u200f", "\u200e", "\u00ad", "\u2061", "\u180e", "\u034f", "\ufe0f", "\U000e0001"]:
+        twin = enroll(client, png(BLUE), subject="Jos\u00e9" + invisible)["subject"]
+        assert twin["id"] == first["subject"]["id"], ascii(invisible)
+        assert enroll(client, png(BLUE), subject=invisible + "Jos\u00e9")["subject"]["id"] == twin["id"]
+    heart = enroll(client, png(GREEN), subject="I \u2764\ufe0f")["subject"]  # an emoji keeps its selector
+    assert heart["name"] == "I \u2764\ufe0f"
+    long_nfd = "e\u0301" * 150  # 300 code points as sent, 150 letters stored: the limit counts the stored form
+    assert enroll(client, png(GREEN), subject=long_nfd)["subject"]["name"] == "\u00e9" * 150
+    padded = client.post("/verify", files={"image": ("x.png", png(BLUE))}, data={"subject": " " * 5 + "Jos\u00e9"
+                                                                                   + " " * 200})
+    assert padded.status_code == 200 and padded.json()["subject"]["id"] == first["subject"]["id"], padded.text
+    too_long = client.post("/enroll", files={"image": ("x.png", png(GREEN))}, data={"subject": "x" * 201})
+    is_error(too_long, 422, "bad_parameter")
     for prefix in ["Jose\u0301", "Jos\u00e9\u200b", " \ufeffJo"]:  # a pasted prefix: NFD, zero-width, spaces
         listed = client.get("/subjects", params={"name": prefix}).json()
         assert [item["id"] for item in listed["items"]] == [first["subject"]["id"]], prefix

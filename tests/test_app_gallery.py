@@ -254,6 +254,27 @@ def test_names_stored_as_typed_by_older_versions_are_brought_to_nfc_once(tmp_pat
     assert Store(path).subject(nfd).name == "Jose\u0301"  # the migration ran once, not at every open
 
 
+def test_names_are_brought_to_a_new_naming_rule_once(tmp_path):
+    """A database whose names were canonical under the earlier rule (zero-width characters only) holds a
+    "y" + right-to-left mark apart from "y"; under the rule that trims every invisible character it would be
+    unreachable by name, so opening it renames it once (and a collision keeps its name, as above)."""
+    path = tmp_path / "visage.db"
+    store = Store(path)
+    add(store, "x", unit(1, 0))
+    add(store, "y", unit(1, 1))
+    marked, twin = (s.id for s in store.list_subjects()[1])
+    store.close()
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE meta SET value = 'nfc-trimmed' WHERE key = 'names'")  # the earlier rule's marker
+        conn.execute("UPDATE subjects SET name = ? WHERE id = ?", ("x\u200f", marked))
+        conn.execute("UPDATE subjects SET name = ? WHERE id = ?", ("y\u00ad", twin))
+    conn.close()
+    store = Store(path)
+    assert store.subject(marked).name == "x" and store.subject(twin).name == "y"
+    assert store.list_subjects(name="x")[1][0].id == marked
+
+
 # -- index ---------------------------------------------------------------------------------------------------------
 
 

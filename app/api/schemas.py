@@ -14,6 +14,9 @@ from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
 
 MAX_METADATA_BYTES = 16 * 1024
+# a bound on the name as sent; the limit that counts (MAX_NAME_LENGTH) is app.names' on the stored form: an NFD
+# name or one padded with spaces is longer as sent (a 150-letter name in NFD was refused at 300 code points)
+RAW_NAME_LENGTH = 4 * MAX_NAME_LENGTH
 FACE_HELP = "which face: 'single' (refuse several), 'largest', or a box 'left,top,right,bottom' in pixels"
 
 
@@ -94,7 +97,7 @@ class ThresholdParams(BaseModel):
 
 
 class SubjectParams(BaseModel):
-    subject: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="subject name")
+    subject: str | None = Field(None, max_length=RAW_NAME_LENGTH, description="subject name")
     subject_id: int | None = Field(None, ge=1, le=MAX_ROW_ID, description="subject id (instead of the name)")
 
 
@@ -250,7 +253,7 @@ class SubjectQuery(BaseModel):
 
     offset: int = Field(0, ge=0, le=MAX_ROW_ID)
     limit: int = Field(50, ge=1, le=500)
-    name: str | None = Field(None, max_length=MAX_NAME_LENGTH, description="name prefix")
+    name: str | None = Field(None, max_length=RAW_NAME_LENGTH, description="name prefix")
 
     @field_validator("name")
     @classmethod
@@ -269,7 +272,7 @@ class SubjectPage(BaseModel):
 class SubjectUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})  # tells clients: not {}
 
-    name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH)
+    name: str | None = Field(None, min_length=1, max_length=RAW_NAME_LENGTH)
     metadata: dict[str, Any] | None = Field(None, description="replaces the stored metadata")
 
     _metadata = field_validator("metadata")(_check_metadata)
