@@ -4,6 +4,8 @@ requests admitted at once.
 A declared ``Content-Length`` over the limit is refused at once without reading the body; a chunked body is
 counted as it streams and refused as soon as it passes the limit, so an oversized upload never fills the disk
 (Starlette spools large multipart files to temporary files). Both answer 413 in the usual JSON error shape.
+A multipart body that ends before its closing boundary (a cut-off upload) is a 400: Starlette's parser drops the
+unfinished part, and the request was refused for a field the client did send.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +29,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             response = error_response(
                 413,
@@ -37,18 +41,35 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        closing = _closing_delimiter(headers.get("content-type", ""))
+        seen = b""  # the end of the body so far, long enough to hold a closing delimiter split across messages
 
         async def counted_receive() -> Message:
-            nonlocal received
+            nonlocal received, seen, closing
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                body = message.get("body", b"")
+                received += len(body)
                 if received > self.max_bytes:
                     # an HTTPException survives FastAPI's form parsing (other errors become a generic 400)
                     raise HTTPException(413, f"the request body passed the limit of {self.max_bytes} bytes")
+                if closing:
+                    seen = seen[-len(closing):] + body
+                    if closing in seen:
+                        closing = b""  # complete (an epilogue may follow)
+                    elif not message.get("more_body", False):
+                        raise HTTPException(400, "the multipart body ended before its closing boundary: the upload "
+                                                 "was cut off; send it again")
             return message
 
         await self.app(scope, counted_receive, send)
+
+
+def _closing_delimiter(content_type: str) -> bytes:
+    """``--boundary--`` for a multipart body, else b"" (nothing to check)."""
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    return b"--" + boundary + b"--" if kind.startswith(b"multipart/") and boundary else b""
 
 
 class Admission:

@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
         '`{"error": code, "detail": text}`. Every response carries an `X-Request-ID` (yours, if you send one that '
         "looks like an id): quote it when reporting a problem, the service log is keyed by it.",
         lifespan=lifespan,
+        # "/subjects/" was an empty 307 to a URL built from the Host header, before the key check: clients that
+        # follow redirects send the X-API-Key along to that host. A 404 like any unknown path instead.
+        redirect_slashes=False,
     )
     app.state.runtime = runtime
     app.state.metrics = Metrics()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,18 +38,18 @@ class FaceSelector:
     box: tuple[float, float, float, float] | None = None
 
     @classmethod
-    def parse(cls, text: str | None, default: str = "single") -> FaceSelector:
+    def parse(cls, text: str | None, default: str = "single", field: str = "face") -> FaceSelector:
+        """``field``'s text: a policy, or a box of four plain decimal numbers (``float()`` also took "1_0" and
+        other scripts' digits)."""
         text = (text or default).strip().lower()
         if text in ("single", "largest"):
             return cls(text)
-        parts = text.split(",")
-        try:
-            box = tuple(float(p) for p in parts)
-        except ValueError:
-            box = ()
+        parts = [p.strip() for p in text.split(",")]
+        numbers = all(re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?", p) for p in parts)
+        box = tuple(float(p) for p in parts) if numbers else ()
         if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
             raise BadParameter(
-                f"face must be 'single', 'largest' or a box 'left,top,right,bottom' "
+                f"{field} must be 'single', 'largest' or a box 'left,top,right,bottom' "
                 f"with left < right and top < bottom; got {text!r}"
             )
         return cls("box", box)  # type: ignore[arg-type]

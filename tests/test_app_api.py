@@ -123,6 +123,14 @@ def test_photos_with_several_faces_need_a_choice(client):
              422, "no_face_found")
     is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": "3,2,1"}),
              422, "bad_parameter")
+    # plain decimals only: float() read "1_50" as 150 and other scripts' digits as ours
+    for box in ("1_50, 30, 230, 110", "\u0661\u0665\u0660, 30, 230, 110"):
+        is_error(client.post("/enroll", files={"image": two}, data={"subject": "z", "face": box}), 422, "bad_parameter")
+    assert enroll(client, two, subject="z", face="1.5e2, +30, 230., 110")["box"][0] == 140.0
+    # /compare says which of its two selectors is wrong
+    bad = client.post("/compare", files={"image1": two, "image2": two}, data={"face2": "1,2"})
+    is_error(bad, 422, "bad_parameter")
+    assert bad.json()["detail"].startswith("face2 must be"), bad.text
     is_error(client.post("/enroll", files={"image": png()}, data={"subject": "z"}), 422, "no_face_found")
 
 
@@ -324,6 +332,62 @@ def test_a_form_field_given_twice_is_refused_not_overwritten(client):
     r = client.post("/verify", files={"image": ("a.png", png(RED))}, data={"subject": "alice", "far": ["1e-2", "1e-4"]})
     is_error(r, 422, "bad_parameter")
     assert client.get("/subjects").json()["total"] == 0
+
+
+def test_ids_and_counts_are_digits_not_python_int_syntax(client):
+    """Pydantic read "1_1" as Python's int() does: DELETE /subjects/1_1 deleted subject 11."""
+    for i in range(11):
+        enroll(client, png(RED if i % 2 else BLUE), subject=f"s{i}")
+    ids = [s["id"] for s in client.get("/subjects", params={"limit": 50}).json()["items"]]
+    assert 11 in ids
+    image = {"image": ("a.png", png(RED))}
+    for response in (client.delete("/subjects/1_1"), client.get("/subjects/1_0"),
+                     client.delete("/subjects/1/faces/1_0"), client.get("/subjects", params={"limit": "1_0"}),
+                     client.get("/subjects", params={"offset": "0x1"}),
+                     client.post("/verify", files=image, data={"subject_id": "1_1"}),
+                     client.post("/identify", files=image, data={"k": "1_0"}),
+                     client.post("/identify", files=image, data={"k": "1.0"})):
+        is_error(response, 422, "bad_parameter")
+        assert "digits" in response.json()["detail"], response.text
+    assert client.get("/subjects/11").status_code == 200  # still there
+    assert client.get("/subjects/011").json()["id"] == 11  # plain digits (a leading zero too) still read
+    assert client.post("/identify", files=image, data={"k": "3"}).status_code == 200
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_and_a_repeated_query_parameter_is_refused(client):
+    """"/subjects/" answered an empty 307 to a URL made from the Host header, before the key was checked:
+    clients that follow redirects sent their X-API-Key to that host. And ?limit=1&limit=2 kept the last."""
+    for response in (client.get("/subjects/", headers={"Host": "evil.example:9999"}),
+                     client.post("/enroll/", files={"image": ("a.png", png(RED))}, data={"subject": "a"})):
+        is_error(response, 404, "not_found")
+        assert "location" not in response.headers
+    r = client.get("/subjects?limit=1&limit=2")
+    is_error(r, 422, "bad_parameter")
+    assert "repeated: limit" in r.json()["detail"]
+
+
+def test_a_misspelt_or_misplaced_parameter_is_refused_not_ignored(client):
+    """A misspelt ``treshold`` or ``fra``, or ``?threshold=`` in the URL, was ignored: /verify answered at the
+    default FAR 1e-3 with a 200, where the client meant a stricter operating point."""
+    enroll(client, png(RED), subject="alice")
+    image = {"image": ("a.png", png(RED))}
+    for data in ({"subject": "alice", "treshold": "0.9"}, {"subject": "alice", "fra": "1e-4"}):
+        r = client.post("/verify", files=image, data=data)
+        is_error(r, 422, "bad_parameter")
+        assert f"unknown form field(s): {next(iter(set(data) - {'subject'}))}" in r.json()["detail"], r.text
+        assert "threshold" in r.json()["detail"]  # and what it does take
+    r = client.post("/verify?threshold=0.9&far=1e-4", files=image, data={"subject": "alice"})
+    is_error(r, 422, "bad_parameter")
+    assert "not in the URL: far, threshold" in r.json()["detail"]
+    for path, files in [("/enroll", image), ("/identify", image), ("/embed", image),
+                        ("/compare", {"image1": ("a.png", png(RED)), "image2": ("b.png", png(RED))})]:
+        r = client.post(path, files=files, data={"subject": "alice", "extra": "1"} if path == "/enroll" else
+                        {"extra": "1"})
+        is_error(r, 422, "bad_parameter")
+        assert "extra" in r.json()["detail"], path
+    assert client.get("/subjects").json()["total"] == 1  # nothing more stored
+    ok = client.post("/verify", files=image, data={"subject": "alice", "threshold": "0.9", "face": "largest"})
+    assert ok.status_code == 200 and ok.json()["threshold"] == 0.9  # every real field still taken
 
 
 def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tmp_path, caplog):
@@ -706,3 +770,25 @@ def test_form_text_that_is_not_utf8_is_read_as_latin1(client):
     assert r.status_code == 201, r.text
     assert r.json()["subject"]["name"] == "José"
     assert enroll(client, png(RED), subject="José")["created"] is False  # the same subject, sent as UTF-8
+
+
+def test_a_cut_off_multipart_upload_is_a_400_not_a_missing_field(client):
+    """A body that ends inside its last part (a dropped connection, a proxy's cut) was a 422 "image: Field
+    required": Starlette drops the unfinished part, and the client was told it forgot a field it sent."""
+    boundary = "visage-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"subject\"\r\n\r\nt\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n").encode()
+    whole = head + png(RED) + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"content-type": f"multipart/form-data; boundary=\"{boundary}\""}
+
+    def chunked(data: bytes):  # the closing delimiter split across messages
+        yield from (data[i:i + 7] for i in range(0, len(data), 7))
+
+    for cut in (whole[: len(head) + 40], whole[:-4], head[:30]):
+        r = client.post("/enroll", content=cut, headers=headers)
+        is_error(r, 400, "bad_request")
+        assert "cut off" in r.json()["detail"]
+    assert client.get("/subjects").json()["total"] == 0
+    assert client.post("/enroll", content=chunked(whole), headers=headers).status_code == 201
+    epilogue = whole + b"an epilogue, which RFC 2046 allows\r\n"
+    assert client.post("/enroll", content=epilogue, headers=headers).status_code == 200  # the same image again

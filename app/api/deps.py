@@ -9,11 +9,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
 
 from app.errors import BadParameter, Unauthorized
 from app.gallery import Gallery
@@ -56,18 +57,41 @@ def require_api_key(
         raise Unauthorized("the API key is not valid")
 
 
-async def single_valued_form(request: Request) -> None:
-    """Refuse a form that gives a field twice: FastAPI keeps the last value of a repeated field, so
-    ``-F image=@a.jpg -F image=@b.jpg`` would enroll b's face and ``-F subject=a -F subject=b`` would file it
-    under b, with a 201 either way. (The form is the one FastAPI parsed for the endpoint: Starlette caches it.)"""
-    if not request.headers.get("content-type", "").lower().startswith(
-        ("multipart/form-data", "application/x-www-form-urlencoded")
-    ):
-        return
-    counts = Counter(key for key, _ in (await request.form()).multi_items())
+def form_fields(*fields: type[BaseModel] | str) -> Any:
+    """The dependency of a form endpoint that takes ``fields`` (form models' fields, and file field names).
+
+    FastAPI ignores what an endpoint does not read, and keeps the last value of a repeated field: a misspelt
+    ``-F treshold=0.9``, or ``?threshold=0.9`` in the URL, verified at the default threshold with a 200, and
+    ``-F image=@a.jpg -F image=@b.jpg`` enrolled b's face. Each of the three is a 422 naming the field. (The
+    form is the one FastAPI parsed for the endpoint: Starlette caches it.)"""
+    allowed = frozenset(name for f in fields for name in ([f] if isinstance(f, str) else f.model_fields))
+
+    async def check_form(request: Request) -> None:
+        if request.query_params:
+            raise BadParameter(f"this endpoint takes its parameters as form fields, not in the URL: "
+                               f"{', '.join(sorted(set(request.query_params)))}")
+        if not request.headers.get("content-type", "").lower().startswith(
+            ("multipart/form-data", "application/x-www-form-urlencoded")
+        ):
+            return  # (FastAPI's own 422 names the missing fields)
+        counts = Counter(key for key, _ in (await request.form()).multi_items())
+        repeated = sorted(key for key, n in counts.items() if n > 1)
+        if repeated:
+            raise BadParameter(f"each form field may be given once; repeated: {', '.join(repeated)}")
+        unknown = sorted(set(counts) - allowed)
+        if unknown:
+            raise BadParameter(f"unknown form field(s): {', '.join(unknown)}; this endpoint takes "
+                               f"{', '.join(sorted(allowed))}")
+
+    return Depends(check_form)
+
+
+async def single_valued_query(request: Request) -> None:
+    """``?limit=1&limit=2`` kept the last value without a word, as forms did (``form_fields``)."""
+    counts = Counter(key for key, _ in request.query_params.multi_items())
     repeated = sorted(key for key, n in counts.items() if n > 1)
     if repeated:
-        raise BadParameter(f"each form field may be given once; repeated: {', '.join(repeated)}")
+        raise BadParameter(f"each query parameter may be given once; repeated: {', '.join(repeated)}")
 
 
 async def admitted(request: Request) -> AsyncIterator[None]:

@@ -11,12 +11,12 @@ from app.api.deps import (
     ServiceDep,
     SettingsDep,
     admitted,
+    form_fields,
     read_upload,
     require_api_key,
     run_cpu,
     run_db,
     run_write,
-    single_valued_form,
 )
 from app.api.schemas import (
     Candidate,
@@ -58,7 +58,7 @@ SUBJECT_ERRORS: dict[int | str, dict] = {
 
 router = APIRouter(
     tags=["faces"],
-    dependencies=[Depends(require_api_key), Depends(single_valued_form), Depends(admitted)],
+    dependencies=[Depends(require_api_key), Depends(admitted)],
     responses=IMAGE_ERRORS,
 )
 ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, GIF or PGM/PPM")]
@@ -74,6 +74,7 @@ ImageFile = Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, TIFF, 
         409: {"model": ErrorResponse, "description": "the image is enrolled for the subject with another face"},
     },
     summary="Add a face to a subject (created if new)",
+    dependencies=[form_fields(EnrollForm, "image")],
 )
 async def enroll(
     request: Request,
@@ -113,7 +114,8 @@ async def enroll(
     )
 
 
-@router.post("/verify", response_model=VerifyResponse, responses=SUBJECT_ERRORS, summary="1:1 - is this the subject?")
+@router.post("/verify", response_model=VerifyResponse, responses=SUBJECT_ERRORS, summary="1:1 - is this the subject?",
+             dependencies=[form_fields(VerifyForm, "image")])
 async def verify(
     request: Request,
     service: ServiceDep,
@@ -139,7 +141,8 @@ async def verify(
     )
 
 
-@router.post("/identify", response_model=IdentifyResponse, summary="1:N - who are the faces in this image?")
+@router.post("/identify", response_model=IdentifyResponse, summary="1:N - who are the faces in this image?",
+             dependencies=[form_fields(IdentifyForm, "image")])
 async def identify(
     request: Request,
     service: ServiceDep,
@@ -167,7 +170,8 @@ async def identify(
     return IdentifyResponse(faces=faces, **threshold_fields(threshold), model_version=service.model_version)
 
 
-@router.post("/compare", response_model=CompareResponse, summary="Are two photos the same person? (no gallery)")
+@router.post("/compare", response_model=CompareResponse, summary="Are two photos the same person? (no gallery)",
+             dependencies=[form_fields(CompareForm, "image1", "image2")])
 async def compare(
     request: Request,
     service: ServiceDep,
@@ -177,7 +181,7 @@ async def compare(
     form: Annotated[CompareForm, Form()],
 ) -> CompareResponse:
     threshold = service.threshold(form.threshold, form.far)
-    sel1, sel2 = FaceSelector.parse(form.face1, "largest"), FaceSelector.parse(form.face2, "largest")
+    sel1, sel2 = FaceSelector.parse(form.face1, "largest", "face1"), FaceSelector.parse(form.face2, "largest", "face2")
     data1, data2 = await read_upload(image1, settings, "image1"), await read_upload(image2, settings, "image2")
     result = await run_cpu(request, service.compare, data1, data2, sel1, sel2, threshold)
     return CompareResponse(
@@ -190,7 +194,8 @@ async def compare(
     )
 
 
-@router.post("/embed", response_model=EmbedResponse, summary="Every face in an image with its embedding")
+@router.post("/embed", response_model=EmbedResponse, summary="Every face in an image with its embedding",
+             dependencies=[form_fields("image")])
 async def embed(request: Request, service: ServiceDep, settings: SettingsDep, image: ImageFile) -> EmbedResponse:
     """Detected faces (an empty list if none) with their unit-vector embeddings; nothing is stored."""
     data = await read_upload(image, settings)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
-from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db, run_write
+from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db, run_write, single_valued_query
 from app.api.schemas import (
     DeletedFace,
     DeletedSubject,
@@ -17,6 +17,7 @@ from app.api.schemas import (
     SubjectQuery,
     SubjectSummary,
     SubjectUpdate,
+    Whole,
 )
 from app.gallery import Gallery
 from app.names import clean_name
@@ -33,7 +34,7 @@ router = APIRouter(
         503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be read or written"},
     },
 )
-SubjectId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="subject id")]
+SubjectId = Annotated[Whole, Path(ge=1, le=MAX_ROW_ID, description="subject id")]
 
 
 def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
@@ -45,7 +46,7 @@ def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
     )
 
 
-@router.get("", response_model=SubjectPage, summary="List subjects, by id")
+@router.get("", response_model=SubjectPage, summary="List subjects, by id", dependencies=[Depends(single_valued_query)])
 async def list_subjects(gallery: GalleryDep, query: Annotated[SubjectQuery, Query()]) -> SubjectPage:
     total, rows = await run_db(gallery.store.list_subjects, query.offset, query.limit, query.name)
     return SubjectPage(
@@ -87,7 +88,7 @@ async def delete_subject(request: Request, service: ServiceDep, subject_id: Subj
 
 @router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
 async def delete_face(
-    request: Request, service: ServiceDep, subject_id: SubjectId, face_id: Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
+    request: Request, service: ServiceDep, subject_id: SubjectId, face_id: Annotated[Whole, Path(ge=1, le=MAX_ROW_ID)]
 ) -> DeletedFace:
     def work() -> None:
         service.gallery.store.delete_face(face_id, subject_id)

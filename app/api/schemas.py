@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Json, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Json, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from app.gallery import SubjectHit
 from app.names import MAX_NAME_LENGTH, canonical_prefix
@@ -13,6 +15,16 @@ from app.service import Threshold
 from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
 
+
+def _written_in_digits(value: Any) -> Any:
+    """Pydantic reads text as Python's ``int()`` does: "1_1" was 11, so ``DELETE /subjects/1_1`` deleted
+    subject 11. An id or a count sent as text is digits (and a sign), nothing else."""
+    if isinstance(value, str) and not re.fullmatch(r"[-+]?[0-9]+", value):
+        raise PydanticCustomError("int_parsing", "Input should be a whole number written with the digits 0-9")
+    return value
+
+
+Whole = Annotated[int, BeforeValidator(_written_in_digits)]
 MAX_METADATA_BYTES = 16 * 1024
 # a bound on the name as sent; the limit that counts (MAX_NAME_LENGTH) is app.names' on the stored form: an NFD
 # name or one padded with spaces is longer as sent (a 150-letter name in NFD was refused at 300 code points)
@@ -98,7 +110,7 @@ class ThresholdParams(BaseModel):
 
 class SubjectParams(BaseModel):
     subject: str | None = Field(None, max_length=RAW_NAME_LENGTH, description="subject name")
-    subject_id: int | None = Field(None, ge=1, le=MAX_ROW_ID, description="subject id (instead of the name)")
+    subject_id: Whole | None = Field(None, ge=1, le=MAX_ROW_ID, description="subject id (instead of the name)")
 
 
 # -- faces: enroll, verify, identify, compare, embed ---------------------------------------------------------
@@ -140,7 +152,7 @@ class VerifyResponse(BaseModel):
 
 
 class IdentifyForm(ThresholdParams):
-    k: int = Field(5, ge=1, le=50, description="subjects to return per face")
+    k: Whole = Field(5, ge=1, le=50, description="subjects to return per face")
 
 
 class Candidate(BaseModel):
@@ -251,8 +263,8 @@ class SubjectQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    offset: int = Field(0, ge=0, le=MAX_ROW_ID)
-    limit: int = Field(50, ge=1, le=500)
+    offset: Whole = Field(0, ge=0, le=MAX_ROW_ID)
+    limit: Whole = Field(50, ge=1, le=500)
     name: str | None = Field(None, max_length=RAW_NAME_LENGTH, description="name prefix")
 
     @field_validator("name")
