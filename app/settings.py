@@ -128,13 +128,17 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment and ``overrides``. A bad value is one ValueError line naming each variable,
-    what it held and what it should be (pydantic's own message takes three lines a field, with a web link)."""
+    """Settings from the environment and ``overrides`` (a command's options: ``port`` is ``--port``). A bad value
+    is one ValueError line naming each option or variable it came from, what it held and what it should be
+    (pydantic's own message takes three lines a field, with a web link)."""
+    def source(loc: tuple) -> str:
+        field = "_".join(map(str, loc))
+        return f"--{field.replace('_', '-')}" if field in overrides else f"VISAGE_{field.upper()}"
+
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = validation_problems(exc.errors(), lambda loc: f"VISAGE_{'_'.join(map(str, loc)).upper()}")
-        raise ValueError(f"invalid settings: {problems}") from None
+        raise ValueError(f"invalid settings: {validation_problems(exc.errors(), source)}") from None
 
 
 def resolve_api_keys(settings: Settings) -> tuple[list[str], bool]:

@@ -188,6 +188,10 @@ def test_a_bad_setting_is_one_line_naming_each_variable(monkeypatch, tmp_path, c
     assert "VISAGE_PORT='99999': Input should be less than or equal to 65535" in err
     assert "VISAGE_MAX_PIXELS='lots': Input should be a valid integer" in err
     assert "VISAGE_LOG_LEVEL='bogus': Input should be 'critical', 'error'" in err
+    monkeypatch.delenv("VISAGE_MAX_PIXELS")
+    monkeypatch.delenv("VISAGE_LOG_LEVEL")
+    assert main(["serve", "--data-dir", str(tmp_path), "--port", "70000"]) == 2  # the option, not the variable
+    assert "invalid settings: --port=70000: Input should be less than or equal to 65535" in capsys.readouterr().err
 
 
 def test_a_damaged_gallery_database_is_one_line_and_json_says_why(tmp_path, capsys):
