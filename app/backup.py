@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.errors import StoreUnreadable
+from app.files import remove_stale
 from app.store import BUSY_TIMEOUT_S, new_store_id
 
 NAME_ATTEMPTS = 100  # time-stamped names tried in a folder (-1, -2, ... within one second)
@@ -44,6 +45,7 @@ def backup_database(db_path: Path, dest: Path) -> BackupReport:
         raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)")
     # mkstemp: a unique name (concurrent backups never share it), owner-only permissions (faces and photos), and a
     # PermissionError that names the folder when it is not writable
+    _remove_abandoned_partials(dest.parent)
     fd, partial_name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
     os.close(fd)
     partial = Path(partial_name)
@@ -55,6 +57,17 @@ def backup_database(db_path: Path, dest: Path) -> BackupReport:
         Path(f"{partial}-journal").unlink(missing_ok=True)
     subjects, faces, images = counts
     return BackupReport(dest, dest.stat().st_size, subjects, faces, images, time.monotonic() - started)
+
+
+def _remove_abandoned_partials(folder: Path) -> None:
+    """The half-written copies (and their journals) of backups that a kill -9 stopped: Ctrl-C and SIGTERM clean
+    up after themselves, a kill cannot. Only SQLite files named as ``backup_database`` names them."""
+    def not_a_database(path: Path) -> bool:
+        with open(path, "rb") as fh:
+            return fh.read(16) != b"SQLite format 3\x00" and path.stat().st_size > 0
+
+    for partial in remove_stale(folder, "*.db.*.partial", keep=not_a_database):
+        Path(f"{partial}-journal").unlink(missing_ok=True)
 
 
 def backup_into_folder(db_path: Path, folder: Path) -> BackupReport:

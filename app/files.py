@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 log = logging.getLogger("visage.files")
@@ -26,3 +27,25 @@ def private_file(path: Path) -> None:
         os.close(fd)
     if mode & 0o077:
         log.warning("%s is open to other users (mode %03o) and holds face data: chmod 600 it", path, mode)
+
+
+# a writer renames or removes its temp file within seconds (or keeps writing to it); one left alone this long was
+# abandoned by a killed process (kill -9, the OOM killer, docker stop's SIGKILL during a long index save)
+STALE_AFTER_S = 600
+
+
+def remove_stale(folder: Path, pattern: str, keep=lambda path: False) -> list[Path]:
+    """Delete the files in ``folder`` matching ``pattern`` untouched for ``STALE_AFTER_S`` (unless ``keep``
+    says otherwise): nothing else ever would, and each can be as large as what it was a copy of."""
+    removed = []
+    now = time.time()
+    for path in folder.glob(pattern):
+        try:
+            if now - path.stat().st_mtime < STALE_AFTER_S or not path.is_file() or keep(path):
+                continue
+            path.unlink()
+        except OSError:  # gone meanwhile (another worker's clean-up), or not ours to remove: leave it
+            continue
+        removed.append(path)
+        log.info("removed %s, left by an interrupted write", path)
+    return removed

@@ -27,7 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from app.files import private_dir
+from app.files import private_dir, remove_stale
 from app.settings import IndexType
 
 MAGIC = b"VISAGEIX"
@@ -65,6 +65,11 @@ class IndexFileMissing(IndexFileError):
 
 def ids_checksum(ids: np.ndarray) -> str:
     return hashlib.sha256(np.sort(np.asarray(ids, dtype="<i8")).tobytes()).hexdigest()
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """The temp files of saves that a kill interrupted (``FaceIndex.save`` writes ``.NAME.*.tmp`` beside ``path``)."""
+    return remove_stale(path.parent, f".{path.name}.*.tmp") if path.parent.is_dir() else []
 
 
 class FaceIndex:
@@ -233,6 +238,7 @@ class FaceIndex:
         one."""
         path = Path(path)
         private_dir(path.parent)
+        remove_leftovers(path)
         payload = faiss.serialize_index(self._index)  # a uint8 array, hashed and written as it is (no copy)
         header = json.dumps({**self.header(), "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -251,6 +257,7 @@ class FaceIndex:
     def load(cls, path: str | Path, config: IndexConfig) -> FaceIndex:
         """Read a saved index; raises ``IndexFileError`` when the file is absent, damaged or inconsistent."""
         path = Path(path)
+        remove_leftovers(path)
         try:
             raw = path.read_bytes()
         except FileNotFoundError as exc:

@@ -88,6 +88,30 @@ def test_a_backup_never_overwrites_and_never_leaves_a_partial_file(tmp_path, mon
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
 
+def test_the_partial_copies_a_killed_backup_left_are_removed_by_the_next(tmp_path):
+    """kill -9 during a backup left visage-....db.XXXX.partial (the database's size) and its journal for ever."""
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1))
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    abandoned = dest / "visage-20261201T000000Z.db.k9x2ab.partial"
+    abandoned.write_bytes((tmp_path / "visage.db").read_bytes())
+    journal = dest / f"{abandoned.name}-journal"
+    journal.write_bytes(b"journal")
+    fresh = dest / "visage-20261201T000100Z.db.q1w2e3.partial"  # another backup, running now
+    fresh.write_bytes(abandoned.read_bytes())
+    someone_elses = dest / "film.db.download.partial"  # not a database: not ours
+    someone_elses.write_bytes(b"half a film")
+    old = time.time() - 3600
+    for path in (abandoned, journal, someone_elses):
+        os.utime(path, (old, old))
+    report = backup_into_folder(tmp_path / "visage.db", dest)
+    assert not abandoned.exists() and not journal.exists()
+    assert fresh.exists() and someone_elses.exists()
+    assert sorted(p.name for p in dest.iterdir()) == sorted([report.path.name, fresh.name, someone_elses.name])
+    store.close()
+
+
 def test_sigterm_during_a_backup_is_an_interrupt_so_the_partial_file_is_removed():
     with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)

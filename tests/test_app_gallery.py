@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -433,6 +434,25 @@ def test_index_is_loaded_when_it_agrees_and_replays_later_changes(tmp_path):
     assert gallery.identify(unit(0, 1), 1)[0][0].name == "bob"
     gallery.close()
     assert open_gallery(tmp_path).opened_by == "loaded"
+
+
+def test_temp_files_of_index_saves_a_kill_interrupted_are_removed_at_the_next_open(tmp_path):
+    """A kill -9 during a save (docker stop's SIGKILL on a long one) left .index.faiss.*.tmp, as large as the index,
+    and nothing removed it: they piled up at each such restart until the disk was full."""
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1))
+    gallery.close()
+    index_file = gallery.index_path
+    abandoned, writing = (index_file.parent / f".{index_file.name}.{tag}.tmp" for tag in ("abc123", "def456"))
+    for path in (abandoned, writing):
+        path.write_bytes(b"\0" * 1000)
+    old = time.time() - 3600
+    os.utime(abandoned, (old, old))
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by == "loaded"
+    assert not abandoned.exists() and writing.exists()  # one still being written (another worker's) is left
+    assert gallery.identify(unit(1), 1)[0][0].name == "alice"
+    gallery.close()
 
 
 def test_a_new_gallery_says_its_index_was_built_not_rebuilt_after_an_error(tmp_path, caplog):
