@@ -344,3 +344,28 @@ def test_json_logs_key_every_request_line_by_its_request_id(tmp_path):
     assert len(mine) == 1 and "POST /embed" in mine[0]["message"] and "400" in mine[0]["message"]
     assert any(rec["request_id"] == r.headers["x-request-id"] for rec in access)
     assert any(rec["logger"] == "visage.runtime" and rec["request_id"] == "-" for rec in records)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path):
+    """``visage serve --workers 2``, then kill -9 of the supervisor (uvicorn's): the workers went on serving,
+    unsupervised and holding the port, and the next ``visage serve`` failed with "already in use"."""
+    srv = Server(tmp_path / "data", env={"VISAGE_WORKERS": "2"}, cli=True).start(timeout=240)
+    workers = [p for p in _children(srv.proc.pid)
+               if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(workers) == 2, workers
+    srv.kill()
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{p}").exists() for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    for p in alive:  # (leave nothing behind if the test fails)
+        os.kill(p, 9)
+    assert not alive, "workers outlived their supervisor"
+    srv.start(timeout=240)  # the port is free again
+    srv.stop()
