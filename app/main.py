@@ -8,12 +8,6 @@ costs a replay of the store's change log or a rebuild at the next start, never d
 
 from __future__ import annotations
 
-import ctypes
-import logging
-import multiprocessing
-import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -30,24 +24,10 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.runtime import Runtime
 from app.settings import Settings, load_settings
 from model.faces import FacePipeline
+from model.processes import stop_with_parent
 
 VERSION = "0.1.0"
 STORE_WRITERS = 4  # threads that may wait for the store's write lock at once (app.api.deps.run_write)
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-log = logging.getLogger("visage.main")
-
-
-def exit_with_supervisor() -> None:
-    """In a worker of ``visage serve --workers N`` (uvicorn's supervisor spawns each through multiprocessing):
-    have Linux send it SIGTERM, a graceful shutdown, when the supervisor dies. A kill -9 of the supervisor left
-    the workers serving, unsupervised, holding the port, and every restart failed with "already in use"."""
-    parent = multiprocessing.parent_process()
-    if parent is None or not sys.platform.startswith("linux"):
-        return  # not a worker (one process serves), or no prctl
-    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
-        log.warning("cannot ask to be stopped with the supervisor (prctl: %s)", os.strerror(ctypes.get_errno()))
-    elif os.getppid() != parent.pid:  # it died before the call
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def create_app(settings: Settings | None = None, pipeline: FacePipeline | None = None) -> FastAPI:
@@ -55,7 +35,7 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     an already-loaded model."""
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    exit_with_supervisor()
+    stop_with_parent()  # a worker of --workers N stops with uvicorn's supervisor (a kill -9 of it left them serving)
     runtime = Runtime(settings, pipeline)
 
     @asynccontextmanager
