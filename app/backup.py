@@ -88,7 +88,13 @@ def _copy(db_path: Path, partial: Path) -> tuple[int, int, int]:
     try:
         target = sqlite3.connect(partial, isolation_level=None)
         try:
-            source.backup(target)  # one step: a stepped copy starts over each time another connection writes
+            try:
+                source.backup(target)  # one step: a stepped copy starts over each time another connection writes
+            except sqlite3.DatabaseError as exc:  # (not OperationalError: a lock or a full disk may pass)
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise
+                raise StoreUnreadable(f"{db_path} is not a usable SQLite database ({exc}): there is nothing sound "
+                                      "to back up; restore it from an earlier backup") from exc
             check = target.execute("PRAGMA integrity_check").fetchone()[0]
             if check != "ok":
                 raise StoreUnreadable(f"the copy of {db_path} failed SQLite's integrity check: {check}")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +54,7 @@ def register(sub) -> None:
                    help="no progress bar (there is none either when stderr is not a terminal)")
     _add_common(p)
     add_json_flag(p)
-    p.set_defaults(func=cmd_enroll)
+    p.set_defaults(func=cmd_enroll, sigterm_interrupts=True)  # (model.console)
 
     p = sub.add_parser(
         "reindex",
@@ -70,7 +67,7 @@ def register(sub) -> None:
                    help="no progress bar (there is none either when stderr is not a terminal)")
     _add_common(p)
     add_json_flag(p)
-    p.set_defaults(func=cmd_reindex)
+    p.set_defaults(func=cmd_reindex, sigterm_interrupts=True)  # (model.console)
 
     p = sub.add_parser(
         "backup",
@@ -85,7 +82,7 @@ def register(sub) -> None:
     p.add_argument("dest", metavar="DEST", help="the new backup file, or a folder to put a time-stamped one in")
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
     add_json_flag(p)
-    p.set_defaults(func=cmd_backup)
+    p.set_defaults(func=cmd_backup, sigterm_interrupts=True)  # (model.console)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -113,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args, host=args.host, port=args.port, workers=args.workers)
         log_format = settings.log_format
+        if settings.port == 0:  # any free port: chosen here, so that the banner says which (it said ":0")
+            settings = settings.model_copy(update={"port": free_port(settings.host)})
         _prepare_serve(settings)
     except (VisageError, OSError, ValueError) as exc:
         if log_format != "json":
@@ -143,6 +142,20 @@ def _requested_log_format() -> str:
 
 class AddressUnavailable(OSError):
     """``visage serve``'s address cannot be listened on (in use, not this host's, a privileged port)."""
+
+
+def free_port(host: str) -> int:
+    """A port the OS has free on ``host`` now (another process may take it before uvicorn binds: rare, and then
+    uvicorn's own error says so)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError:  # not an address of this host: check_bindable says so, naming the setting
+            return 0
+        return sock.getsockname()[1]
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -258,8 +271,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             raise ValueError(f"--url {args.url!r}: {exc}") from exc
         if url.scheme not in ("http", "https") or not url.host:  # not three retries of "unreachable" later
             raise ValueError(f"--url {args.url!r} is not an http(s) URL; e.g. http://127.0.0.1:8000")
-        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client, \
-                _sigterm_as_interrupt():  # killed (timeout, systemd): the summary and the failures list still
+        with httpx.Client(base_url=args.url, headers={"X-API-Key": args.api_key}, timeout=300.0) as client:
             report = run_batch(
                 items, remote_enroller(client, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
             )
@@ -270,10 +282,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         service = open_service(settings, with_index=False)
         try:
-            with _sigterm_as_interrupt():
-                report = run_batch(
-                    items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
-                )
+            report = run_batch(
+                items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
+            )
         finally:
             service.gallery.close()
         target = str(settings.db_path)
@@ -304,12 +315,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             print(f"not read ({len(found.skipped)}): " + "; ".join(found.skipped[:5])
                   + (f"; ... ({len(found.skipped) - 5} more: --json lists them)" if len(found.skipped) > 5 else ""),
                   file=sys.stderr)
-        if report.aborted:
-            left = report.not_attempted
-            print(f"stopped early: {report.aborted}."
-                  + (f" {left} of {report.files} images were not attempted." if left else "")
-                  + " Run the same command again (once that is fixed) to go on: it skips what is enrolled.",
-                  file=sys.stderr)
+    if report.aborted:  # (with --json too: stderr is where a script's operator looks for why)
+        left = report.not_attempted
+        print(f"stopped early: {report.aborted}."
+              + (f" {left} of {report.files} images were not attempted." if left else "")
+              + " Run the same command again" + ("" if report.interrupted else " (once that is fixed)")
+              + " to go on: it skips what is enrolled.", file=sys.stderr)
     if report.interrupted:
         return 130  # the shell's status for Ctrl-C: a script must not read a cut-short batch as done
     if report.aborted:
@@ -333,8 +344,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         def progress(done: int, total: int) -> None:
             bar.update(1)
 
-        with _sigterm_as_interrupt():  # killed (timeout, systemd): the store closes cleanly, as on Ctrl-C
-            report = service.reindex(progress)
+        report = service.reindex(progress)
     finally:
         if bar is not None:
             bar.close()
@@ -365,8 +375,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
                 [(f["face_id"], f["subject_id"], f["model_version"], f["error"], f["detail"]) for f in report.failed],
             )
     if report.interrupted:
-        print("interrupted: the faces above are re-embedded and kept; run the same command again to finish",
-              file=sys.stderr)
+        print(f"interrupted: {report.redone} faces were re-embedded and are kept; run the same command again to "
+              "finish", file=sys.stderr)
         return 130
     return 1 if report.failed else 0
 
@@ -382,11 +392,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     dest = Path(args.dest)
     if args.dest.endswith(("/", os.sep)) and not dest.is_dir():  # meant a folder: not a file named like it
         raise FileNotFoundError(f"no folder {args.dest}")
-    with _sigterm_as_interrupt():  # a killed backup (timeout, systemd, cron) cleans up its partial file too
-        if dest.is_dir():
-            report = backup_into_folder(settings.db_path, dest)
-        else:
-            report = backup_database(settings.db_path, dest)
+    report = backup_into_folder(settings.db_path, dest) if dest.is_dir() else backup_database(settings.db_path, dest)
     out = {
         "path": str(report.path),
         "bytes": report.bytes,
@@ -400,15 +406,3 @@ def cmd_backup(args: argparse.Namespace) -> int:
     else:
         print_table(f"backup of {settings.db_path.resolve()}", ["", "value"], list(out.items()))
     return 0
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

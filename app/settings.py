@@ -31,7 +31,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="SQLite store, FAISS index, API key file (relative to cwd)")
     host: str = Field("127.0.0.1", description="address `visage serve` binds")
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port (`visage serve` picks it, to announce it)
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes (each loads the model)")
     weights: Path | None = Field(None, description="weights bundle; empty = the shipped default bundle")
     flip: bool = Field(True, description="average each face with its mirror image (2 forward passes)")

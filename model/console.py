@@ -8,6 +8,7 @@ nothing of ours and the package arrows (app -> model <- training) hold.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -20,8 +21,6 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, NoReturn
-
-import numpy as np
 
 from model.errors import VisageError
 
@@ -47,6 +46,10 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     from rich.console import Console
     from rich.table import Table
 
+    class Console(Console):  # type: ignore[no-redef]
+        def on_broken_pipe(self) -> None:  # rich's own exits with status 1, which scripts read as "done in part"
+            raise BrokenPipeError
+
     table = Table()
     for i, col in enumerate(columns):
         table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")  # paths whole, not "..."
@@ -67,6 +70,8 @@ def print_json(obj: Any) -> None:
 
 
 def _finite(obj: Any) -> Any:
+    import numpy as np  # (here: numpy at import time made a Ctrl-C while the command loads a traceback)
+
     if isinstance(obj, float | np.floating):
         return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
@@ -100,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in command_registrars():
         register(sub)
+    parser.set_defaults(commands=sub.choices)  # each command's parser, to report its own usage errors
     return parser
 
 
@@ -118,7 +124,8 @@ def command_registrars() -> list[Callable[[Any], None]]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))
-        sys.stdout.flush()  # here, not at exit: a buffered stdout meets a closed pipe only when it is flushed
+        if sys.stdout is not None:  # (None when started with stdout closed: `visage cost >&-`)
+            sys.stdout.flush()  # here, not at exit: a buffered stdout meets a closed pipe only when it is flushed
         return code
     except BrokenPipeError:  # the reader went away (`visage cost --json | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout again at exit)
@@ -131,13 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser (its usage), not the top level's "visage [-h] COMMAND ..."
+            args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as exc:  # argparse's own output, plus the JSON object a script asked for
         exc.parser.print_usage(sys.stderr)
         print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
         if "--json" in argv:
             print(json.dumps({"error": "usage", "detail": str(exc)}))
         return EXIT_USER_ERROR
+    previous = signal.signal(signal.SIGTERM, _interrupt) if getattr(args, "sigterm_interrupts", False) else None
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
@@ -153,7 +163,17 @@ def _run(argv: list[str]) -> int:
             print(json.dumps({"error": "interrupted", "detail": "interrupted (Ctrl-C or SIGTERM)"}))
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_USER_ERROR
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (a timeout, systemd, docker stop) as Ctrl-C, for the commands that set ``sigterm_interrupts``:
+    they report what was done and clean up, and exit 130. Installed for the whole command: only around its main
+    loop, a SIGTERM while it loaded killed it with 143 and no JSON."""
+    raise KeyboardInterrupt
 
 
 def error_code(exc: Exception) -> str:
@@ -165,9 +185,10 @@ def error_code(exc: Exception) -> str:
 
 
 def _fail(args: argparse.Namespace, code: str, detail: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps({"error": code, "detail": detail}))
     print(f"visage {args.command}: error: {detail}", file=sys.stderr)
+    if getattr(args, "json", False):
+        with contextlib.suppress(OSError):  # stdout may be what failed (a full disk): stderr has said it
+            print(json.dumps({"error": code, "detail": detail}))
 
 
 if __name__ == "__main__":

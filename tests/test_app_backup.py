@@ -4,6 +4,7 @@ backup from under a real uvicorn: test_app_commands.py, test_app_e2e.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -16,8 +17,8 @@ from app_helpers import V1, add, open_gallery, unit
 
 from app import backup as backup_module
 from app.backup import backup_database, backup_into_folder
-from app.commands import _sigterm_as_interrupt
 from app.store import Store, SubjectRef
+from model.console import main
 
 
 def restore(backup, folder) -> None:
@@ -112,11 +113,36 @@ def test_the_partial_copies_a_killed_backup_left_are_removed_by_the_next(tmp_pat
     store.close()
 
 
-def test_sigterm_during_a_backup_is_an_interrupt_so_the_partial_file_is_removed():
-    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+def test_sigterm_during_a_backup_is_an_interrupt_so_the_partial_file_is_removed(tmp_path, monkeypatch, capsys):
+    store = Store(tmp_path / "visage.db")
+    add(store, "alice", unit(1))
+    store.close()
+    (tmp_path / "backups").mkdir()
+
+    def killed(db_path, partial):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the signal arrives first
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    monkeypatch.setattr(backup_module, "_copy", killed)
+    assert main(["backup", str(tmp_path / "backups"), "--data-dir", str(tmp_path), "--json"]) == 130
+    assert json.loads(capsys.readouterr().out)["error"] == "interrupted"
+    assert list((tmp_path / "backups").iterdir()) == []  # no partial file left
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored for whatever runs next)
+
+
+def test_sigterm_while_a_command_starts_is_an_interrupt_too(tmp_path, monkeypatch, capsys):
+    """The handler was installed around the main loop only: a SIGTERM while the command loaded its settings or
+    its model (2-4 s for enroll and reindex) killed it with 143 and no JSON."""
+    import app.commands
+
+    def slow_settings(args, **extra):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(app.commands, "_settings", slow_settings)
+    for argv in (["reindex", "--json"], ["enroll", str(tmp_path), "--json"], ["backup", str(tmp_path), "--json"]):
+        assert main(argv) == 130, argv
+        assert json.loads(capsys.readouterr().out)["error"] == "interrupted"
 
 
 def test_backups_into_one_folder_within_a_second_get_distinct_names(tmp_path):

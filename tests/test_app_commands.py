@@ -67,7 +67,9 @@ def test_serve_with_json_logs_writes_its_start_up_lines_as_json_too(serve_env, m
     assert main(["serve", "--port", "0"]) == 0
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]  # every line is one JSON object
-    assert [r["message"].split(" (")[0] for r in records] == ["API key", "Visage on http://127.0.0.1:0"]
+    assert [r["message"].split(" (")[0].rsplit(":", 1)[0] for r in records] == ["API key", "Visage on http://127.0.0.1"]
+    port = int(records[1]["message"].split(" (")[0].rsplit(":", 1)[1])  # --port 0: the free port it chose, not 0
+    assert port > 0 and os.environ["VISAGE_PORT"] == str(port)  # and the workers are told the same one
     for record in records:
         assert set(record) == {"time", "level", "logger", "pid", "request_id", "message"}
         assert record["level"] == "INFO" and record["logger"] == "visage.serve" and record["request_id"] == "-"
@@ -297,3 +299,23 @@ def test_backup_command_writes_a_time_stamped_copy_and_never_overwrites(tmp_path
     assert "no gallery at" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     assert main(["backup", f"{tmp_path / 'nowhere'}/", "--data-dir", str(data)]) == 2  # a folder that is not there
     assert "no folder" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_backup_of_a_damaged_database_names_the_file(tmp_path, capsys):
+    """It said only "database error: file is not a database"; enroll and reindex named the file."""
+    (tmp_path / "visage.db").write_bytes(b"not a database at all, but long enough to be read " * 200)
+    (tmp_path / "backups").mkdir()
+    assert main(["backup", str(tmp_path / "backups"), "--data-dir", str(tmp_path), "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"] == "store_unreadable" and str(tmp_path / "visage.db") in out["detail"], out
+    assert list((tmp_path / "backups").iterdir()) == []
+
+
+def test_a_data_folder_under_a_file_says_which_file(tmp_path, capsys):
+    """mkdir's own "[Errno 17] File exists: 'x'" did not say that x is a file where a folder should be."""
+    (tmp_path / "notes.txt").write_text("a file")
+    assert main(["reindex", "--data-dir", str(tmp_path / "notes.txt" / "data"), "--json"]) == 2
+    from app.files import private_dir
+
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
+        private_dir(tmp_path / "notes.txt" / "data" / "deeper")

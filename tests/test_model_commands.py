@@ -86,13 +86,14 @@ def test_a_usage_error_with_json_is_json_too(capsys):
         assert main(argv) == 2
         out, err = capsys.readouterr()
         assert json.loads(out) == {"error": "usage", "detail": json.loads(out)["detail"]} and message in out
-        assert err.startswith("usage: visage") and message in err
+        assert err.startswith("usage: visage cost") and message in err  # the command's usage, not "visage COMMAND"
+        assert "visage cost: error: " in err
     assert main(["cost", "--alpha", "x"]) == 2
     assert capsys.readouterr().out == ""  # without --json, stdout stays empty as before
 
 
 @pytest.mark.parametrize("unbuffered", ["", "1"])
-@pytest.mark.parametrize("argv", [["cost", "--json"], ["cost", "--json", "--alpha", "x"]])
+@pytest.mark.parametrize("argv", [["cost", "--json"], ["cost", "--json", "--alpha", "x"], ["cost"]])
 def test_a_reader_that_goes_away_is_not_a_traceback(argv, unbuffered):
     """`visage cost --json | head -1`: the pipe closes before the output is written; was two BrokenPipeError
     tracebacks (the second from printing the error), or with a buffered stdout "Exception ignored" and exit 120."""
@@ -103,6 +104,16 @@ def test_a_reader_that_goes_away_is_not_a_traceback(argv, unbuffered):
     proc.stdout.close()  # the reader is gone before the command writes
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
+    # (a table, ["cost"], exited 1: rich's console turns a broken pipe into exit 1, "done in part" to a script)
+
+
+def test_a_full_disk_under_stdout_is_one_line_and_status_2_not_a_traceback():
+    """`visage cost --json > /dev/full`: the error handler printed its JSON to the same full stdout and died."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "model.console", "cost", "--json"], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "No space left on device" in result.stderr
 
 
 def test_embed_on_corrupt_files_exits_non_zero_and_json_says_why(weights):
