@@ -41,6 +41,7 @@ STORAGE_ERRORS = frozenset({
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
     sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PROTOCOL,
 })
+DAMAGE_ERRORS = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})  # the file itself is bad
 PASSING_ERRORS = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_FULL})
 BUSY_TIMEOUT_S = 30.0
 CLOSE_WAIT_S = 30.0  # how long close() waits for running transactions
@@ -304,14 +305,15 @@ class Store:
         except StorageUnavailable:  # locked, read-only, disk full: the file itself is fine
             self.close()
             raise
-        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one: say which file, not a traceback
+        except (sqlite3.DatabaseError, StoreUnreadable) as exc:  # not a database, or a damaged one: say which file
             self.close()
             if isinstance(exc, sqlite3.OperationalError):  # (raised outside a write transaction)
                 raise
+            cause = exc.__cause__ if isinstance(exc, StoreUnreadable) else exc
             raise StoreUnreadable(
-                f"{self.path} is not a usable SQLite database ({exc}); restore it from a backup, or move it "
+                f"{self.path} is not a usable SQLite database ({cause}); restore it from a backup, or move it "
                 "away to start an empty gallery"
-            ) from exc
+            ) from cause
 
     # -- connections and transactions ------------------------------------------------------------------------
 
@@ -406,6 +408,11 @@ class Store:
             if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in STORAGE_ERRORS:
                 raise
             raise StorageUnavailable(f"the gallery {self.path.name} could not be {verb} ({exc}){consequence}") from exc
+        except sqlite3.DatabaseError as exc:  # damaged pages found past the open (a restore that kept an old -wal)
+            if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in DAMAGE_ERRORS:
+                raise
+            raise StoreUnreadable(f"{self.path} is damaged ({exc}): restore it from a backup, deleting visage.db-wal "
+                                  "and visage.db-shm beside it (docs/SERVICE.md, Operations)") from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):

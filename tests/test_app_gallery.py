@@ -178,6 +178,23 @@ def test_a_damaged_database_file_is_a_clear_error(tmp_path, monkeypatch):
         Store(good)  # another process writing: the healthy file is locked, not damaged
 
 
+def test_damage_found_after_the_open_is_a_clear_error_naming_the_file(tmp_path):
+    """Pages damaged past what the open reads (a restore that left the old visage.db-wal to be replayed onto the
+    copy) raised a bare "database disk image is malformed" from the first query: /readyz said only that."""
+    store = Store(tmp_path / "visage.db")
+    for i in range(300):
+        add(store, f"s{i}", unit(1, i % 8))
+    store.close()
+    data = bytearray((tmp_path / "visage.db").read_bytes())
+    for page in range(5, len(data) // 4096, 3):
+        data[page * 4096 + 100: page * 4096 + 400] = b"\xff" * 300
+    (tmp_path / "visage.db").write_bytes(bytes(data))
+    store = Store(tmp_path / "visage.db")  # the schema and meta pages are sound
+    with pytest.raises(StoreUnreadable, match=r"visage.db is damaged \(database disk image is malformed\): restore"):
+        store.list_subjects(limit=500)
+    store.close()
+
+
 def test_writes_queued_behind_another_process_lock_each_fail_after_one_busy_timeout(tmp_path, monkeypatch):
     """Behind another process's write lock, this process's writers queued on its own lock and each began SQLite's
     full busy wait only once it had that lock: the n-th failed after n timeouts (30 s, 60 s, ... 16 minutes for
