@@ -154,6 +154,10 @@ def describe_validation(exc: RequestValidationError) -> str:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header", "form")]
         field = ".".join(loc) or "request"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
+            # a JSON body sent without its content type arrives as text: "Input should be a valid dictionary"
+            parts.append("body: send a JSON object with Content-Type: application/json")
+            continue
         if msg.startswith("Expected UploadFile"):  # FastAPI's words name a Python class: "received: <class 'str'>"
             msg = f"send a file here, not text (multipart: curl -F {field}=@photo.jpg)"
         parts.append(f"{field}: {msg}")

@@ -792,3 +792,13 @@ def test_a_cut_off_multipart_upload_is_a_400_not_a_missing_field(client):
     assert client.post("/enroll", content=chunked(whole), headers=headers).status_code == 201
     epilogue = whole + b"an epilogue, which RFC 2046 allows\r\n"
     assert client.post("/enroll", content=epilogue, headers=headers).status_code == 200  # the same image again
+
+
+def test_a_json_body_without_its_content_type_says_so(client):
+    """PATCH with a valid JSON object but no (or a text/plain) Content-Type: "request: Input should be a valid
+    dictionary or object to extract fields from" did not say what was wrong."""
+    sid = enroll(client, png(RED), subject="alice")["subject"]["id"]
+    for headers in ({}, {"Content-Type": "text/plain"}):
+        r = client.patch(f"/subjects/{sid}", content=b'{"name": "bob"}', headers=headers)
+        is_error(r, 422, "bad_parameter")
+        assert "Content-Type: application/json" in r.json()["detail"], r.text
