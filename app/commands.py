@@ -253,12 +253,9 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     # the command was run
     named = "data_dir" in settings.model_fields_set
     failures_path = args.failures or (Path(FAILURES_CSV) if args.url and not named else settings.failures_path)
-    try:  # found now, not after the whole batch
-        check_writable(failures_path)
-    except OSError as exc:
-        whose = ("--failures" if args.failures else "the failures list in the current folder (give --failures)"
-                 if args.url and not named else "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)")
-        raise type(exc)(f"{whose} {shown(failures_path)} cannot be written: {exc}") from exc
+    whose = ("--failures" if args.failures else "the failures list in the current folder (give --failures)"
+             if args.url and not named else "the failures list in the data folder (--data-dir / VISAGE_DATA_DIR)")
+    check_writable(failures_path, whose)  # found now, not after the whole batch
     max_bytes = settings.max_upload_bytes
     if args.url:
         import httpx

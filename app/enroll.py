@@ -8,6 +8,7 @@ runs: the service sees the new faces through the store's change log, without a r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import tempfile
@@ -22,6 +23,7 @@ from app.files import private_dir
 from app.names import clean_name
 from app.service import FaceSelector, FaceService
 from app.store import SubjectRef
+from model import files
 from model.decode import DEFAULT_MAX_BYTES, IMAGE_SUFFIXES, read_limited
 from model.errors import VisageError
 
@@ -266,14 +268,12 @@ def run_batch(
     return report
 
 
-def check_writable(path: Path) -> None:
-    """Raise the ``OSError`` that ``write_failures(path, ...)`` would raise for its folder, before the batch
-    runs rather than after it (a folder given as the file, a parent that is a file, no permission)."""
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give the CSV file's path")
-    private_dir(path.parent)
-    with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".probe", dir=path.parent):
-        pass
+def check_writable(path: Path, what: str) -> None:
+    """``model.files.check_writable`` for the failures CSV, whose folder (the data folder, by default) is made
+    private (``private_dir``) when this makes it: before the batch runs rather than after it."""
+    with contextlib.suppress(OSError):  # (what stands in the way is said, naming ``what``, just below)
+        private_dir(path.parent)
+    files.check_writable(path, what)
 
 
 def write_failures(path: Path, failures: list[dict[str, str]]) -> None:

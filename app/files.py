@@ -8,16 +8,15 @@ import os
 import time
 from pathlib import Path
 
+from model.files import file_in_the_way
+
 log = logging.getLogger("visage.files")
 
 
 def private_dir(path: Path) -> Path:
     """``mkdir -p``, the folder itself made 0700 when this call creates it (an existing one is left as it is)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except (FileExistsError, NotADirectoryError) as exc:  # mkdir's own message was "[Errno 17] File exists: 'x'"
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
-        raise NotADirectoryError(f"{path} cannot be made: {blocker} is a file, not a folder") from exc
+    file_in_the_way(path)  # (mkdir's own message was "[Errno 17] File exists: 'x'")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
 

@@ -6,6 +6,7 @@ verification thresholds calibrated per false-accept rate, the training recipe an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import textwrap
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from model.errors import WeightsError
+from model.files import make_parent
 from model.mobilenet import FaceEmbeddingNet, ModelConfig, build_model
 from model.score_norm import CohortNorm
 from model.tta import bundle_shift
@@ -102,7 +104,6 @@ def bundle_from_model(model: FaceEmbeddingNet, config: ModelConfig, metadata: di
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves half a weights file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "config": asdict(bundle.config),
@@ -113,13 +114,27 @@ def save_bundle(bundle: Bundle, path: str | Path) -> Path:
         payload["score_norm"] = bundle.score_norm.to_payload()
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give the weights file's path")
+    return save_atomically(payload, path)
+
+
+def save_atomically(payload: Any, path: Path) -> Path:
+    """``torch.save`` through a temp file and a rename, so a crash never leaves half a file. Any failure to write
+    is an ``OSError`` naming ``path``: torch.save's own was a RuntimeError ("enforce fail at inline_container.cc")
+    for a folder it may not write or a full disk, which the command line showed as a traceback."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        torch.save(payload, tmp)
+        make_parent(path)
+        with open(tmp, "wb") as fh:  # (not torch.save(payload, tmp): open's own error says what went wrong)
+            torch.save(payload, fh)
         tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # (no temp file where its folder could not be made)
+            tmp.unlink(missing_ok=True)
+        # a failed write, or one under torch's RuntimeError
+        cause = exc.__context__ if isinstance(exc, RuntimeError) else exc
+        if not isinstance(cause, OSError):
+            raise
+        raise type(cause)(f"cannot write {path}: {cause.strerror or cause}") from exc
     return path
 
 

@@ -219,7 +219,7 @@ def test_an_unwritable_failures_path_is_refused_before_the_batch_runs(tmp_path, 
     assert main([*argv, "--failures", str(tmp_path / "a_file" / "failures.csv")]) == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["error"] in ("file_exists", "not_a_directory") and "--failures" in err
-    assert "cannot be written" in err and not data.exists()  # refused before the gallery was opened
+    assert "cannot write" in err and not data.exists()  # refused before the gallery was opened
     assert main([*argv, "--failures", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     argv[3] = str(tmp_path / "a_file")  # --data-dir a file: the failures list was blamed on --failures

@@ -117,6 +117,29 @@ def test_save_is_atomic_and_overwrites(net_and_path, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pt", "w.pt"]
 
 
+def test_a_write_that_fails_is_an_oserror_naming_the_file_and_leaves_nothing(net_and_path, tmp_path, monkeypatch):
+    """torch.save raised RuntimeError ("enforce fail at inline_container.cc: ... Permission denied") for a folder
+    it may not write or a full disk: a traceback, where every caller handles OSError. A file where a folder
+    should be said only "File exists"."""
+    import builtins
+
+    bundle = bundle_from_model(net_and_path[0], ModelConfig())
+    (tmp_path / "notes.txt").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"cannot write {tmp_path}/notes.txt/w.pt: {tmp_path}/notes.txt "
+                       "is a file, not a folder"):
+        save_bundle(bundle, tmp_path / "notes.txt" / "w.pt")
+    if Path("/sys").is_dir():  # read-only even for root (who can write a chmod 555 folder)
+        with pytest.raises(PermissionError, match="^cannot write /sys/visage-test.pt: Permission denied$"):
+            save_bundle(bundle, "/sys/visage-test.pt")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **kw: real_open("/dev/full" if str(path).endswith(
+        ".pt.tmp") else path, *a, **kw))  # a full disk: torch.save's RuntimeError over the OSError
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path}/w.pt: No space left on device$"):
+        save_bundle(bundle, tmp_path / "w.pt")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_missing_file_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_bundle(tmp_path / "nope.pt")

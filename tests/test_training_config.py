@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -208,12 +209,51 @@ def test_resume_needs_a_checkpoint_and_max_steps_a_positive_count(tmp_path):
         train(load_config(), tmp_path / "a_file")
 
 
-def _checkpoint(path: Path, **config) -> None:
-    """A run's last.pt as `visage train` writes it, with only what resuming reads before any data loads."""
+def _checkpoint(path: Path, epoch: int = 0, **config) -> None:
+    """A run's last.pt as `visage train` writes it (``epoch``: the last one done, 0-based), with only what
+    resuming reads before any data loads."""
     import torch
 
     cfg = {**load_config().to_dict(), **config}
-    torch.save({"model": {}, "opt": {}, "sched": {}, "config": cfg, "epoch": 0, "history": []}, path)
+    torch.save({"model": {}, "opt": {}, "sched": {}, "config": cfg, "epoch": epoch, "history": []}, path)
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_resuming_a_run_that_has_done_its_epochs_says_so_and_points_to_export(tmp_path, capsys, epochs):
+    """It exited 0 having trained nothing, with only "weights bundle: RUN/bundle.pt" (written again) to show."""
+    from model.console import main
+
+    _checkpoint(tmp_path / "last.pt", epoch=2)  # 3 epochs done
+    assert main(["train", "--run-dir", str(tmp_path), "--resume", f"epochs={epochs}"]) == 2
+    err = capsys.readouterr().err
+    assert f"has already trained 3 epochs, and epochs={epochs} asks for no more" in err and "--export" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "bundle.pt").exists()
+
+
+def test_a_typo_in_a_config_file_is_named_with_its_close_match_and_the_known_keys(tmp_path):
+    """The file said only "unknown settings ['epoch']"; the same typo on the command line listed every key."""
+    path = tmp_path / "typo.toml"
+    path.write_text("[optimisation]\nepoch = 3\n")
+    said = r"unknown setting 'epoch' \(did you mean 'epochs'\?\).*; known: prepared, "
+    for args in [(path,), (None, ["epoch=3"])]:
+        with pytest.raises(ValueError, match=said):
+            load_config(*args)
+    with pytest.raises(ValueError, match=f"in {path}; known: "):
+        load_config(path)
+
+
+def test_a_missing_config_or_pairs_file_names_its_option(tmp_path, capsys):
+    """Both were a bare "[Errno 2] No such file or directory: 'nope.toml'"."""
+    from model.console import main
+
+    nope = tmp_path / "nope.toml"
+    assert main(["train", "--config", str(nope), "--run-dir", str(tmp_path / "run")]) == 2
+    assert f"error: --config {nope}: No such file or directory" in capsys.readouterr().err
+    pairs = tmp_path / "nope.txt"
+    assert main(["eval", "--pairs", str(pairs), "--images", str(tmp_path), "--roc", str(tmp_path / "roc.png"),
+                 "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"error": "file_not_found", "detail": f"--pairs {pairs}: No such file or directory"}
 
 
 def test_a_damaged_or_foreign_checkpoint_is_one_line_for_resume_and_export(tmp_path, capsys):

@@ -309,3 +309,91 @@ def test_a_ctrl_c_while_the_workers_start_is_raised_once_they_have_started():
         os.kill(os.getpid(), signal.SIGINT)  # noted, not raised here: the workers are being started
         reached_the_end = True
     assert reached_the_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _some_lfw_images(dst: Path, n: int) -> Path:
+    """The first ``n`` LFW images (by person, then file) copied into ``dst/<person>/``."""
+    files = (f for person in sorted(LFW.iterdir()) for f in sorted(person.glob("*.jpg")))
+    for _, f in zip(range(n), files, strict=False):
+        (dst / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst / f.parent.name / f.name)
+    return dst
+
+
+def _crops_without_rows(dst: Path) -> tuple[set[str], list]:
+    rows = read_manifest(dst)
+    crops = {str(p.relative_to(dst)) for p in (dst / "crops").rglob("*.png")}
+    return crops - {r.crop for r in rows}, rows
+
+
+def test_sigterm_stops_as_ctrl_c_does_and_leaves_no_worker_behind(tmp_path):
+    """`kill PID` (Popen.terminate, docker stop) killed the parent with 143 and left its workers running for good,
+    ~850 MB each, holding its stdout: a caller reading the output (`$(visage prepare ... --json)`) waited for
+    ever. Now: exit 130 and the JSON object, as Ctrl-C, the finished chunks in the manifest, no process left."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    src, dst = _some_lfw_images(tmp_path / "src", 40), tmp_path / "dst"  # two chunks
+    proc = subprocess.Popen([sys.executable, "-m", "model.console", "prepare", str(src), str(dst), "--workers", "1",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any((dst / "crops").rglob("*.png")):
+            time.sleep(0.05)
+        proc.terminate()  # the parent only, as kill PID does
+        out, err = proc.communicate(timeout=90)  # (waited for ever: the workers kept the pipe open)
+        assert proc.returncode == 130 and json.loads(out)["error"] == "interrupted", err
+        assert "Traceback" not in err
+        assert _session_processes(proc.pid) == []
+        lost, rows = _crops_without_rows(dst)
+        assert rows and not lost
+    finally:
+        if _session_processes(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of a session, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, IndexError):
+            continue
+        if int(sid) == session and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_interrupt_keeps_the_rows_of_the_chunks_that_finish_meanwhile(tmp_path, monkeypatch):
+    """The chunks in flight finished during the shutdown, their crops on disk, but their rows were thrown away:
+    a re-run redid them (up to three chunks of 32 images)."""
+    import threading
+    import time
+
+    import training.prepare
+
+    monkeypatch.setattr(training.prepare, "CHUNK", 4)
+    src, dst = _some_lfw_images(tmp_path / "src", 24), tmp_path / "dst"  # six chunks
+    finished = threading.Event()
+
+    def ctrl_c_at_the_first_crop() -> None:
+        while not finished.is_set() and not any((dst / "crops").rglob("*.png")):
+            time.sleep(0.01)
+        if not finished.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    watcher = threading.Thread(target=ctrl_c_at_the_first_crop)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare(src, dst, workers=1, progress=False)
+    finally:
+        finished.set()
+        watcher.join()
+    lost, rows = _crops_without_rows(dst)
+    assert not lost and 0 < len(rows) < 24
+    assert prepare(src, dst, workers=1, progress=False, only=set()).done_before == len(rows)

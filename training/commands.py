@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from model.console import add_json_flag, positive_int, print_json, print_table
+from model.files import check_writable
 from training.prepare import DEFAULT_PAD
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ def register(sub) -> None:
                    "so tight crops give the detector context (0.28 turns a 160 px LFW crop back into its 250 px "
                    "frame)")
     add_json_flag(p)
-    p.set_defaults(func=cmd_prepare)
+    p.set_defaults(func=cmd_prepare, sigterm_interrupts=True)  # (model.console: from the start, as Ctrl-C)
 
     p = sub.add_parser("teacher-embed", help="compute and cache dlib teacher descriptors of 160x160 face crops",
                        description="dlib ResNet descriptors (plain and mirrored) of every image under FOLDER, "
@@ -143,6 +144,7 @@ def cmd_teacher_embed(args: argparse.Namespace) -> int:
     if not images:  # a mistyped folder must not end as "0 images, success" (with the whole reference cache written)
         raise FileNotFoundError(f"no images in {args.folder} (photos ending in {', '.join(sorted(IMAGE_SUFFIXES))})")
     cache_path = args.cache or work_dir() / "teacher_cache.npz"
+    check_writable(cache_path, "--cache" if args.cache else "the teacher cache")  # not after minutes of dlib
     result = teacher_embed(images, cache_path, progress=not args.json)
     failed = result.failed
     out = {"images": len(images), "computed": result.computed,
@@ -195,7 +197,15 @@ def cmd_soup(args: argparse.Namespace) -> int:
     from model.bundle import load_bundle
     from training.soup import average_bundles
 
-    bundle = average_bundles([load_bundle(w) for w in args.weights])
+    for path in args.weights:  # calibrate's way of giving settings: it was "weights file not found: score_cohort=8"
+        if "=" in path.name and not path.exists():
+            raise ValueError(f"{path} is not a weights file: settings go with --set: --set {path}")
+    bundles = [load_bundle(w) for w in args.weights]
+    for path, other in zip(args.weights[1:], bundles[1:], strict=True):  # named, in the command line's order
+        if other.config != bundles[0].config:
+            raise ValueError(f"cannot average {args.weights[0]} ({bundles[0].config}) with {path} ({other.config}): "
+                             "a soup is of fine-tunes of one network")
+    bundle = average_bundles(bundles)
     return _calibrate_and_save(bundle, args, f"soup of {len(args.weights)} -> {args.out}")
 
 
@@ -205,8 +215,7 @@ def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) ->
     from training.config import load_config
     from training.loop import calibrate_bundle, load_split
 
-    if args.out.is_dir():  # found now, not after the calibration's minutes of embedding
-        raise IsADirectoryError(f"--out {args.out} is a folder; give the weights file's path")
+    check_writable(args.out, "--out")  # now, not after the calibration's minutes of embedding
     recipe = bundle.metadata.get("recipe") or {}
     # the embedding stays as it is unless asked: a bundle's own views (none before session 9) over its recipe's
     cfg = load_config(args.config, args.overrides, base={**recipe, "test_time_shift": bundle.test_time_shift})
@@ -296,7 +305,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.roc.is_dir():
         args.roc = args.roc / "roc.png"
     check_figure_path(args.roc)  # now, not after minutes of aligning and embedding
-    n_folds, pairs = read_pairs(args.pairs)
+    try:
+        n_folds, pairs = read_pairs(args.pairs)
+    except OSError as exc:  # (a bare "[Errno 2] No such file or directory: 'x.txt'" named no option)
+        raise type(exc)(f"--pairs {args.pairs}: {exc.strerror or exc}") from None
     if args.folds:
         wanted = parse_folds(args.folds, n_folds)
     else:

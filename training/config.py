@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +155,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _unknown(names: list[str], where: str) -> ValueError:
+    """The error for settings TrainConfig lacks, each with its close match if any, and every known key: a file's
+    typo said only "unknown settings ['epoch']", the same typo on the command line listed the keys."""
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    named = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, known, 1)) else repr(n)
+             for n in names]
+    return ValueError(f"unknown setting{'s' if len(names) > 1 else ''} {', '.join(named)}{where}; known: "
+                      f"{', '.join(known)}")
+
+
 def _coerce(name: str, raw: str) -> Any:
-    kind = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
-    if kind is None:
-        known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
-        raise ValueError(f"unknown setting {name!r}; known: {known}")
+    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise _unknown([name], "")
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -173,6 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path:
         try:
             data = tomllib.loads(read_text(path, "TOML config"))
+        except OSError as exc:  # (path is --config's: "[Errno 2] No such file or directory: 'x'" named no option)
+            raise type(exc)(f"--config {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from None
         for key, v in data.items():
@@ -189,7 +200,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(values) - known
     if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)}")
+        raise _unknown(sorted(unknown), f" in {path}" if path else "")
     cfg = TrainConfig(**values)
     cfg.validate()
     return cfg

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from model.bundle import Bundle, bundle_from_model, load_bundle, save_bundle
+from model.bundle import Bundle, bundle_from_model, load_bundle, save_atomically, save_bundle
 from model.cost import mobilenet_v1_cost
 from model.embedder import Embedder
 from model.errors import WeightsError
@@ -286,6 +286,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                          f"run's own settings ({run_dir / 'config.json'})")
     if was is not None and was.optimizer != cfg.optimizer:  # its state is kept
         raise ValueError(f"{ckpt_path} was trained with optimizer={was.optimizer}: resume it with the same optimizer")
+    if ckpt is not None and cfg.epochs <= (done := ckpt["epoch"] + 1):  # it exited 0, training nothing, silently
+        raise ValueError(f"{run_dir} has already trained {done} epoch{'s' if done > 1 else ''}, and "
+                         f"epochs={cfg.epochs} asks for no more: give epochs above {done} to train on, or use "
+                         "--export for a bundle of its last.pt")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
@@ -461,11 +465,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             history.append(record)
             with (run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        **({"ema": ema.state_dict()} if ema is not None else {}),
-                        **({"hint": hint.state_dict()} if hint is not None else {}),
-                        "epoch": epoch, "history": history, "config": cfg.to_dict()}, run_dir / "last.pt.tmp")
-            (run_dir / "last.pt.tmp").replace(ckpt_path)
+            save_atomically({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                             **({"ema": ema.state_dict()} if ema is not None else {}),
+                             **({"hint": hint.state_dict()} if hint is not None else {}),
+                             "epoch": epoch, "history": history, "config": cfg.to_dict()}, ckpt_path)
             if validating:  # (a plot takes ~0.15 s here: 7 % of an epoch on the H200)
                 plot_history(history, run_dir / "training.png")
             if progress:

@@ -15,10 +15,11 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from PIL import Image
@@ -131,6 +132,10 @@ def _init_worker() -> None:
     # Ctrl-C is the parent's to handle; a forked worker inherits the parent's deferring handler, a spawned
     # (forkserver: Python 3.14's default) one Python's own, which printed a traceback from every worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (not the parent's, inherited by a fork): a plain stop
+    from model.processes import stop_with_parent
+
+    stop_with_parent()  # a parent killed outright left its workers running for good, holding its stdout
     import torch
 
     from model.detect import FaceDetector
@@ -244,32 +249,57 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
     todo = [it for it in images if it[1] not in done and (only is None or it[1] in only)]
     new_file = not manifest.exists() or manifest.stat().st_size == 0
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-        writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
-        if new_file:
-            writer.writeheader()
-            fh.flush()
-        jobs = ((str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK))
-        # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers start
-        # inside map() and inherit a handler that only takes note: without it each printed its own
-        # KeyboardInterrupt traceback. A Ctrl-C the parent gets meanwhile is raised as soon as map() returns.
-        try:
-            with _sigint_deferred():
-                results = pool.map(_process_chunk, jobs)
-            with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
-                for rows in results:
-                    writer.writerows(rows)
-                    fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
-                    bar.update(len(rows))
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
-            raise
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers can be set only there)
+    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # kill: as Ctrl-C
+    try:
+        with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+            writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
+            if new_file:
+                writer.writeheader()
+                fh.flush()
+            jobs = [(str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK)]
+            # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers
+            # start inside submit() and inherit a handler that only takes note: without it each printed its own
+            # KeyboardInterrupt traceback. A Ctrl-C the parent gets meanwhile is raised once all are submitted.
+            futures: list[Future] = []
+            written = 0
+            try:
+                with _sigint_deferred():
+                    futures = [pool.submit(_process_chunk, job) for job in jobs]
+                with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
+                    for future in futures:
+                        rows = future.result()
+                        writer.writerows(rows)
+                        fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
+                        written += 1
+                        bar.update(len(rows))
+            except KeyboardInterrupt:
+                pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
+                _keep_finished(futures[written:], writer, fh)
+                raise
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     attempted = {source for _, source in todo}
     failed_now = sum(r.status == "failed" and r.source in attempted for r in rows)
     return PrepareSummary(len(rows), len(done), counts["detected"], counts["fallback"], counts["failed"], failed_now,
                           str(manifest))
+
+
+def _keep_finished(futures: list[Future], writer: csv.DictWriter, fh: TextIO) -> None:
+    """On an interrupt, the manifest rows of the chunks still in flight, once they finish: their crops were
+    written, but without their rows a re-run redid them (up to three chunks of 32 images)."""
+    for future in futures:
+        if future.cancelled():
+            continue
+        try:
+            rows = future.result()
+        except Exception:  # noqa: BLE001 - a chunk that failed is redone by the next run, as before
+            continue
+        writer.writerows(rows)
+        fh.flush()
 
 
 def _check_pad(dst: Path, pad: float) -> None:
@@ -288,17 +318,19 @@ def _check_pad(dst: Path, pad: float) -> None:
 
 @contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """SIGINT noted, not raised, meanwhile, then raised as KeyboardInterrupt at the end if it came (in the main
-    thread only: Python allows signal handlers nowhere else). Ignoring it instead lost a Ctrl-C that came while
-    the workers started: the run went on to the end and exited 0."""
+    """SIGINT and SIGTERM noted, not raised, meanwhile, then raised as KeyboardInterrupt at the end if one came (in
+    the main thread only: Python allows signal handlers nowhere else). Ignoring SIGINT instead lost a Ctrl-C that
+    came while the workers started: the run went on to the end and exited 0."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:
         raise KeyboardInterrupt

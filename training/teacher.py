@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from model.files import make_parent
 from training.dlib_resnet import CHIP_SIZE
 from training.paths import shared_data, teacher_reference
 
@@ -144,15 +146,31 @@ class TeacherCache:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(path)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, keys=np.array(self.keys), desc=self.desc, desc_flip=self.desc_flip)
         tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> TeacherCache:
-        with np.load(path) as z:
-            return cls(list(z["keys"]), z["desc"], z["desc_flip"])
+        """The cache at ``path``; a file that is not one (the shipped reference npz, a damaged zip, a text file)
+        is one ``ValueError`` naming it. numpy's KeyError and BadZipFile were tracebacks, and its advice to load
+        a text file with allow_pickle is not for our users (no pickles are ever loaded)."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [name for name in ("keys", "desc", "desc_flip") if name not in z.files]
+                if missing:
+                    raise KeyError(f"no {' or '.join(repr(m) for m in missing)} array")
+                cache = cls(list(z["keys"]), z["desc"], z["desc_flip"])
+        except (ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            # (TypeError: a lone .npy array, not an archive; ValueError: a pickle, text, an object array)
+            why = exc.args[0] if isinstance(exc, KeyError) else "not an npz archive of arrays, or a damaged one"
+            raise ValueError(f"{path} is not a teacher cache written by `visage teacher-embed` ({why}): give "
+                             "another cache, or delete it") from None
+        if not len(cache.keys) == len(cache.desc) == len(cache.desc_flip):
+            raise ValueError(f"{path} is a damaged teacher cache: {len(cache.keys)} keys for {len(cache.desc)} and "
+                             f"{len(cache.desc_flip)} descriptors; delete it")
+        return cache
 
     @classmethod
     def empty(cls) -> TeacherCache:
