@@ -50,7 +50,7 @@ def register(sub) -> None:
                    help="cache file (default: $VISAGE_WORK_DIR/teacher_cache.npz; the work dir defaults to data/work "
                    "in the repo)")
     add_json_flag(p)
-    p.set_defaults(func=cmd_teacher_embed)
+    p.set_defaults(func=cmd_teacher_embed, sigterm_interrupts=True)
 
     p = sub.add_parser("train", help="train a face embedder (triplets + distillation)",
                        description="FaceNet-style training: P x K batches, online triplet mining and distillation "
@@ -65,7 +65,7 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=positive_int, default=None, help="cap batches per epoch (smoke tests)")
     p.add_argument("--export", action="store_true",
                    help="do not train: turn RUN_DIR/last.pt into a calibrated bundle (RUN_DIR/bundle-epochN.pt)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, sigterm_interrupts=True)
 
     p = sub.add_parser("calibrate", help="give a weights bundle its scoring cohort and calibrated thresholds",
                        description="Embeds a cohort of training faces (score_cohort of them; 0 = plain cosine) "
@@ -107,7 +107,7 @@ def register(sub) -> None:
                    help="where to write the ROC curve, a PNG (default roc.png in the current folder; a folder: "
                    "roc.png in it)")
     add_json_flag(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, sigterm_interrupts=True)
 
 
 def _calibration_options(p: argparse.ArgumentParser, func) -> None:
