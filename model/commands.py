@@ -164,7 +164,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     a, b = largest(args.image1), largest(args.image2)
     sim = pipe.embedder.bundle.scorer.score(a.embedding, b.embedding)
-    out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "match": sim >= threshold,
+    bundle = pipe.embedder.bundle
+    far = bundle.calibrated_far(args.far) if args.threshold is None and bundle.thresholds else None  # as /compare
+    out = {"similarity": round(sim, 4), "threshold": round(threshold, 4), "far": far, "match": sim >= threshold,
            "model_version": pipe.embedder.model_version, "face1": a.summary(), "face2": b.summary()}
     if args.json:
         print_json(out)

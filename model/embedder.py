@@ -13,6 +13,7 @@ from model.preprocess import crops_to_tensor
 from model.tta import tta_views, view_count
 
 BACKENDS = ("torch", "onnx")
+NO_FLIP = "-noflip"  # the model-version mark of embeddings made without the mirror pass
 
 
 class Embedder:
@@ -49,7 +50,9 @@ class Embedder:
 
     @property
     def model_version(self) -> str:
-        return self.bundle.model_version
+        """The bundle's, marked when the mirror pass is off: those vectors differ (obama2 against obama scored 0.095
+        instead of 0.122), so a gallery must not mix them with the bundle's, as it did with VISAGE_FLIP=false."""
+        return self.bundle.model_version + ("" if self.flip else NO_FLIP)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 aligned crops -> (N, dim) float32 unit vectors."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import photo
 
-from model.bundle import bundle_from_model, save_bundle
+from model.bundle import bundle_from_model, load_bundle, save_bundle
 from model.console import main
 from model.cost import mobilenet_v1_cost
 from model.mobilenet import ModelConfig, build_model
@@ -210,8 +210,17 @@ def test_compare_reports_similarity_against_the_threshold(weights, capsys):
     assert -1.0 <= out["similarity"] <= 1.0 and out["threshold"] == 0.25
     assert out["match"] == (out["similarity"] >= 0.25)
     assert out["model_version"] == "fresh-cli" and out["face2"]["size"] > 100  # the largest face was taken
+    assert out["far"] is None  # an explicit threshold, as /compare says it
     assert main(args) == 0  # uncalibrated weights: the fallback threshold, printed as a sentence
     assert "score" in capsys.readouterr().out
+
+
+def test_compare_json_names_the_operating_point_as_the_api_does(capsys):
+    """/compare answered "far"; `visage compare --json` did not say which threshold it had used."""
+    pair = [str(photo("obama.jpg")), str(photo("obama2.jpg"))]
+    assert main(["compare", *pair, "--far", "0.0001", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["far"] == "1e-4" and out["threshold"] == round(load_bundle().threshold("1e-4"), 4)
 
 
 def test_compare_without_a_face_is_a_clean_error(weights, capsys):

@@ -49,6 +49,13 @@ def test_unit_norm_float32_of_the_bundle_dim(embedder, crops):
     assert off_diagonal.max() < 0.999  # different photos, different vectors
 
 
+def test_vectors_without_the_mirror_pass_carry_their_own_model_version(embedder, plain, crops):
+    """VISAGE_FLIP=false kept the model version: a gallery mixed both kinds of vectors, with no stale faces to
+    reindex, and scored them against each other."""
+    assert plain.model_version == "fresh-test-noflip" != embedder.model_version
+    assert np.abs(plain.embed(crops) - embedder.embed(crops)).max() > 1e-3  # they do differ
+
+
 @pytest.mark.parametrize("flip", [True, False])
 def test_batch_invariance(bundle, crops, flip):
     """A crop's embedding is the same alone, inside a batch, and split across several batches."""
