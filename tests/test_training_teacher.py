@@ -129,3 +129,26 @@ def test_teacher_embed_on_a_folder_without_images_is_an_error_not_an_empty_succe
     cache = tmp_path / "cache.npz"
     assert main(["teacher-embed", str(tmp_path), "--cache", str(cache)]) == 2
     assert "no images in" in capsys.readouterr().err and not cache.exists()
+
+
+def test_an_interrupt_keeps_the_descriptors_computed_so_far(tmp_path, monkeypatch):
+    """A Ctrl-C (or SIGTERM) lost what was computed since the last once-a-minute save."""
+    import training.teacher as teacher_module
+
+    class Interrupted(DlibTeacher):  # dlib's own chips; the second batch of 64 is interrupted
+        batches = 0
+
+        def describe_chips(self, chips):
+            Interrupted.batches += 1
+            if Interrupted.batches == 2:
+                raise KeyboardInterrupt
+            return np.ones((len(chips), 128), np.float32)
+
+    images = sorted((shared_data() / "lfw" / "images").glob("A*/*.jpg"))[:70]
+    monkeypatch.setattr(teacher_module, "DlibTeacher", Interrupted)
+    monkeypatch.setenv("VISAGE_TEACHER_NPZ", str(tmp_path / "none.npz"))  # no reference rows: all are new
+    cache_path = tmp_path / "cache.npz"
+    with pytest.raises(KeyboardInterrupt):
+        teacher_embed(images, cache_path, progress=False)
+    saved = TeacherCache.load(cache_path)
+    assert len(saved.keys) == 64 and set(saved.keys) == {sha256_file(p) for p in images[:64]}

@@ -12,6 +12,8 @@ import hashlib
 import importlib.util
 import time
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +245,8 @@ def _embed(images: list[Path], cache_path: Path, progress: bool) -> EmbedResult:
     saved = time.monotonic()
     if todo:
         teacher = DlibTeacher()
-        with tqdm(total=len(todo), desc="teacher (dlib)", unit="img", disable=not progress) as bar:
+        with tqdm(total=len(todo), desc="teacher (dlib)", unit="img", disable=not progress) as bar, \
+                _saved_on_interrupt(lambda: cache, cache_path):
             for start in range(0, len(todo), 64):
                 keys, chips = [], []
                 for p, h in todo[start : start + 64]:
@@ -269,6 +272,17 @@ def _embed(images: list[Path], cache_path: Path, progress: bool) -> EmbedResult:
                 bar.update(min(64, len(todo) - start))
     cache.save(cache_path)
     return EmbedResult(cache, len(todo) - len(failed), hashes, failed, fallbacks)
+
+
+@contextmanager
+def _saved_on_interrupt(current: Callable[[], TeacherCache], path: Path) -> Iterator[None]:
+    """Ctrl-C (or SIGTERM, which the command turns into one) keeps the descriptors computed so far: a re-run
+    computes only the rest (they were saved once a minute, so up to a minute of dlib time was lost)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        current().save(path)
+        raise
 
 
 def teacher_chip_matrices(paths: list[Path], cache_path: Path, progress: bool = True) -> np.ndarray:
