@@ -30,6 +30,7 @@ router = APIRouter(
     responses={
         401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
         404: {"model": ErrorResponse, "description": "unknown subject or face"},
+        413: {"model": ErrorResponse, "description": "body over the limit (2 x VISAGE_MAX_UPLOAD_BYTES + 1 MiB)"},
         422: {"model": ErrorResponse, "description": "bad parameter"},
         503: {"model": ErrorResponse, "description": "still loading, or the gallery cannot be read or written"},
     },
