@@ -35,7 +35,8 @@ def create_app(settings: Settings | None = None, pipeline: FacePipeline | None =
     an already-loaded model."""
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
-    stop_with_parent()  # a worker of --workers N stops with uvicorn's supervisor (a kill -9 of it left them serving)
+    if settings.workers > 1:  # a worker of --workers N stops with uvicorn's supervisor (a kill -9 of it left them
+        stop_with_parent()  # serving); not in any other multiprocessing child that builds the app
     runtime = Runtime(settings, pipeline)
 
     @asynccontextmanager
