@@ -220,14 +220,16 @@ def _checkpoint(path: Path, epoch: int = 0, **config) -> None:
 
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_resuming_a_run_that_has_done_its_epochs_says_so_and_points_to_export(tmp_path, capsys, epochs):
-    """It exited 0 having trained nothing, with only "weights bundle: RUN/bundle.pt" (written again) to show."""
+    """It exited 0 having trained nothing, with only "weights bundle: RUN/bundle.pt" (written again) to show. (With
+    no bundle.pt newer than last.pt, a run stopped after its last checkpoint, it still finishes: writes it.)"""
     from model.console import main
 
     _checkpoint(tmp_path / "last.pt", epoch=2)  # 3 epochs done
+    (tmp_path / "bundle.pt").write_bytes(b"the finished run's bundle")
     assert main(["train", "--run-dir", str(tmp_path), "--resume", f"epochs={epochs}"]) == 2
     err = capsys.readouterr().err
-    assert f"has already trained 3 epochs, and epochs={epochs} asks for no more" in err and "--export" in err
-    assert len(err.splitlines()) == 1 and not (tmp_path / "bundle.pt").exists()
+    assert "has trained its 3 epochs and its bundle.pt is written: nothing to do" in err
+    assert len(err.splitlines()) == 1 and (tmp_path / "bundle.pt").read_bytes() == b"the finished run's bundle"
 
 
 def test_a_typo_in_a_config_file_is_named_with_its_close_match_and_the_known_keys(tmp_path):

@@ -286,10 +286,12 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                          f"run's own settings ({run_dir / 'config.json'})")
     if was is not None and was.optimizer != cfg.optimizer:  # its state is kept
         raise ValueError(f"{ckpt_path} was trained with optimizer={was.optimizer}: resume it with the same optimizer")
-    if ckpt is not None and cfg.epochs <= (done := ckpt["epoch"] + 1):  # it exited 0, training nothing, silently
-        raise ValueError(f"{run_dir} has already trained {done} epoch{'s' if done > 1 else ''}, and "
-                         f"epochs={cfg.epochs} asks for no more: give epochs above {done} to train on, or use "
-                         "--export for a bundle of its last.pt")
+    finished = run_dir / "bundle.pt"
+    if (ckpt is not None and cfg.epochs <= (done := ckpt["epoch"] + 1) and finished.is_file()
+            and finished.stat().st_mtime >= ckpt_path.stat().st_mtime):  # it exited 0, redoing the bundle, silently
+        raise ValueError(f"{run_dir} has trained its {done} epoch{'s' if done > 1 else ''} and its bundle.pt is "
+                         f"written: nothing to do (give epochs above {done} to train on). A resume with no epochs "
+                         "left only writes bundle.pt, for a run stopped after its last checkpoint")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1 (batches per epoch), got {max_steps}")
     rank, world = _dist()
