@@ -30,8 +30,9 @@ _IGNORABLE = (
     (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
 )
 _BLANK = frozenset("\u2800")  # the braille blank: a symbol by category, drawn as nothing
-# variation selectors and tag characters end emoji ("\u2764\ufe0f", a subdivision flag): kept after a symbol
-_EMOJI_TAIL = (*((0xFE00, 0xFE0F), (0xE0020, 0xE007F), (0xE0100, 0xE01EF)),)
+# variation selectors and tag characters end emoji ("\u2764\ufe0f", a subdivision flag), variant kanji and
+# Mongolian letters
+_VARIANT_TAIL = ((0x180B, 0x180D), (0x180F, 0x180F), (0xFE00, 0xFE0F), (0xE0020, 0xE007F), (0xE0100, 0xE01EF))
 
 
 def _in(c: str, ranges: tuple[tuple[int, int], ...]) -> bool:
@@ -41,6 +42,10 @@ def _in(c: str, ranges: tuple[tuple[int, int], ...]) -> bool:
 def _invisible(c: str) -> bool:
     """Drawn as nothing; a bidirectional override is not trimmed away but refused (``clean_name``)."""
     return (_in(c, _IGNORABLE) or c in _BLANK) and c not in _BIDI_CONTROLS
+
+
+def _without_variants(c: str) -> bool:
+    return c.isascii() or unicodedata.name(c, "").startswith(("LATIN ", "GREEK ", "CYRILLIC "))
 
 
 def _invisible_edge(c: str) -> bool:
@@ -55,16 +60,19 @@ def _trimmed(text: str, at_start: Callable[[str], bool], at_end: Callable[[str],
         start += 1
     while end > start and at_end(text[end - 1]):
         end -= 1
-    # an emoji's own tail (variation selector, tags) stays; the same characters after a letter are dropped above
-    if end > start and unicodedata.category(text[end - 1])[0] == "S":
-        while end < len(text) and _in(text[end], _EMOJI_TAIL):
+    # a variation selector or tags after a character with variants are part of it (an emoji's presentation, a
+    # kanji's ideographic variant, a Mongolian letter's form, a flag) and stay; after a Latin, Greek or Cyrillic
+    # letter, a digit or ASCII punctuation they change nothing drawn and go
+    if end > start and not _without_variants(text[end - 1]):
+        while end < len(text) and _in(text[end], _VARIANT_TAIL):
             end += 1
     return text[start:end]
 
 
 def canonical_name(name: str) -> str:
-    """NFC, without spaces or invisible characters at either end (an emoji keeps its variation selector and
-    tags). Inside a name they stay: Persian and Indic names and emoji sequences need the zero-width (non-)joiners."""
+    """NFC, without spaces or invisible characters at either end (a character with variants keeps its variation
+    selector or tags: an emoji's, a kanji's). Inside a name they stay: Persian and Indic names and emoji sequences
+    need the zero-width (non-)joiners."""
     return _trimmed(name, _invisible_edge, _invisible_edge)
 
 

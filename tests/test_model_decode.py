@@ -144,12 +144,23 @@ def test_premultiplied_alpha_tiff_is_composited_on_grey():
     face = np.asarray(Image.open(photo("obama.jpg")).convert("L").resize((120, 150)))
     alpha = np.full(face.shape, 255, np.uint8)
     alpha[:, :10] = 0  # a transparent strip
+    alpha[:, 10:20] = 64  # and a quarter-opaque one: grey * 3/4 + the face / 4 (premultiplied: stored as face / 4)
     data = _associated_alpha_tiff(face, alpha)
     assert Image.open(io.BytesIO(data)).mode == "La"
-    arr = np.asarray(decode_image(data))
+    arr = np.asarray(decode_image(data)).astype(int)
     assert arr.shape == (150, 120, 3) and (arr[..., 0] == arr[..., 2]).all()
-    assert np.array_equal(arr[:, 10:, 0], face[:, 10:])  # opaque pixels unchanged
+    assert np.array_equal(arr[:, 20:, 0], face[:, 20:])  # opaque pixels unchanged
     assert (arr[:, :10] == BACKGROUND[0]).all()  # transparent ones on the grey background
+    blend = BACKGROUND[0] * (1 - 64 / 255) + face[:, 10:20].astype(float) * 64 / 255
+    assert np.abs(arr[:, 10:20, 0] - blend).max() <= 1.5  # (the file stores face * 64 // 255: rounding)
+
+
+def test_premultiplied_rgba_is_composited_on_grey_too():
+    colour = np.zeros((4, 4, 4), np.uint8)
+    colour[..., 0], colour[..., 3] = 100, 128  # half-opaque, premultiplied red 200
+    arr = np.asarray(to_rgb8(Image.fromarray(colour, "RGBa"))).astype(int)
+    expected = [100 + BACKGROUND[0] * 127 / 255, BACKGROUND[1] * 127 / 255, BACKGROUND[2] * 127 / 255]
+    assert np.abs(arr[0, 0] - np.array(expected)).max() <= 1
 
 
 def test_a_pixel_mode_that_cannot_be_converted_is_unreadable_not_a_crash(monkeypatch):
