@@ -10,6 +10,7 @@ hard link, which cannot overwrite a file, even one created at the same moment by
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from app.errors import StoreUnreadable
 from app.files import remove_stale
-from app.store import BUSY_TIMEOUT_S, new_store_id
+from app.store import BUSY_TIMEOUT_S, DAMAGE_ERRORS, new_store_id
 
 NAME_ATTEMPTS = 100  # time-stamped names tried in a folder (-1, -2, ... within one second)
 
@@ -47,26 +48,34 @@ def backup_database(db_path: Path, dest: Path) -> BackupReport:
     # PermissionError that names the folder when it is not writable
     _remove_abandoned_partials(dest.parent)
     fd, partial_name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
-    os.close(fd)
     partial = Path(partial_name)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while it is written: another backup's clean-up leaves it alone
         counts = _copy(db_path, partial)
         _publish(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
         Path(f"{partial}-journal").unlink(missing_ok=True)
+        os.close(fd)
     subjects, faces, images = counts
     return BackupReport(dest, dest.stat().st_size, subjects, faces, images, time.monotonic() - started)
 
 
 def _remove_abandoned_partials(folder: Path) -> None:
     """The half-written copies (and their journals) of backups that a kill -9 stopped: Ctrl-C and SIGTERM clean
-    up after themselves, a kill cannot. Only SQLite files named as ``backup_database`` names them."""
-    def not_a_database(path: Path) -> bool:
+    up after themselves, a kill cannot. Only SQLite files (or empty ones) named as ``backup_database`` names them,
+    and none that a running backup holds locked (a long integrity check leaves its copy untouched for minutes)."""
+    def keep(path: Path) -> bool:
         with open(path, "rb") as fh:
-            return fh.read(16) != b"SQLite format 3\x00" and path.stat().st_size > 0
+            if fh.read(16) != b"SQLite format 3\x00" and path.stat().st_size > 0:
+                return True  # not ours
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True  # being written
+            return False
 
-    for partial in remove_stale(folder, "*.db.*.partial", keep=not_a_database):
+    for partial in remove_stale(folder, "*.*.partial", keep=keep):
         Path(f"{partial}-journal").unlink(missing_ok=True)
 
 
@@ -90,8 +99,8 @@ def _copy(db_path: Path, partial: Path) -> tuple[int, int, int]:
         try:
             try:
                 source.backup(target)  # one step: a stepped copy starts over each time another connection writes
-            except sqlite3.DatabaseError as exc:  # (not OperationalError: a lock or a full disk may pass)
-                if isinstance(exc, sqlite3.OperationalError):
+            except sqlite3.DatabaseError as exc:  # the file itself damaged (a lock or a full disk may pass)
+                if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in DAMAGE_ERRORS:
                     raise
                 raise StoreUnreadable(f"{db_path} is not a usable SQLite database ({exc}): there is nothing sound "
                                       "to back up; restore it from an earlier backup") from exc

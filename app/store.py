@@ -411,8 +411,9 @@ class Store:
         except sqlite3.DatabaseError as exc:  # damaged pages found past the open (a restore that kept an old -wal)
             if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in DAMAGE_ERRORS:
                 raise
-            raise StoreUnreadable(f"{self.path} is damaged ({exc}): restore it from a backup, deleting visage.db-wal "
-                                  "and visage.db-shm beside it (docs/SERVICE.md, Operations)") from exc
+            raise StoreUnreadable(f"{self.path} is damaged ({exc}): restore it from a backup, deleting "
+                                  f"{self.path.name}-wal and {self.path.name}-shm beside it (docs/SERVICE.md, "
+                                  "Operations)") from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):

@@ -4,6 +4,7 @@ backup from under a real uvicorn: test_app_commands.py, test_app_e2e.py.)"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -103,13 +104,18 @@ def test_the_partial_copies_a_killed_backup_left_are_removed_by_the_next(tmp_pat
     fresh.write_bytes(abandoned.read_bytes())
     someone_elses = dest / "film.db.download.partial"  # not a database: not ours
     someone_elses.write_bytes(b"half a film")
+    checking = dest / "visage-20261130T230000Z.db.z9y8x7.partial"  # a long integrity check: old, but locked
+    checking.write_bytes(abandoned.read_bytes())
     old = time.time() - 3600
-    for path in (abandoned, journal, someone_elses):
+    for path in (abandoned, journal, someone_elses, checking):
         os.utime(path, (old, old))
-    report = backup_into_folder(tmp_path / "visage.db", dest)
+    with open(checking, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as backup_database holds its copy
+        report = backup_into_folder(tmp_path / "visage.db", dest)
     assert not abandoned.exists() and not journal.exists()
-    assert fresh.exists() and someone_elses.exists()
-    assert sorted(p.name for p in dest.iterdir()) == sorted([report.path.name, fresh.name, someone_elses.name])
+    assert fresh.exists() and someone_elses.exists() and checking.exists()
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        [report.path.name, fresh.name, someone_elses.name, checking.name])
     store.close()
 
 
