@@ -157,6 +157,10 @@ def test_eval_aligns_only_the_pairs_images_and_checks_the_folds(work, capsys):
     assert report["pairs"] == 4 and report["images"] == 8 and report["roc_png"] == str(root / "roc_only.png")
     # 2 impostor pairs cannot measure FAR 1e-2 or 1e-3: both TARs are said to be stricter points
     assert report["impostor_pairs"] == 2 and len(report["warnings"]) == 2 and err.count("warning: TAR @ FAR") == 2
+    # without the mirror pass the vectors are another model version's, as the service names them
+    assert main(["eval", "--pairs", str(pairs), "--images", str(src), "--roc", str(root / "roc_nf"), "--no-flip",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == report["model"] + "-noflip"
     (cache,) = (root / "work" / "eval-cache").iterdir()
     assert len(load_prepared(cache).sources) == 8 < sum(1 for _ in src.rglob("*.jpg"))
     for folds in ("3", "0", "x"):

@@ -325,7 +325,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     b = np.stack([vectors[p.right] for p in pairs])
     # dlib's descriptors are compared by Euclidean distance (its own rule); ours as the bundle scores them
     scores = -np.linalg.norm(a - b, axis=1) if bundle is None else bundle.scorer.pairs(a, b)
-    version = "dlib_resnet_v1" if bundle is None else bundle.model_version
+    from model.embedder import NO_FLIP
+
+    version = ("dlib_resnet_v1" if bundle is None
+               else bundle.model_version + (NO_FLIP if args.no_flip else ""))  # (as the Embedder names them)
     result = verify(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]))
     roc = plot_roc({f"{version} (AUC {result.auc:.4f})": (result.fpr, result.tpr)}, args.roc,
                    f"{args.pairs.name}: {len(pairs)} pairs")
