@@ -57,7 +57,7 @@ class BodyLimitMiddleware:
                     seen = seen[-len(closing):] + body
                     if closing in seen:
                         closing = b""  # complete (an epilogue may follow)
-                    elif not message.get("more_body", False):
+                    elif not message.get("more_body", False) and received:  # (an empty body: the fields it lacks)
                         raise HTTPException(400, "the multipart body ended before its closing boundary: the upload "
                                                  "was cut off; send it again")
             return message

@@ -16,6 +16,7 @@ import re
 import signal
 import sqlite3
 import sys
+import threading
 import tomllib
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint, entry_points
@@ -105,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in command_registrars():
         register(sub)
-    parser.set_defaults(commands=sub.choices)  # each command's parser, to report its own usage errors
+    parser.set_defaults(_commands=sub.choices)  # each command's parser, to report its own usage errors
     return parser
 
 
@@ -140,14 +141,16 @@ def _run(argv: list[str]) -> int:
     try:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's parser (its usage), not the top level's "visage [-h] COMMAND ..."
-            args.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+            args._commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except UsageError as exc:  # argparse's own output, plus the JSON object a script asked for
         exc.parser.print_usage(sys.stderr)
         print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
         if "--json" in argv:
             print(json.dumps({"error": "usage", "detail": str(exc)}))
         return EXIT_USER_ERROR
-    previous = signal.signal(signal.SIGTERM, _interrupt) if getattr(args, "sigterm_interrupts", False) else None
+    on_main_thread = threading.current_thread() is threading.main_thread()  # (handlers can be set only there)
+    wants = getattr(args, "sigterm_interrupts", False) and on_main_thread
+    previous = signal.signal(signal.SIGTERM, _interrupt) if wants else None
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:

@@ -96,7 +96,8 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     if img.mode in {"La", "RGBa"}:  # premultiplied alpha (TIFF "associated"): Pillow cannot convert La at all
         arr = np.asarray(img, dtype=np.float32)
         colour, alpha = arr[..., :-1], arr[..., -1:] / 255.0
-        out = np.clip(colour + np.float32(BACKGROUND[0]) * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+        background = np.asarray(BACKGROUND, np.float32)[: colour.shape[-1]]
+        out = np.clip(colour + background * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(out[..., 0] if img.mode == "La" else out, "L" if img.mode == "La" else "RGB").convert(
             "RGB")
     if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):

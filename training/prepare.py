@@ -249,37 +249,31 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
     todo = [it for it in images if it[1] not in done and (only is None or it[1] in only)]
     new_file = not manifest.exists() or manifest.stat().st_size == 0
     workers = workers or max(1, min(os.cpu_count() or 1, 8))
-    main = threading.current_thread() is threading.main_thread()  # (signal handlers can be set only there)
-    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None  # kill: as Ctrl-C
-    try:
-        with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
-            writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
-            if new_file:
-                writer.writeheader()
-                fh.flush()
-            jobs = [(str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK)]
-            # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers
-            # start inside submit() and inherit a handler that only takes note: without it each printed its own
-            # KeyboardInterrupt traceback. A Ctrl-C the parent gets meanwhile is raised once all are submitted.
-            futures: list[Future] = []
-            written = 0
-            try:
-                with _sigint_deferred():
-                    futures = [pool.submit(_process_chunk, job) for job in jobs]
-                with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
-                    for future in futures:
-                        rows = future.result()
-                        writer.writerows(rows)
-                        fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
-                        written += 1
-                        bar.update(len(rows))
-            except KeyboardInterrupt:
-                pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
-                _keep_finished(futures[written:], writer, fh)
-                raise
-    finally:
-        if on_term is not None:
-            signal.signal(signal.SIGTERM, on_term)
+    with manifest.open("a", newline="") as fh, ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        writer = csv.DictWriter(fh, fieldnames=list(ManifestRow.__dataclass_fields__))
+        if new_file:
+            writer.writeheader()
+            fh.flush()
+        jobs = [(str(src), str(dst), chunk, pad) for chunk in _chunks(todo, CHUNK)]
+        # Ctrl-C is the parent's to handle (it stops handing out chunks and keeps the manifest). The workers
+        # start inside submit() and inherit a handler that only takes note: without it each printed its own
+        # KeyboardInterrupt traceback. A Ctrl-C the parent gets meanwhile is raised once all are submitted.
+        futures: list[Future] = []
+        written = 0
+        try:
+            with _sigint_deferred():
+                futures = [pool.submit(_process_chunk, job) for job in jobs]
+            with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
+                for future in futures:
+                    rows = future.result()
+                    writer.writerows(rows)
+                    fh.flush()  # each finished chunk is durable: a crash loses at most the chunks in flight
+                    written += 1
+                    bar.update(len(rows))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
+            _keep_finished(futures[written:], writer, fh)
+            raise
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     attempted = {source for _, source in todo}

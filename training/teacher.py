@@ -277,11 +277,14 @@ def _embed(images: list[Path], cache_path: Path, progress: bool) -> EmbedResult:
 @contextmanager
 def _saved_on_interrupt(current: Callable[[], TeacherCache], path: Path) -> Iterator[None]:
     """Ctrl-C (or SIGTERM, which the command turns into one) keeps the descriptors computed so far: a re-run
-    computes only the rest (they were saved once a minute, so up to a minute of dlib time was lost)."""
+    computes only the rest (they were saved once a minute, so up to a minute of dlib time was lost). Nothing new,
+    nothing written (not the whole reference cache)."""
+    start = current()
     try:
         yield
     except KeyboardInterrupt:
-        current().save(path)
+        if current() is not start:
+            current().save(path)
         raise
 
 
