@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -120,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # plain "invalid settings" line, the one line that says why the service is down
         startup_line(str(getattr(exc, "detail", exc)), "json", logging.ERROR, sys.stderr)
         return EXIT_USER_ERROR
+    raise_open_file_limit()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -142,6 +144,20 @@ def _requested_log_format() -> str:
 
 class AddressUnavailable(OSError):
     """``visage serve``'s address cannot be listened on (in use, not this host's, a privileged port)."""
+
+
+def raise_open_file_limit(wanted: int = 65536) -> None:
+    """Raise the soft limit on open files towards the hard one (usually 1,024 soft): each connection is a file,
+    and 250 idle connections (a slowloris client: uvicorn has no timeout before a first request) used up a
+    256-file limit, after which /healthz stopped answering. A reverse proxy with client timeouts is the real
+    guard (docs/SERVICE.md, Operations); this only makes the margin wide."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = min(wanted, hard) if hard != resource.RLIM_INFINITY else wanted
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def free_port(host: str) -> int:

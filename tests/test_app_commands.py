@@ -319,3 +319,20 @@ def test_a_data_folder_under_a_file_says_which_file(tmp_path, capsys):
 
     with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
         private_dir(tmp_path / "notes.txt" / "data" / "deeper")
+
+
+def test_serve_raises_the_open_file_limit_towards_the_hard_one(serve_env):
+    """Each connection is a file: 250 idle ones (uvicorn has no timeout before a first request) used up a soft
+    limit of 256, and /healthz stopped answering. serve widens the margin before uvicorn starts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard limit here is {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        assert main(["serve", "--port", "0"]) == 0
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == (65536 if hard == resource.RLIM_INFINITY else min(65536, hard)) > 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
