@@ -50,8 +50,9 @@ class Embedder:
 
     @property
     def model_version(self) -> str:
-        """The bundle's, marked when the mirror pass is off: those vectors differ (obama2 against obama scored 0.095
-        instead of 0.122), so a gallery must not mix them with the bundle's, as it did with VISAGE_FLIP=false."""
+        """The bundle's, marked when the mirror pass is off: those vectors differ (obama2 against obama scored
+        0.095 instead of 0.122 with the session-20 weights), so a gallery must not mix them with the bundle's, as it
+        did with VISAGE_FLIP=false."""
         return self.bundle.model_version + ("" if self.flip else NO_FLIP)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
