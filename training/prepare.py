@@ -271,9 +271,11 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
                     written += 1
                     bar.update(len(rows))
         except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)  # the chunks in flight finish; no new ones start
+            for future in futures[written:]:  # no new chunk starts; the ones in flight finish, their rows kept
+                future.cancel()
             _keep_finished(futures[written:], writer, fh)
-            raise
+            raise  # (the pool's exit then joins its manager thread: shutdown(wait=False) here left it running at
+            # interpreter exit, where 3.11's _python_exit could write to its closed wakeup pipe: a traceback)
     rows = read_manifest(dst)
     counts = {s: sum(r.status == s for r in rows) for s in ("detected", "fallback", "failed")}
     attempted = {source for _, source in todo}
