@@ -261,7 +261,7 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         futures: list[Future] = []
         written = 0
         try:
-            with _sigint_deferred():
+            with _interrupts_deferred():
                 futures = [pool.submit(_process_chunk, job) for job in jobs]
             with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
                 for future in futures:
@@ -313,7 +313,7 @@ def _check_pad(dst: Path, pad: float) -> None:
 
 
 @contextmanager
-def _sigint_deferred() -> Iterator[None]:
+def _interrupts_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM noted, not raised, meanwhile, then raised as KeyboardInterrupt at the end if one came (in
     the main thread only: Python allows signal handlers nowhere else). Ignoring SIGINT instead lost a Ctrl-C that
     came while the workers started: the run went on to the end and exited 0."""
