@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from app.errors import StoreUnreadable
-from app.files import remove_stale
+from app.files import remove_stale, sync_folder
 from app.store import BUSY_TIMEOUT_S, DAMAGE_ERRORS, new_store_id
 
 NAME_ATTEMPTS = 100  # time-stamped names tried in a folder (-1, -2, ... within one second)
@@ -51,7 +51,8 @@ def backup_database(db_path: Path, dest: Path) -> BackupReport:
     partial = Path(partial_name)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # ours while it is written: another backup's clean-up leaves it alone
-        counts = _copy(db_path, partial)
+        counts = copy_snapshot(db_path, partial, unusable="there is nothing sound to back up; restore it from an "
+                               "earlier backup")
         _publish(partial, dest)
     finally:
         partial.unlink(missing_ok=True)
@@ -91,8 +92,11 @@ def backup_into_folder(db_path: Path, folder: Path) -> BackupReport:
     raise FileExistsError(f"{NAME_ATTEMPTS} backups named {stamp}*.db already in {folder}")
 
 
-def _copy(db_path: Path, partial: Path) -> tuple[int, int, int]:
-    """The snapshot into ``partial``, checked; returns (subjects, faces, stored images)."""
+def copy_snapshot(db_path: Path, partial: Path, unusable: str) -> tuple[int, int, int]:
+    """One snapshot of ``db_path`` into the empty file ``partial``: integrity-checked, with a database id of its
+    own, self-contained and synced; returns (subjects, faces, stored images). ``unusable`` ends the message when
+    ``db_path`` is not a sound SQLite file (what the caller's user should do about it). Shared by backup and
+    restore, so a restored gallery is exactly what a backup of the backup would be."""
     source = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
     try:
         target = sqlite3.connect(partial, isolation_level=None)
@@ -102,11 +106,10 @@ def _copy(db_path: Path, partial: Path) -> tuple[int, int, int]:
             except sqlite3.DatabaseError as exc:  # the file itself damaged (a lock or a full disk may pass)
                 if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in DAMAGE_ERRORS:
                     raise
-                raise StoreUnreadable(f"{db_path} is not a usable SQLite database ({exc}): there is nothing sound "
-                                      "to back up; restore it from an earlier backup") from exc
+                raise StoreUnreadable(f"{db_path} is not a usable SQLite database ({exc}): {unusable}") from exc
             check = target.execute("PRAGMA integrity_check").fetchone()[0]
             if check != "ok":
-                raise StoreUnreadable(f"the copy of {db_path} failed SQLite's integrity check: {check}")
+                raise StoreUnreadable(f"the copy of {db_path} failed SQLite's integrity check ({check}): {unusable}")
             counts = target.execute(
                 "SELECT (SELECT COUNT(*) FROM subjects), (SELECT COUNT(*) FROM faces), (SELECT COUNT(*) FROM blobs)"
             ).fetchone()
@@ -132,8 +135,4 @@ def _publish(partial: Path, dest: Path) -> None:
         if dest.exists():
             raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)") from None
         os.replace(partial, dest)
-    folder = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    sync_folder(dest.parent)

@@ -1,4 +1,5 @@
-"""``visage serve``, ``visage enroll``, ``visage reindex``, ``visage backup``: the service package's subcommands."""
+"""``visage serve``, ``visage enroll``, ``visage reindex``, ``visage backup``, ``visage restore``: the service package's
+subcommands."""
 
 from __future__ import annotations
 
@@ -76,14 +77,28 @@ def register(sub) -> None:
         description="Write a consistent copy of the gallery (subjects, faces and stored original images: "
         "all in visage.db) to DEST, safe while the service and batch enrollments write. DEST is a new file, "
         "or an existing folder to get a time-stamped visage-YYYYmmddTHHMMSSZ.db in it; an existing file is "
-        "never overwritten. The FAISS index needs no backup (it is rebuilt from the store). To restore: stop "
-        "every writer, copy the backup to <data dir>/visage.db, delete visage.db-wal and visage.db-shm, start "
-        "(docs/SERVICE.md, Operations).",
+        "never overwritten. The FAISS index needs no backup (it is rebuilt from the store). To put a backup "
+        "back: visage restore.",
     )
     p.add_argument("dest", metavar="DEST", help="the new backup file, or a folder to put a time-stamped one in")
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
     add_json_flag(p)
     p.set_defaults(func=cmd_backup, sigterm_interrupts=True)  # (model.console)
+
+    p = sub.add_parser(
+        "restore",
+        help="make a backup the gallery again (stop the service first)",
+        description="Replace the gallery's database with a copy of BACKUP (a file written by visage backup; it "
+        "is checked and left untouched). Refused while any process has the gallery open: stop the service, its "
+        "workers and any visage enroll or reindex first, or what they write next would be lost. The replaced "
+        "database is kept beside the new one as visage.db.replaced-<stamp> (delete it when you no longer need "
+        "it); the FAISS index is rebuilt when the service starts. Subjects deleted since the backup come back: "
+        "for erasure requests, delete them again.",
+    )
+    p.add_argument("backup", metavar="BACKUP", type=Path, help="the backup file to restore")
+    p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_restore, sigterm_interrupts=True)  # (model.console)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -418,4 +433,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print_json(out)
     else:
         print_table(f"backup of {settings.db_path.resolve()}", ["", "value"], list(out.items()))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from app.restore import restore_database
+
+    settings = _settings(args)
+    report = restore_database(args.backup, settings.db_path)
+    out = {
+        "path": str(report.path),
+        "replaced": str(report.replaced) if report.replaced else None,
+        "subjects": report.subjects,
+        "faces": report.faces,
+        "images": report.images,
+        "seconds": round(report.seconds, 3),
+    }
+    if args.json:
+        print_json(out)
+    else:
+        print_table(f"restored {Path(args.backup).resolve()}", ["", "value"], list(out.items()))
+        if report.replaced:
+            print(f"the gallery it replaced is kept as {report.replaced}", file=sys.stderr)
     return 0

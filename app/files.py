@@ -52,3 +52,12 @@ def remove_stale(folder: Path, pattern: str, keep=lambda path: False) -> list[Pa
         removed.append(path)
         log.info("removed %s, left by an interrupted write", path)
     return removed
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a name just given in it (a rename, a link) survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -125,11 +125,11 @@ def test_sigterm_during_a_backup_is_an_interrupt_so_the_partial_file_is_removed(
     store.close()
     (tmp_path / "backups").mkdir()
 
-    def killed(db_path, partial):
+    def killed(db_path, partial, unusable):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the signal arrives first
 
-    monkeypatch.setattr(backup_module, "_copy", killed)
+    monkeypatch.setattr(backup_module, "copy_snapshot", killed)
     assert main(["backup", str(tmp_path / "backups"), "--data-dir", str(tmp_path), "--json"]) == 130
     assert json.loads(capsys.readouterr().out)["error"] == "interrupted"
     assert list((tmp_path / "backups").iterdir()) == []  # no partial file left

@@ -21,7 +21,7 @@ from conftest import PHOTOS, photo
 from PIL import Image
 
 from app.index import FaceIndex, IndexConfig
-from app.store import Store
+from app.store import Store, SubjectRef
 from model.bundle import load_bundle
 
 BUNDLE = load_bundle()  # the shipped weights the server runs
@@ -240,24 +240,33 @@ def test_restart_finds_the_gallery_intact(server, api):
         assert r["match"], r
 
 
-def test_backup_while_serving_then_the_documented_restore(server, tmp_path):
+def test_backup_while_serving_then_restore_once_stopped(server, tmp_path):
     with server.client() as api:  # (a restart may have moved the server to another port)
         before = api.get("/subjects").json()
         out = visage("backup", f"{tmp_path}/", "--data-dir", str(server.data_dir), "--json")
         assert out.returncode == 0, out.stderr
         copy = Path(json.loads(out.stdout)["path"])
         assert copy.parent == tmp_path and json.loads(out.stdout)["subjects"] == before["total"]
-        assert post_image(api, "/enroll", read("obama2.jpg"), subject="after-the-backup").status_code == 201
-    server.stop()  # docs/SERVICE.md "Restoring": stop, put the copy in place, drop the old WAL, start
-    for sidecar in ("visage.db-wal", "visage.db-shm"):
-        (server.data_dir / sidecar).unlink(missing_ok=True)
-    copy.replace(server.data_dir / "visage.db")
+        created = post_image(api, "/enroll", read("obama2.jpg"), subject="after-the-backup")
+        assert created.status_code == 201
+        refused = visage("restore", str(copy), "--data-dir", str(server.data_dir), "--json")
+        assert refused.returncode == 2 and json.loads(refused.stdout)["error"] == "gallery_in_use", refused.stdout
+        assert api.get("/subjects").json()["total"] == before["total"] + 1  # the service went on untouched
+    server.stop()
+    out = visage("restore", str(copy), "--data-dir", str(server.data_dir), "--json")
+    assert out.returncode == 0, out.stderr
+    replaced = Path(json.loads(out.stdout)["replaced"])
     server.start()
     with server.client() as fresh:
         ready = fresh.get("/readyz").json()
         assert ready["index_state"].startswith("rebuilt"), ready  # the saved index was built from another database
         assert fresh.get("/subjects").json() == before
         assert post_image(fresh, "/verify", read("obama4.jpg"), subject="obama").json()["match"]
+    kept = Store(replaced)  # the face enrolled after the backup is not lost: it is in the file kept aside
+    try:
+        assert kept.subject(SubjectRef(name="after-the-backup")).face_count == 1
+    finally:
+        kept.close()
 
 
 def test_kill_9_during_concurrent_enrollment_loses_no_acknowledged_face(tmp_path):

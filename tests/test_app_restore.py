@@ -1,0 +1,174 @@
+"""``visage restore`` on real SQLite files and a real second process: the backup comes back whole, the replaced
+gallery is kept, a gallery in use is never replaced, and nothing but a sound Visage gallery is restored. (Under a
+real uvicorn: test_app_e2e.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from app_helpers import add, open_gallery, unit
+
+from app import restore as restore_module
+from app.backup import backup_database
+from app.store import Store
+from model.console import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def names(db: Path) -> list[str]:
+    store = Store(db)
+    try:
+        return sorted(s.name for s in store.list_subjects(0, 100)[1])
+    finally:
+        store.close()
+
+
+def store_id(db: Path) -> str:
+    store = Store(db)
+    store.close()
+    return store.store_id
+
+
+def restore(tmp_path, backup: Path, capsys) -> tuple[int, dict]:
+    code = main(["restore", str(backup), "--data-dir", str(tmp_path), "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial" in p.name or ".replaced-" in p.name)
+
+
+@pytest.fixture
+def gallery_with_backup(tmp_path):
+    """A gallery of alice and bob (its index saved at close), and a backup taken when it held alice only."""
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1, 0))
+    backup = tmp_path / "backups" / "b1.db"
+    backup.parent.mkdir()
+    backup_database(gallery.store.path, backup)
+    add(gallery.store, "bob", unit(0, 1))
+    gallery.close()
+    return backup
+
+
+def test_restore_puts_the_backup_back_and_keeps_the_gallery_it_replaced(tmp_path, gallery_with_backup, capsys):
+    backup = gallery_with_backup
+    before = digest(backup)
+    old_id = store_id(tmp_path / "visage.db")
+    code, out = restore(tmp_path, backup, capsys)
+    assert code == 0, out
+    assert (out["subjects"], out["faces"], out["images"]) == (1, 1, 0) and out["path"] == str(tmp_path / "visage.db")
+    assert digest(backup) == before  # the backup itself is never written
+    assert names(tmp_path / "visage.db") == ["alice"]
+    replaced = Path(out["replaced"])
+    assert replaced.parent == tmp_path and replaced.name.startswith("visage.db.replaced-")
+    assert not Path(f"{replaced}-wal").exists()  # its log was folded in: one self-contained file
+    assert names(replaced) == ["alice", "bob"]  # nothing acknowledged is lost
+    assert stat.S_IMODE((tmp_path / "visage.db").stat().st_mode) == 0o600
+    # an id of its own: restoring b1 twice makes two databases, whose saved indexes never answer for each other
+    assert len({store_id(tmp_path / "visage.db"), old_id, store_id(backup)}) == 3
+    gallery = open_gallery(tmp_path)
+    assert gallery.opened_by.startswith("rebuilt (index file was built from another database"), gallery.opened_by
+    assert len(gallery.index) == 1 and gallery.agreement()["agree"]
+    gallery.close()
+    assert leftovers(tmp_path) == [replaced.name]
+
+
+def test_restore_is_refused_while_another_process_has_the_gallery_open(tmp_path, gallery_with_backup, capsys):
+    """The service, a worker or a batch enrollment still running would write on into the replaced file."""
+    db = tmp_path / "visage.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from app.store import Store; s = Store(sys.argv[1]); "
+         "print('open', flush=True); time.sleep(120)", str(db)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        before = digest(db)
+        code, out = restore(tmp_path, gallery_with_backup, capsys)
+        assert code == 2 and out["error"] == "gallery_in_use", out
+        assert "stop it first" in out["detail"] and str(db) in out["detail"]
+        assert digest(db) == before and leftovers(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = restore(tmp_path, gallery_with_backup, capsys)
+    assert code == 0, out
+    assert names(db) == ["alice"]
+
+
+def test_only_a_sound_visage_gallery_is_restored(tmp_path, gallery_with_backup, capsys):
+    db = tmp_path / "visage.db"
+    before = digest(db)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    newer = tmp_path / "newer.db"
+    newer.write_bytes(gallery_with_backup.read_bytes())
+    with sqlite3.connect(newer) as conn:
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all, but long enough to be read " * 200)
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    cases = [
+        (tmp_path / "nowhere.db", "file_not_found", "no backup file"),
+        (garbage, "store_unreadable", "is not a usable SQLite database"),
+        (other, "not_a_gallery", "not a Visage gallery"),
+        (empty, "not_a_gallery", "not a Visage gallery"),
+        (newer, "not_a_gallery", "a gallery of schema 2"),
+        (db, "invalid_value", "is the gallery itself"),
+    ]
+    for backup, error, detail in cases:
+        code, out = restore(tmp_path, backup, capsys)
+        assert code == 2 and out["error"] == error and detail in out["detail"], (backup.name, out)
+        assert digest(db) == before and leftovers(tmp_path) == [], backup.name
+
+
+def test_restore_over_a_damaged_gallery_keeps_the_damaged_file(tmp_path, gallery_with_backup, capsys):
+    """What a restore is usually for: the live file cannot be opened, so it cannot be locked either."""
+    db = tmp_path / "visage.db"
+    for sidecar in ("visage.db-wal", "visage.db-shm"):
+        (tmp_path / sidecar).unlink(missing_ok=True)
+    db.write_bytes(b"damaged " * 1000)
+    code, out = restore(tmp_path, gallery_with_backup, capsys)
+    assert code == 0, out
+    assert names(db) == ["alice"] and Path(out["replaced"]).read_bytes() == b"damaged " * 1000
+
+
+def test_restore_into_a_new_data_folder(tmp_path, gallery_with_backup, capsys):
+    """A new machine: no gallery to replace."""
+    code, out = restore(tmp_path / "fresh", gallery_with_backup, capsys)
+    assert code == 0 and out["replaced"] is None, out
+    assert names(tmp_path / "fresh" / "visage.db") == ["alice"]
+
+
+def test_sigterm_during_a_restore_leaves_the_gallery_and_no_partial_file(tmp_path, gallery_with_backup,
+                                                                          monkeypatch, capsys):
+    db = tmp_path / "visage.db"
+    before = digest(db)
+
+    def killed(source, partial, unusable):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+
+    monkeypatch.setattr(restore_module, "copy_snapshot", killed)
+    code, out = restore(tmp_path, gallery_with_backup, capsys)
+    assert code == 130 and out["error"] == "interrupted"
+    assert digest(db) == before and leftovers(tmp_path) == []
+    assert names(db) == ["alice", "bob"]
