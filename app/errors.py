@@ -107,6 +107,15 @@ class StillLoading(NotReady):
     """Not ready yet, and nothing has failed: worth asking again shortly (a failed load is not)."""
 
 
+class ClientGone(VisageError):
+    """The client closed the connection while its image waited for the inference threads: the work was dropped
+    before it started (nothing stored), and the status (nginx's 499) is for the access log and metrics only, since
+    nobody is left to read it."""
+
+    code = "client_closed_request"
+    status = 499
+
+
 class Overloaded(VisageError):
     """``VISAGE_MAX_PENDING_IMAGES`` image requests are already running or waiting for the model: each holds
     its upload (up to ``VISAGE_MAX_UPLOAD_BYTES``) in memory while it waits, so an unbounded queue would end in

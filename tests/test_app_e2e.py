@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -223,6 +224,45 @@ def test_reindex_redoes_old_version_faces_and_reports_the_rest(server, api):
     r = post_image(api, "/verify", read("biden.jpg"), subject="biden").json()
     assert r["matched_face_id"] == redo["id"]
     assert r["similarity"] == pytest.approx(self_score(api, read("biden.jpg")), abs=2e-4)
+
+
+def _sent_then_hung_up(server, path: str, image: bytes) -> None:
+    """A whole request sent on a raw socket, then the connection closed without reading the answer (a client
+    whose timeout passed)."""
+    request = httpx.Request("POST", f"{server.url}{path}", headers={"X-API-Key": KEY},
+                            files={"image": ("face.jpg", image, "image/jpeg")})
+    head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in request.headers.items()) + "\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + request.read())
+        time.sleep(0.3)  # read, admitted and queued behind the busy requests
+
+
+def test_a_request_whose_client_hung_up_is_dropped_before_the_model_runs(server, api):
+    """Under load, clients that time out hang up and send again: their queued work ran anyway, each a detection
+    and an embedding nobody would read, while the live requests timed out behind them."""
+    def dropped() -> float:
+        text = api.get("/metrics").text
+        line = next((x for x in text.splitlines()
+                     if x.startswith("visage_http_requests_total{") and 'route="/embed"' in x and 'status="499"' in x),
+                    "x 0")
+        return float(line.split()[-1])
+
+    before = dropped()
+    big = read("edge/obama_4000px.jpg")
+    with server.client() as busy:
+        # one inference thread (the default): the first runs, eleven queue (~0.3 s each here, alone)
+        threads = [threading.Thread(target=post_image, args=(busy, "/embed", big)) for _ in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        _sent_then_hung_up(server, "/embed", read("obama.jpg"))
+        for t in threads:
+            t.join()
+    deadline = time.monotonic() + 10
+    while dropped() == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dropped() == before + 1
+    assert post_image(api, "/embed", read("obama.jpg")).status_code == 200  # nothing stuck behind it
 
 
 def test_restart_finds_the_gallery_intact(server, api):

@@ -16,7 +16,7 @@ from fastapi import Depends, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 
-from app.errors import BadParameter, Unauthorized
+from app.errors import BadParameter, ClientGone, Unauthorized
 from app.gallery import Gallery
 from app.runtime import Runtime
 from app.service import FaceService
@@ -26,6 +26,7 @@ from model.errors import EmptyImage, ImageTooLarge
 
 T = TypeVar("T")
 API_KEY_HEADER = "X-API-Key"
+CLIENT_CHECK_S = 0.2  # how often a request waiting for the inference threads checks that its client is still there
 _api_key = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="one of VISAGE_API_KEYS")
 
 
@@ -104,10 +105,26 @@ async def run_cpu(request: Request, func: Callable[..., T], *args: object, **kwa
     """Run blocking model work on the app's own ``inference_threads`` OS threads, always the same ones: every
     thread that runs torch or ONNX Runtime gets its own OpenMP team and malloc arena, and anyio's shared pool
     would spread the model over many (RSS after 16 concurrent clients: 1,064-1,097 MiB there, 961 MiB here
-    with one inference thread; docs/BENCHMARKS.md section 6)."""
+    with one inference thread; docs/BENCHMARKS.md section 6).
+
+    While the work waits for a thread, a client that hangs up (its timeout passed: it will send the request
+    again) takes its work out of the queue (``ClientGone``): under load the queue filled with requests nobody
+    would read, each costing a detection and an embedding, while the live ones timed out behind them. Work that
+    has started runs to its end (an enrollment it stores is found again by the retry: same image, same face)."""
     pool: ThreadPoolExecutor = request.app.state.cpu_pool
     context = contextvars.copy_context()  # the request id, for what the model work logs
-    return await asyncio.get_running_loop().run_in_executor(pool, partial(context.run, func, *args, **kwargs))
+    work = pool.submit(context.run, func, *args, **kwargs)
+    waiting = asyncio.wrap_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=CLIENT_CHECK_S)
+            if done:
+                return waiting.result()
+            if await request.is_disconnected() and work.cancel():  # (False once it has started)
+                raise ClientGone("the client closed the connection before its image was processed")
+    except asyncio.CancelledError:  # the server shutting down: work not started never starts
+        work.cancel()
+        raise
 
 
 async def run_db(func: Callable[..., T], *args: object, **kwargs: object) -> T:
