@@ -208,7 +208,7 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         # a 405 names every method of the path, the hidden HEAD routes beside GET ones included (RFC 9110 15.5.6)
         assert client.put("/enroll").headers["allow"] == "POST"
         assert client.options("/healthz").headers["allow"] == "GET, HEAD"
-        assert client.post("/subjects/1").headers["allow"] == "DELETE, GET, PATCH"
+        assert client.post("/subjects/1").headers["allow"] == "DELETE, GET, HEAD, PATCH"
         nan = client.post("/verify", files={"image": jpeg}, data={"subject": "alice", "threshold": "inf"})
         assert "finite" in nan.json()["detail"]
         which = client.post("/compare", files={"image1": png(RED), "image2": png()})
@@ -518,6 +518,18 @@ def test_health_probes_answer_head_as_well_as_get(client):
     for path in ("/healthz", "/readyz", "/metrics"):
         head = client.head(path)
         assert head.status_code == 200 and head.content == b""
+
+
+def test_every_get_answers_head_with_its_status_and_headers_and_no_body(client):
+    """HEAD /subjects was a 405 (RFC 9110 9.3.2: a server answers HEAD wherever it answers GET)."""
+    subject = enroll(client, png(RED), subject="alice")["subject"]["id"]
+    for path in ("/subjects", f"/subjects/{subject}", "/subjects?name=al"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == got.headers["content-length"] and head.headers["x-request-id"]
+    assert client.head("/subjects/999").status_code == 404
+    assert client.head("/subjects", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.head("/subjects?limit=1&limit=2").status_code == 422
 
 
 def test_readyz_reports_loading_failure_and_endpoints_answer_503(tmp_path):

@@ -47,6 +47,8 @@ def _detail(gallery: Gallery, subject_id: int) -> SubjectDetail:
     )
 
 
+# HEAD beside every GET (RFC 9110 9.3.2: a monitor's probe, a cache checking a resource; it was a 405)
+@router.head("", include_in_schema=False, dependencies=[Depends(single_valued_query)])
 @router.get("", response_model=SubjectPage, summary="List subjects, by id", dependencies=[Depends(single_valued_query)])
 async def list_subjects(gallery: GalleryDep, query: Annotated[SubjectQuery, Query()]) -> SubjectPage:
     total, rows = await run_db(gallery.store.list_subjects, query.offset, query.limit, query.name)
@@ -55,6 +57,7 @@ async def list_subjects(gallery: GalleryDep, query: Annotated[SubjectQuery, Quer
     )
 
 
+@router.head("/{subject_id}", include_in_schema=False)
 @router.get("/{subject_id}", response_model=SubjectDetail, summary="One subject with its faces")
 async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDetail:
     return await run_db(_detail, gallery, subject_id)
