@@ -57,6 +57,21 @@ def test_canvas_places_the_crop_at_45_45_on_grey(teacher):
     assert tuple(canvas[204, 204]) == (10, 200, 30) and tuple(canvas[205, 205]) == (128, 128, 128)
 
 
+def test_whole_photos_are_described_where_dlib_finds_the_face(teacher):
+    """``describe_photo`` (bench/closed_set.py --teacher): ORL faces and Yale frames are not 160 px crops, which
+    the canvas needs. On the README's photos, dlib's own rule (distance under 0.6: the same person) holds."""
+    def flip_mean(rel: str) -> np.ndarray:
+        with Image.open(shared_data() / "photos" / rel) as img:
+            plain, mirrored, fallback = teacher.describe_photo(img)
+        assert not fallback and plain.shape == (128,)
+        return 0.5 * (plain + mirrored)
+
+    obama, obama2, biden = flip_mean("obama.jpg"), flip_mean("obama2.jpg"), flip_mean("biden.jpg")
+    assert np.linalg.norm(obama - obama2) < 0.6 < np.linalg.norm(obama - biden)
+    with Image.open(shared_data() / "photos" / "nonface" / "chelsea_cat.jpg") as img:
+        assert teacher.describe_photo(img)[2]  # no face: the whole frame, said so
+
+
 def test_cache_save_load_merge(tmp_path):
     desc = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
     cache = TeacherCache(["a", "b", "c"], desc, -desc)

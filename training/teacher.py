@@ -78,11 +78,12 @@ class DlibTeacher:
         canvas.paste(image.convert("RGB"), (OFFSET, OFFSET))
         return np.ascontiguousarray(np.asarray(canvas, dtype=np.uint8))
 
-    def chips(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    def chips(self, a: np.ndarray, fallback_box: tuple[int, int, int, int] = FALLBACK_BOX,
+              ) -> tuple[np.ndarray, np.ndarray, bool]:
         """The 150x150 chips dlib describes for a canvas and its mirror image, and whether the box is the
         fallback (no face detected)."""
         dlib = self._dlib
-        r, fallback = self.locate(a)
+        r, fallback = self.locate(a, fallback_box)
         chip = dlib.get_face_chip(a, self.shape(a, r), CHIP_SIZE, CHIP_PADDING)
         af = np.ascontiguousarray(a[:, ::-1, :])
         w = a.shape[1] - 1
@@ -105,13 +106,13 @@ class DlibTeacher:
         desc, desc_flip = self.describe_chips(np.stack([chip, chip_flip]))
         return desc, desc_flip, fallback
 
-    def locate(self, a: np.ndarray) -> tuple[object, bool]:
+    def locate(self, a: np.ndarray, fallback_box: tuple[int, int, int, int] = FALLBACK_BOX) -> tuple[object, bool]:
         """(dlib rectangle, fallback): the HOG face nearest the centre (one upsampling), clipped to the canvas,
-        or the fixed fallback box when there is none."""
+        or ``fallback_box`` when there is none."""
         dlib = self._dlib
         dets = self.detector(a, 1)
         if not dets:
-            return dlib.rectangle(*FALLBACK_BOX), True
+            return dlib.rectangle(*fallback_box), True
         c = a.shape[1] / 2.0
         r = min(dets, key=lambda r: (r.center().x - c) ** 2 + (r.center().y - c) ** 2)
         h, w = a.shape[:2]
@@ -128,6 +129,16 @@ class DlibTeacher:
         d = self._dlib.get_face_chip_details(self.shape(a, self.face_rect(a, box)), CHIP_SIZE, CHIP_PADDING)
         r = d.rect
         return chip_matrix((r.left(), r.top(), r.right(), r.bottom()), d.angle)
+
+    def describe_photo(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray, bool]:
+        """A photo of any size (an ORL face, a Yale frame), not one of the shared data's 160 px crops (those go
+        on the canvas): dlib's detector runs on the photo itself, and the whole frame is the box when it finds no
+        face. -> (desc, desc_flip, fallback)."""
+        a = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        h, w = a.shape[:2]
+        chip, chip_flip, fallback = self.chips(a, (0, 0, w - 1, h - 1))
+        desc, desc_flip = self.describe_chips(np.stack([chip, chip_flip]))
+        return desc, desc_flip, fallback
 
     def describe_file(self, path: str | Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """A 160x160 LFW/CelebA-style crop file -> (desc, desc_flip, fallback)."""
