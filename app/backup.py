@@ -15,6 +15,8 @@ import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,28 +46,37 @@ def backup_database(db_path: Path, dest: Path) -> BackupReport:
         raise FileNotFoundError(f"no folder {dest.parent} to write the backup into")
     if dest.exists():
         raise FileExistsError(f"{dest} exists: choose a new name (a backup never overwrites a file)")
-    # mkstemp: a unique name (concurrent backups never share it), owner-only permissions (faces and photos), and a
-    # PermissionError that names the folder when it is not writable
-    _remove_abandoned_partials(dest.parent)
-    fd, partial_name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".partial", dir=dest.parent)
-    partial = Path(partial_name)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while it is written: another backup's clean-up leaves it alone
+    with partial_file(dest.parent, dest.name) as partial:
         counts = copy_snapshot(db_path, partial, unusable="there is nothing sound to back up; restore it from an "
                                "earlier backup")
         _publish(partial, dest)
-    finally:
-        partial.unlink(missing_ok=True)
-        Path(f"{partial}-journal").unlink(missing_ok=True)
-        os.close(fd)
     subjects, faces, images = counts
     return BackupReport(dest, dest.stat().st_size, subjects, faces, images, time.monotonic() - started)
 
 
+@contextmanager
+def partial_file(folder: Path, name: str) -> Iterator[Path]:
+    """A new empty file ``<name>.XXXXXXXX.partial`` in ``folder`` to write a copy into: mkstemp's unique name
+    (concurrent copies never share one) and owner-only mode (faces and photos), flock-ed while it is written (so
+    that another copy's clean-up leaves it alone), removed with its journal on the way out unless renamed; the
+    abandoned ones of earlier copies are removed first."""
+    _remove_abandoned_partials(folder)
+    fd, partial_name = tempfile.mkstemp(prefix=f"{name}.", suffix=".partial", dir=folder)
+    partial = Path(partial_name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield partial
+    finally:
+        partial.unlink(missing_ok=True)
+        Path(f"{partial}-journal").unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _remove_abandoned_partials(folder: Path) -> None:
-    """The half-written copies (and their journals) of backups that a kill -9 stopped: Ctrl-C and SIGTERM clean
-    up after themselves, a kill cannot. Only SQLite files (or empty ones) named as ``backup_database`` names them,
-    and none that a running backup holds locked (a long integrity check leaves its copy untouched for minutes)."""
+    """The half-written copies (and their journals) of backups and restores that a kill -9 stopped: Ctrl-C and
+    SIGTERM clean up after themselves, a kill cannot. Only SQLite files (or empty ones) named as ``partial_file``
+    names them, and none that a running copy holds locked (a long integrity check leaves its copy untouched for
+    minutes)."""
     def keep(path: Path) -> bool:
         with open(path, "rb") as fh:
             if fh.read(16) != b"SQLite format 3\x00" and path.stat().st_size > 0:
@@ -92,12 +103,16 @@ def backup_into_folder(db_path: Path, folder: Path) -> BackupReport:
     raise FileExistsError(f"{NAME_ATTEMPTS} backups named {stamp}*.db already in {folder}")
 
 
-def copy_snapshot(db_path: Path, partial: Path, unusable: str) -> tuple[int, int, int]:
+def copy_snapshot(db_path: Path, partial: Path, unusable: str, at_rest: bool = False) -> tuple[int, int, int]:
     """One snapshot of ``db_path`` into the empty file ``partial``: integrity-checked, with a database id of its
     own, self-contained and synced; returns (subjects, faces, stored images). ``unusable`` ends the message when
     ``db_path`` is not a sound SQLite file (what the caller's user should do about it). Shared by backup and
-    restore, so a restored gallery is exactly what a backup of the backup would be."""
-    source = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    restore, so a restored gallery is exactly what a backup of the backup would be. ``at_rest``: no process
+    writes ``db_path`` and no log lies beside it, so it is read as immutable: no lock taken and no ``-shm``
+    written beside it (a plain copy of a WAL gallery in a read-only folder failed "attempt to write a readonly
+    database")."""
+    mode = "mode=ro&immutable=1" if at_rest else "mode=ro"
+    source = sqlite3.connect(f"{db_path.resolve().as_uri()}?{mode}", uri=True, timeout=BUSY_TIMEOUT_S)
     try:
         target = sqlite3.connect(partial, isolation_level=None)
         try:

@@ -90,7 +90,8 @@ def register(sub) -> None:
         help="make a backup the gallery again (stop the service first)",
         description="Replace the gallery's database with a copy of BACKUP (a file written by visage backup; it "
         "is checked and left untouched). Refused while any process has the gallery open: stop the service, its "
-        "workers and any visage enroll or reindex first, or what they write next would be lost. The replaced "
+        "workers and any visage enroll, reindex or backup first, or what they write next would be lost. The data "
+        "folder must exist (on a new machine, create it, owned by the service's user). The replaced "
         "database is kept beside the new one as visage.db.replaced-<stamp> (delete it when you no longer need "
         "it); the FAISS index is rebuilt when the service starts. Subjects deleted since the backup come back: "
         "for erasure requests, delete them again.",

@@ -109,8 +109,8 @@ class StillLoading(NotReady):
 
 class ClientGone(VisageError):
     """The client closed the connection while its image waited for the inference threads: the work was dropped
-    before it started (nothing stored), and the status (nginx's 499) is for the access log and metrics only, since
-    nobody is left to read it."""
+    before it started (nothing stored), and the status (nginx's 499) is for the metrics only, since nobody is left
+    to read it (uvicorn writes no access line either: ``run_cpu`` logs one)."""
 
     code = "client_closed_request"
     status = 499

@@ -311,8 +311,8 @@ class Store:
                 raise
             cause = exc.__cause__ if isinstance(exc, StoreUnreadable) else exc
             raise StoreUnreadable(
-                f"{self.path} is not a usable SQLite database ({cause}); restore it from a backup, or move it "
-                "away to start an empty gallery"
+                f"{self.path} is not a usable SQLite database ({cause}); restore a backup (visage restore "
+                "BACKUP), or move it away to start an empty gallery"
             ) from cause
 
     # -- connections and transactions ------------------------------------------------------------------------
@@ -411,9 +411,8 @@ class Store:
         except sqlite3.DatabaseError as exc:  # damaged pages found past the open (a restore that kept an old -wal)
             if (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF not in DAMAGE_ERRORS:
                 raise
-            raise StoreUnreadable(f"{self.path} is damaged ({exc}): restore it from a backup, deleting "
-                                  f"{self.path.name}-wal and {self.path.name}-shm beside it (docs/SERVICE.md, "
-                                  "Operations)") from exc
+            raise StoreUnreadable(f"{self.path} is damaged ({exc}): stop the service and restore a backup "
+                                  "(visage restore BACKUP; docs/SERVICE.md, Operations)") from exc
 
     def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
         """Close every connection, after the transactions running in other threads end (up to ``wait_s``):

@@ -3,6 +3,7 @@ the error shape of every bad input, auth, metrics and OpenAPI. The real model is
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 
+import httpx
 import pytest
 from app_helpers import BLUE, GREEN, RED, concurrently, fake_pipeline, png, write_locked
 from fastapi import Request
@@ -391,6 +393,49 @@ def test_a_misspelt_or_misplaced_parameter_is_refused_not_ignored(client):
     assert client.get("/subjects").json()["total"] == 1  # nothing more stored
     ok = client.post("/verify", files=image, data={"subject": "alice", "threshold": "0.9", "face": "largest"})
     assert ok.status_code == 200 and ok.json()["threshold"] == 0.9  # every real field still taken
+
+
+def test_a_queued_image_request_whose_client_hung_up_never_reaches_the_model(client, caplog):
+    """The ASGI conversation of a client that sends its upload and hangs up while the one inference thread is
+    busy: a 499, and the model never runs for it. (A real uvicorn and socket: test_app_e2e.py.)"""
+    app = client.app
+    embedder = app.state.runtime.service.pipeline.embedder
+    calls = embedder.calls
+    release = threading.Event()
+    app.state.cpu_pool.submit(release.wait, 10)  # the inference thread is busy (for 10 s at most: where the
+    # request is not dropped, it runs then, and the asserts say so)
+    upload = httpx.Request("POST", "http://testserver/embed", files={"image": ("x.png", png(RED))})
+    body = upload.read()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/embed", "raw_path": b"/embed", "root_path": "", "query_string": b"", "client": ("127.0.0.1", 9),
+        "server": ("testserver", 80),
+        "headers": [(b"x-api-key", KEY.encode()), (b"content-length", str(len(body)).encode()),
+                    (b"content-type", upload.headers["content-type"].encode())],
+    }
+
+    async def hang_up_after_sending() -> list[dict]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return incoming.pop(0) if incoming else await asyncio.Event().wait()
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    try:
+        with caplog.at_level(logging.INFO, logger="visage.api"):
+            sent = client.portal.call(hang_up_after_sending)
+    finally:
+        release.set()
+    assert sent[0]["status"] == 499 and json.loads(sent[1]["body"])["error"] == "client_closed_request"
+    assert embedder.calls == calls  # the model never ran for it
+    assert "hung up" in caplog.text
+    assert client.post("/embed", files={"image": png(RED)}).status_code == 200 and embedder.calls == calls + 1
 
 
 def test_image_requests_past_the_pending_limit_are_a_503_to_retry_not_a_queue(tmp_path, caplog):

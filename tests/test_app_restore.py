@@ -92,13 +92,8 @@ def test_restore_puts_the_backup_back_and_keeps_the_gallery_it_replaced(tmp_path
 def test_restore_is_refused_while_another_process_has_the_gallery_open(tmp_path, gallery_with_backup, capsys):
     """The service, a worker or a batch enrollment still running would write on into the replaced file."""
     db = tmp_path / "visage.db"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from app.store import Store; s = Store(sys.argv[1]); "
-         "print('open', flush=True); time.sleep(120)", str(db)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )
+    holder = _holder(db)
     try:
-        assert holder.stdout.readline().strip() == "open"
         before = digest(db)
         code, out = restore(tmp_path, gallery_with_backup, capsys)
         assert code == 2 and out["error"] == "gallery_in_use", out
@@ -151,11 +146,91 @@ def test_restore_over_a_damaged_gallery_keeps_the_damaged_file(tmp_path, gallery
     assert names(db) == ["alice"] and Path(out["replaced"]).read_bytes() == b"damaged " * 1000
 
 
-def test_restore_into_a_new_data_folder(tmp_path, gallery_with_backup, capsys):
-    """A new machine: no gallery to replace."""
+def test_restore_into_a_new_data_folder_that_exists(tmp_path, gallery_with_backup, capsys):
+    """A new machine: no gallery to replace. A data folder that is not there is a typo (it was made, by root
+    under cron, and the restore "succeeded" where no service looks)."""
+    code, out = restore(tmp_path / "fresh", gallery_with_backup, capsys)
+    assert code == 2 and out["error"] == "file_not_found" and "no data folder" in out["detail"], out
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "fresh").mkdir()
     code, out = restore(tmp_path / "fresh", gallery_with_backup, capsys)
     assert code == 0 and out["replaced"] is None, out
     assert names(tmp_path / "fresh" / "visage.db") == ["alice"]
+
+
+def _holder(db: Path) -> subprocess.Popen:
+    """Another process with the gallery open (as the service holds it), until killed."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from app.store import Store; s = Store(sys.argv[1]); "
+         "print('open', flush=True); time.sleep(120)", str(db)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_a_damaged_gallery_still_open_in_another_process_is_not_replaced(tmp_path, gallery_with_backup, capsys):
+    """Damage made the WAL switch fail, which was read as "nobody can use it": a service that had it open went
+    on writing into the file set aside. The lock on its -shm says who has it open, whatever the damage."""
+    db = tmp_path / "visage.db"
+    holder = _holder(db)
+    try:
+        with open(db, "r+b") as fh:
+            fh.write(b"damaged header!!")  # SQLite's magic string overwritten under the open connection
+        code, out = restore(tmp_path, gallery_with_backup, capsys)
+        assert code == 2 and out["error"] == "gallery_in_use", out
+        assert leftovers(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    (tmp_path / "visage.db-wal").write_bytes(b"the log a killed process left")
+    code, out = restore(tmp_path, gallery_with_backup, capsys)  # killed: nobody has it open now
+    assert code == 0, out
+    replaced = Path(out["replaced"])
+    assert replaced.read_bytes().startswith(b"damaged header!!") and names(db) == ["alice"]
+    assert Path(f"{replaced}-wal").read_bytes() == b"the log a killed process left"  # moved with its file
+    assert not (tmp_path / "visage.db-wal").exists() and not (tmp_path / "visage.db-shm").exists()
+
+
+def test_a_plain_copy_of_a_gallery_restores_without_writing_beside_it(tmp_path, capsys):
+    """A copy made with cp of a stopped service's file has the WAL flag in its header: opened read-only in place,
+    SQLite wrote -wal and -shm files beside it (and failed in a read-only folder). A copy taken with its -wal
+    (the service still running) restores with what that log holds."""
+    gallery = open_gallery(tmp_path)
+    add(gallery.store, "alice", unit(1, 0))
+    gallery.close()
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    (backups / "plain.db").write_bytes((tmp_path / "visage.db").read_bytes())
+    store = Store(tmp_path / "visage.db")
+    add(store, "bob", unit(0, 1))  # in the log only, while the store stays open
+    (backups / "live.db").write_bytes((tmp_path / "visage.db").read_bytes())
+    (backups / "live.db-wal").write_bytes((tmp_path / "visage.db-wal").read_bytes())
+    store.close()
+    code, out = restore(tmp_path, backups / "plain.db", capsys)
+    assert code == 0, out
+    assert sorted(p.name for p in backups.iterdir()) == ["live.db", "live.db-wal", "plain.db"]
+    assert names(tmp_path / "visage.db") == ["alice"]
+    code, out = restore(tmp_path, backups / "live.db", capsys)
+    assert code == 0, out
+    assert names(tmp_path / "visage.db") == ["alice", "bob"]
+
+
+def test_an_interrupt_during_the_swap_waits_and_the_restore_is_reported_done(tmp_path, gallery_with_backup,
+                                                                           monkeypatch, capsys, caplog):
+    """A SIGTERM that came after the swap made the command say "interrupted" (exit 130) although the gallery was
+    already replaced."""
+    keep_aside = restore_module._keep_aside
+
+    def interrupted(db_path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the signal arrives here, in the middle of the swap
+        return keep_aside(db_path)
+
+    monkeypatch.setattr(restore_module, "_keep_aside", interrupted)
+    code, out = restore(tmp_path, gallery_with_backup, capsys)
+    assert code == 0 and out["replaced"], out
+    assert names(tmp_path / "visage.db") == ["alice"] and "SIGTERM came while" in caplog.text
 
 
 def test_sigterm_during_a_restore_leaves_the_gallery_and_no_partial_file(tmp_path, gallery_with_backup,
@@ -163,7 +238,7 @@ def test_sigterm_during_a_restore_leaves_the_gallery_and_no_partial_file(tmp_pat
     db = tmp_path / "visage.db"
     before = digest(db)
 
-    def killed(source, partial, unusable):
+    def killed(source, partial, unusable, at_rest):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the signal arrives first
 

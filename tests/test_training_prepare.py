@@ -17,8 +17,9 @@ from PIL import Image
 from model.align import ARCFACE_TEMPLATE
 from model.decode import IMAGE_SUFFIXES, decode_image
 from model.detect import FaceDetector
+from model.processes import interrupts_deferred
 from training.paths import shared_data
-from training.prepare import MANIFEST, _interrupts_deferred, list_images, prepare, read_manifest
+from training.prepare import MANIFEST, list_images, prepare, read_manifest
 
 LFW = shared_data() / "lfw" / "images"
 PEOPLE = ["Colin_Powell", "Joseph_Biden", "Serena_Williams"]
@@ -305,7 +306,7 @@ def test_a_ctrl_c_while_the_workers_start_is_raised_once_they_have_started():
     """Ignoring SIGINT while the pool starts its workers lost a Ctrl-C that came then: the run went on to the end
     and exited 0 (seen under load, where starting the workers took over a second)."""
     reached_the_end = False
-    with pytest.raises(KeyboardInterrupt), _interrupts_deferred():
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
         os.kill(os.getpid(), signal.SIGINT)  # noted, not raised here: the workers are being started
         reached_the_end = True
     assert reached_the_end and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -13,10 +13,8 @@ import json
 import math
 import os
 import signal
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -25,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from model.decode import IMAGE_SUFFIXES
+from model.processes import interrupts_deferred
 
 MANIFEST = "manifest.csv"
 SETTINGS = "prepare.json"  # the --pad the crops were made with
@@ -261,7 +260,7 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
         futures: list[Future] = []
         written = 0
         try:
-            with _interrupts_deferred():
+            with interrupts_deferred():
                 futures = [pool.submit(_process_chunk, job) for job in jobs]
             with tqdm(total=len(todo), desc="aligning", unit="img", disable=not progress) as bar:
                 for future in futures:
@@ -310,23 +309,3 @@ def _check_pad(dst: Path, pad: float) -> None:
                              "destination for crops with another pad")
         return
     record.write_text(json.dumps({"pad": pad}) + "\n")
-
-
-@contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM noted, not raised, meanwhile, then raised as KeyboardInterrupt at the end if one came (in
-    the main thread only: Python allows signal handlers nowhere else). Ignoring SIGINT instead lost a Ctrl-C that
-    came while the workers started: the run went on to the end and exited 0."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        raise KeyboardInterrupt
