@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -422,18 +423,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if args.dest.endswith(("/", os.sep)) and not dest.is_dir():  # meant a folder: not a file named like it
         raise FileNotFoundError(f"no folder {args.dest}")
     report = backup_into_folder(settings.db_path, dest) if dest.is_dir() else backup_database(settings.db_path, dest)
-    out = {
-        "path": str(report.path),
-        "bytes": report.bytes,
-        "subjects": report.subjects,
-        "faces": report.faces,
-        "images": report.images,
-        "seconds": round(report.seconds, 3),
-    }
-    if args.json:
-        print_json(out)
-    else:
-        print_table(f"backup of {settings.db_path.resolve()}", ["", "value"], list(out.items()))
+    _print_report(args, f"backup of {settings.db_path.resolve()}", report)
     return 0
 
 
@@ -442,18 +432,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     report = restore_database(args.backup, settings.db_path)
-    out = {
-        "path": str(report.path),
-        "replaced": str(report.replaced) if report.replaced else None,
-        "subjects": report.subjects,
-        "faces": report.faces,
-        "images": report.images,
-        "seconds": round(report.seconds, 3),
-    }
+    _print_report(args, f"restored {Path(args.backup).resolve()}", report)
+    if report.replaced and not args.json:
+        print(f"the gallery it replaced is kept as {report.replaced}", file=sys.stderr)
+    return 0
+
+
+def _print_report(args: argparse.Namespace, title: str, report: Any) -> None:
+    """A backup's or a restore's report (a dataclass): a table, or one JSON object with ``--json``."""
+    out = {key: str(value) if isinstance(value, Path) else round(value, 3) if isinstance(value, float) else value
+           for key, value in dataclasses.asdict(report).items()}
     if args.json:
         print_json(out)
     else:
-        print_table(f"restored {Path(args.backup).resolve()}", ["", "value"], list(out.items()))
-        if report.replaced:
-            print(f"the gallery it replaced is kept as {report.replaced}", file=sys.stderr)
-    return 0
+        print_table(title, ["", "value"], list(out.items()))
