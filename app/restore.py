@@ -201,12 +201,13 @@ def _wal_index_held(db_path: Path) -> bool:
         return False  # (the last connection to close deletes it)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, SHM_DMS_BYTE)
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, SHM_DMS_BYTE)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             return True
         raise
-    fcntl.lockf(fd, fcntl.LOCK_UN, 1, SHM_DMS_BYTE)
-    os.close(fd)
+    finally:
+        os.close(fd)
     return False
 
 
