@@ -14,6 +14,7 @@ Speed per face is in docs/BENCHMARKS.md section 1 (``bench/embedder.py --variant
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -36,6 +37,8 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, help=f"(default {' '.join(DEFAULT_VARIANTS)})")
     ap.add_argument("--calibration", type=int, default=256, help="training-people crops for int8 calibration (256)")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads (default 2)")
+    ap.add_argument("--prepared", default="prepared/lfw",
+                    help="LFW crops from visage prepare: a folder, relative to VISAGE_WORK_DIR (default prepared/lfw)")
     ap.add_argument("--no-flip", action="store_true",
                     help="one pass per face (default: as served, the bundle's test-time views mirror-averaged)")
     args = ap.parse_args()
@@ -45,8 +48,8 @@ def main() -> int:
 
     bundle, source = load_default_bundle(args.weights)
     # training's own split: the same held-out people and pairs as validation during training
-    split = load_split(load_config(None, ['prepared={lfw = "prepared/lfw"}', f"val_folds=[{args.folds}]"]),
-                       need_teacher=False)
+    overrides = [f"prepared={{lfw = {json.dumps(args.prepared)}}}", f"val_folds=[{args.folds}]"]
+    split = load_split(load_config(None, overrides), need_teacher=False)
     chosen = np.arange(len(split.val_left))[:: 6 if args.quick else 1]  # (every fold, both kinds of pair)
     needed = (np.unique(np.concatenate([split.val_left[chosen], split.val_right[chosen]])) if args.quick
               else np.arange(len(split.val)))  # quick: only the images its pairs need; else every held-out face
