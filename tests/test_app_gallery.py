@@ -190,7 +190,8 @@ def test_damage_found_after_the_open_is_a_clear_error_naming_the_file(tmp_path):
         data[page * 4096 + 100: page * 4096 + 400] = b"\xff" * 300
     (tmp_path / "visage.db").write_bytes(bytes(data))
     store = Store(tmp_path / "visage.db")  # the schema and meta pages are sound
-    with pytest.raises(StoreUnreadable, match=r"visage.db is damaged \(database disk image is malformed\): restore"):
+    with pytest.raises(StoreUnreadable, match=r"visage.db is damaged \(database disk image is malformed\): stop the "
+                                              r"service and restore a backup \(visage restore BACKUP"):
         store.list_subjects(limit=500)
     store.close()
 
