@@ -101,8 +101,9 @@ class DlibTeacher:
                 out.append(self.net(x.contiguous(memory_format=torch.channels_last)).numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 128), np.float32)
 
-    def describe_canvas(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-        chip, chip_flip, fallback = self.chips(a)
+    def describe_canvas(self, a: np.ndarray, fallback_box: tuple[int, int, int, int] = FALLBACK_BOX,
+                        ) -> tuple[np.ndarray, np.ndarray, bool]:
+        chip, chip_flip, fallback = self.chips(a, fallback_box)
         desc, desc_flip = self.describe_chips(np.stack([chip, chip_flip]))
         return desc, desc_flip, fallback
 
@@ -136,9 +137,7 @@ class DlibTeacher:
         face. -> (desc, desc_flip, fallback)."""
         a = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
         h, w = a.shape[:2]
-        chip, chip_flip, fallback = self.chips(a, (0, 0, w - 1, h - 1))
-        desc, desc_flip = self.describe_chips(np.stack([chip, chip_flip]))
-        return desc, desc_flip, fallback
+        return self.describe_canvas(a, (0, 0, w - 1, h - 1))
 
     def describe_file(self, path: str | Path) -> tuple[np.ndarray, np.ndarray, bool]:
         """A 160x160 LFW/CelebA-style crop file -> (desc, desc_flip, fallback)."""
