@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from app_helpers import add, open_gallery, unit
+from app_helpers import REPO, add, open_gallery, unit
 
 from app import restore as restore_module
 from app.backup import backup_database
 from app.store import Store
 from model.console import main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest(path: Path) -> str:
@@ -163,7 +161,7 @@ def _holder(db: Path) -> subprocess.Popen:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from app.store import Store; s = Store(sys.argv[1]); "
          "print('open', flush=True); time.sleep(120)", str(db)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout.readline().strip() == "open"
     return holder
