@@ -11,6 +11,7 @@ import io
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,32 +80,78 @@ def decode_image(data: bytes, limits: DecodeLimits | None = None) -> Image.Image
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
-    """Any Pillow mode -> 8-bit RGB; 16-bit and float greys are rescaled, alpha composited on grey."""
+    """Any Pillow mode -> 8-bit RGB; 16-bit and float greys are rescaled, alpha composited on grey.
+
+    Conversions that need temporaries (rescaling, compositing) run on bands of rows, so a 40-Mpx image costs
+    its own pixels and the RGB result, not several full-size float or RGBA copies (764 -> ~280 MiB for a 40-Mpx
+    RGBA PNG).
+    """
     if img.mode == "RGB":
         return img
     if img.mode in {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}:
-        arr = np.asarray(img)
-        if img.mode == "F":  # (scaled by the finite values: one NaN or inf pixel blanked the whole image)
+        return _in_bands(img, _grey_to_rgb8(img))
+    if img.mode in {"La", "RGBa"}:  # premultiplied alpha (TIFF "associated"): Pillow cannot convert La at all
+        return _in_bands(img, _premultiplied_on_grey)
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        return _in_bands(img, _alpha_on_grey)
+    return img.convert("RGB")
+
+
+BAND_PIXELS = 1 << 20  # a band of about 1 Mpx: its temporaries are a few MiB whatever the image's size
+
+
+def _bands(img: Image.Image) -> list[tuple[int, int, int, int]]:
+    rows = max(1, BAND_PIXELS // img.width)
+    return [(0, top, img.width, min(img.height, top + rows)) for top in range(0, img.height, rows)]
+
+
+def _in_bands(img: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """``convert`` applied to each band of rows, pasted into one RGB image."""
+    out = Image.new("RGB", img.size)
+    for box in _bands(img):
+        out.paste(convert(img.crop(box)), box[:2])  # (crop keeps the palette and its transparency)
+    return out
+
+
+def _grey_to_rgb8(img: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """The band conversion for 16/32-bit and float greys; the scale is the whole image's, found in a first pass."""
+    lo, hi, brightest = np.inf, -np.inf, 0
+    for box in _bands(img) if img.mode in {"I", "F"} else ():
+        arr = np.asarray(img.crop(box))
+        if img.mode == "I":
+            brightest = max(brightest, int(arr.max()))
+        else:  # (scaled by the finite values: one NaN or inf pixel blanked the whole image)
             finite = arr[np.isfinite(arr)]
-            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            if finite.size:
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    if not np.isfinite(lo):
+        lo = hi = 0.0
+    eight_bit = img.mode == "I" and brightest <= 255  # 8-bit data stored as 32-bit int
+
+    def convert(band: Image.Image) -> Image.Image:
+        arr = np.asarray(band)
+        if img.mode == "F":
             arr = (np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo) - lo) / (hi - lo or 1.0) * 255.0
-        elif img.mode == "I" and arr.max() <= 255:
-            pass  # 8-bit data stored as 32-bit int
-        else:
+        elif not eight_bit:
             arr = arr.astype(np.uint32) >> 8
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
-    if img.mode in {"La", "RGBa"}:  # premultiplied alpha (TIFF "associated"): Pillow cannot convert La at all
-        arr = np.asarray(img, dtype=np.float32)
-        colour, alpha = arr[..., :-1], arr[..., -1:] / 255.0
-        background = np.asarray(BACKGROUND, np.float32)[: colour.shape[-1]]
-        out = np.clip(colour + background * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(out[..., 0] if img.mode == "La" else out, "L" if img.mode == "La" else "RGB").convert(
-            "RGB")
-    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB")
+
+    return convert
+
+
+def _premultiplied_on_grey(band: Image.Image) -> Image.Image:
+    arr = np.asarray(band, dtype=np.float32)
+    colour, alpha = arr[..., :-1], arr[..., -1:] / 255.0
+    background = np.asarray(BACKGROUND, np.float32)[: colour.shape[-1]]
+    out = np.clip(colour + background * (1.0 - alpha) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if band.mode == "La" else out, "L" if band.mode == "La" else "RGB").convert(
+        "RGB")
+
+
+def _alpha_on_grey(band: Image.Image) -> Image.Image:
+    rgba = band.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
 def read_limited(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -179,6 +179,58 @@ def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture():
         assert np.asarray(to_rgb8(Image.fromarray(values)))[0, :3, 0].tolist() == [0, 127, 255]
 
 
+def _modes_of(face: np.ndarray) -> dict[str, Image.Image]:
+    """One picture in every mode whose conversion runs in bands, with values that differ from band to band."""
+    grey = face[..., 0]
+    alpha = np.tile(np.arange(face.shape[1], dtype=np.uint8) * 7, (face.shape[0], 1))
+    floats = grey.astype(np.float32) * 3.0 - 100.0
+    floats[0, 0], floats[-1, -1] = np.nan, np.inf  # the finite range spans the first and last bands
+    palette = Image.fromarray(face).quantize(16)
+    palette.info["transparency"] = 3
+    premultiplied = (face.astype(np.uint16) * alpha[..., None] // 255).astype(np.uint8)
+    return {
+        "F": Image.fromarray(floats, "F"),
+        "I;16": Image.fromarray(grey.astype(np.uint16) * 257),
+        "I": Image.fromarray(grey.astype(np.int32) * 40),
+        "RGBA": Image.fromarray(np.dstack([face, alpha]), "RGBA"),
+        "LA": Image.fromarray(np.dstack([grey, alpha]), "LA"),
+        "P": palette,
+        "RGBa": Image.fromarray(np.dstack([premultiplied, alpha]), "RGBa"),
+    }
+
+
+def test_band_by_band_conversion_matches_the_whole_image_at_once(monkeypatch):
+    """Rescaling and compositing run on bands of rows (peak memory); a scale found per band, a band pasted at the
+    wrong row or a palette's transparency lost in the crop would each change pixels here."""
+    face = np.asarray(Image.open(photo("obama.jpg")).convert("RGB").resize((120, 150)))
+    whole = {mode: np.asarray(to_rgb8(img)) for mode, img in _modes_of(face).items()}
+    monkeypatch.setattr("model.decode.BAND_PIXELS", 120 * 7)  # 7 rows a band: 22 bands, the last one short
+    for mode, img in _modes_of(face).items():
+        banded = np.asarray(to_rgb8(img))
+        assert banded.shape == (150, 120, 3), mode
+        assert np.array_equal(banded, whole[mode]), mode
+    assert whole["F"][..., 0].min() == 0 and whole["F"][..., 0].max() == 255  # the one scale spans the image
+
+
+def test_float_conversion_holds_no_full_size_temporaries():
+    """Peak memory of a large upload (docs/SERVICE.md): stretching a 12-Mpx float image allocated six full-size
+    arrays in numpy (isfinite, the finite values, nan_to_num, the arithmetic, clip, uint8: +812 MiB at 40 Mpx).
+    Band by band they are a few MiB; numpy's allocations are what tracemalloc sees."""
+    import tracemalloc
+
+    values = np.tile(np.linspace(-5.0, 5.0, 4000, dtype=np.float32), (3000, 1))  # 48 MB
+    img = Image.fromarray(values, "F")
+    del values
+    tracemalloc.start()
+    try:
+        out = to_rgb8(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.asarray(out)[0, [0, -1], 0].tolist() == [0, 255]
+    assert peak < 24e6, f"{peak / 1e6:.0f} MB of numpy temporaries for a 48 MB image"
+
+
 def test_truncated_jpeg_is_unreadable():
     with pytest.raises(UnreadableImage, match="truncated"):
         read_image_file(str(photo("edge/bad/truncated.jpg")))
