@@ -142,6 +142,27 @@ def test_resuming_keeps_one_manifest_row_per_image(resumed):
     assert sorted(sources) == sorted(set(sources))
 
 
+def test_a_changed_image_is_redone_and_a_repaired_one_retried(prepared, tmp_path):
+    """Rows were reused by path alone: `visage eval`'s cache scored a replaced photo as the old one, and a
+    repaired file stayed "failed" for good. Now a file whose hash differs from its row's is redone."""
+    src, dst, _ = prepared
+    src2, dst2 = tmp_path / "src", tmp_path / "dst"
+    shutil.copytree(src, src2)
+    shutil.copytree(dst, dst2)
+    replaced, repaired = "Colin_Powell/Colin_Powell_0001.jpg", "Joseph_Biden/Joseph_Biden_9999.jpg"
+    old_crop = (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").read_bytes()
+    shutil.copy(LFW / "Serena_Williams" / "Serena_Williams_0003.jpg", src2 / replaced)  # another face, same name
+    shutil.copy(LFW / "Joseph_Biden" / "Joseph_Biden_0003.jpg", src2 / repaired)
+    again = prepare(src2, dst2, workers=1, progress=False)
+    assert (again.total, again.done_before, again.changed, again.failed, again.failed_now) == (8, 6, 2, 0, 0)
+    rows = {r.source: r for r in read_manifest(dst2)}
+    for rel in (replaced, repaired):
+        assert rows[rel].sha256 == hashlib.sha256((src2 / rel).read_bytes()).hexdigest()
+        assert rows[rel].status == "detected"
+    assert (dst2 / rows[replaced].crop).read_bytes() != old_crop
+    assert prepare(src2, dst2, workers=1, progress=False).changed == 0  # and nothing again once redone
+
+
 def test_missing_source_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         prepare(tmp_path / "nope", tmp_path / "dst", workers=1, progress=False)

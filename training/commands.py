@@ -25,8 +25,9 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="align a folder-per-identity photo set into 112x112 crops + manifest",
                        description="SRC/<identity>/<image> -> DST/crops/... aligned with MTCNN's 5 landmarks, and "
                        "DST/manifest.csv with identity, source, detection score and failure reason. Resumable: "
-                       "re-running skips finished images (failed ones too). Exit status 1 when some images failed in "
-                       "this run (their manifest rows say why), else 0.")
+                       "re-running skips finished images (failed ones too), and redoes those whose file changed "
+                       "since. Exit status 1 when some images failed in this run (their manifest rows say why), "
+                       "else 0.")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per core, at most 8)")
@@ -127,6 +128,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     else:
         print_table(f"prepared {args.src} -> {args.dst}", ["images", "already done", "detected", "fallback", "failed"],
                     [(s.total, s.done_before, s.detected, s.fallback, s.failed)], caption=f"manifest: {s.manifest}")
+        if s.changed:
+            print(f"{s.changed} images had changed since they were prepared: redone", file=sys.stderr)
         if s.failed_now:
             print(f"{s.failed_now} images failed: their rows in {s.manifest} have status 'failed' and say why",
                   file=sys.stderr)
