@@ -395,6 +395,23 @@ def test_a_misspelt_or_misplaced_parameter_is_refused_not_ignored(client):
     assert ok.status_code == 200 and ok.json()["threshold"] == 0.9  # every real field still taken
 
 
+def test_the_subject_routes_refuse_query_parameters_rather_than_act_on_them(client):
+    """``DELETE /subjects/12?dry_run=true`` deleted the subject for real (and ``?confirm=no`` a face): a client
+    that believes in a parameter the API does not have must hear so before anything irreversible happens."""
+    face = enroll(client, png(RED), subject="alice")
+    sid, fid = face["subject"]["id"], face["face_id"]
+    json_type = {"Content-Type": "application/json"}
+    for response in (client.delete(f"/subjects/{sid}?dry_run=true"),
+                     client.delete(f"/subjects/{sid}/faces/{fid}?confirm=no"),
+                     client.patch(f"/subjects/{sid}?dry_run=1", content=b'{"name": "bob"}', headers=json_type),
+                     client.get(f"/subjects/{sid}?verbose=1")):
+        is_error(response, 422, "bad_parameter")
+        assert response.json()["detail"].startswith("this endpoint takes no query parameters: "), response.text
+    assert client.head(f"/subjects/{sid}?verbose=1").status_code == 422
+    kept = client.get(f"/subjects/{sid}").json()
+    assert kept["name"] == "alice" and [f["id"] for f in kept["faces"]] == [fid]  # nothing was done
+
+
 def test_a_queued_image_request_whose_client_hung_up_never_reaches_the_model(client, caplog):
     """The ASGI conversation of a client that sends its upload and hangs up while the one inference thread is
     busy: a 499, and the model never runs for it. (A real uvicorn and socket: test_app_e2e.py.)"""

@@ -88,6 +88,12 @@ def form_fields(*fields: type[BaseModel] | str) -> Any:
     return Depends(check_form)
 
 
+async def no_query(request: Request) -> None:
+    """For the endpoints that take nothing in the URL: ``DELETE /subjects/12?dry_run=true`` deleted for real."""
+    if request.query_params:
+        raise BadParameter(f"this endpoint takes no query parameters: {', '.join(sorted(set(request.query_params)))}")
+
+
 async def single_valued_query(request: Request) -> None:
     """``?limit=1&limit=2`` kept the last value without a word, as forms did (``form_fields``)."""
     counts = Counter(key for key, _ in request.query_params.multi_items())

@@ -6,7 +6,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 
-from app.api.deps import GalleryDep, ServiceDep, require_api_key, run_db, run_write, single_valued_query
+from app.api.deps import (
+    GalleryDep,
+    ServiceDep,
+    no_query,
+    require_api_key,
+    run_db,
+    run_write,
+    single_valued_query,
+)
 from app.api.schemas import (
     DeletedFace,
     DeletedSubject,
@@ -57,8 +65,9 @@ async def list_subjects(gallery: GalleryDep, query: Annotated[SubjectQuery, Quer
     )
 
 
-@router.head("/{subject_id}", include_in_schema=False)
-@router.get("/{subject_id}", response_model=SubjectDetail, summary="One subject with its faces")
+@router.head("/{subject_id}", include_in_schema=False, dependencies=[Depends(no_query)])
+@router.get("/{subject_id}", response_model=SubjectDetail, summary="One subject with its faces",
+            dependencies=[Depends(no_query)])
 async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDetail:
     return await run_db(_detail, gallery, subject_id)
 
@@ -71,6 +80,7 @@ async def get_subject(gallery: GalleryDep, subject_id: SubjectId) -> SubjectDeta
         409: {"model": ErrorResponse, "description": "the new name is taken"},
     },
     summary="Rename a subject and/or replace its metadata",
+    dependencies=[Depends(no_query)],
 )
 async def update_subject(
     request: Request, gallery: GalleryDep, subject_id: SubjectId, update: SubjectUpdate
@@ -80,7 +90,8 @@ async def update_subject(
     return await run_db(_detail, gallery, subject_id)
 
 
-@router.delete("/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images")
+@router.delete("/{subject_id}", response_model=DeletedSubject, summary="Delete a subject, its faces and images",
+                dependencies=[Depends(no_query)])
 async def delete_subject(request: Request, service: ServiceDep, subject_id: SubjectId) -> DeletedSubject:
     def work() -> int:
         count = service.gallery.store.delete_subject(subject_id)
@@ -90,7 +101,8 @@ async def delete_subject(request: Request, service: ServiceDep, subject_id: Subj
     return DeletedSubject(subject_id=subject_id, deleted_faces=await run_write(request, work))
 
 
-@router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face")
+@router.delete("/{subject_id}/faces/{face_id}", response_model=DeletedFace, summary="Delete one face",
+                dependencies=[Depends(no_query)])
 async def delete_face(
     request: Request, service: ServiceDep, subject_id: SubjectId, face_id: Annotated[Whole, Path(ge=1, le=MAX_ROW_ID)]
 ) -> DeletedFace:
