@@ -9,8 +9,6 @@ threads.
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +23,7 @@ from model.decode import decode_image
 from model.detect import DetectedFace, box_iou, choose_face, face_at
 from model.errors import NoFaceFound, VisageError
 from model.faces import Face, FacePipeline, align_faces
+from model.numbers import parse_decimal
 
 log = logging.getLogger("visage.service")
 SAME_FACE_IOU = 0.5  # a detection of the stored face again (same bytes, same detector) overlaps it ~1.0
@@ -44,10 +43,9 @@ class FaceSelector:
         text = (text or default).strip().lower()
         if text in ("single", "largest"):
             return cls(text)
-        parts = [p.strip() for p in text.split(",")]
-        numbers = all(re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)(e[-+]?[0-9]+)?", p) for p in parts)
-        box = tuple(float(p) for p in parts) if numbers else ()
-        if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        numbers = [parse_decimal(p) for p in text.split(",")]
+        box = tuple(numbers) if None not in numbers else ()
+        if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3]:
             raise BadParameter(
                 f"{field} must be 'single', 'largest' or a box 'left,top,right,bottom' "
                 f"with left < right and top < bottom; got {text!r}"

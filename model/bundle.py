@@ -19,6 +19,7 @@ import torch
 from model.errors import WeightsError
 from model.files import make_parent
 from model.mobilenet import FaceEmbeddingNet, ModelConfig, build_model
+from model.numbers import parse_decimal
 from model.score_norm import CohortNorm
 from model.tta import bundle_shift
 
@@ -62,8 +63,8 @@ class Bundle:
         thresholds = self.thresholds
         if far in thresholds:
             return far
-        value = _as_number(far)
-        return None if value is None else next((k for k in thresholds if _as_number(k) == value), None)
+        value = parse_decimal(far)
+        return None if value is None else next((k for k in thresholds if parse_decimal(k) == value), None)
 
     def threshold(self, far: str = DEFAULT_FAR) -> float:
         """The calibrated threshold for ``far``; an uncalibrated bundle (fresh network) gets a fixed fallback."""
@@ -136,13 +137,6 @@ def save_atomically(payload: Any, path: Path) -> Path:
             raise
         raise type(cause)(f"cannot write {path}: {cause.strerror or cause}") from exc
     return path
-
-
-def _as_number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def load_bundle(path: str | Path | None = None) -> Bundle:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.console import add_json_flag, error_code, print_json, print_table
+from model.console import add_json_flag, decimal, error_code, print_json, print_table
 
 
 def register(sub) -> None:
@@ -50,7 +50,7 @@ def register(sub) -> None:
     p.add_argument("--far", default="1e-3",
                    help="operating point: the false accept rate whose calibrated threshold to use, one of those "
                    "in the weights (the shipped ones: 1e-2, 1e-3, 1e-4; default 1e-3)")
-    p.add_argument("--threshold", type=float, help="explicit score threshold in [-2, 2] (overrides --far)")
+    p.add_argument("--threshold", type=decimal, help="explicit score threshold in [-2, 2] (overrides --far)")
     add_json_flag(p)
     p.set_defaults(func=cmd_compare)
 

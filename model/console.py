@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from model.errors import VisageError
+from model.numbers import DECIMAL_HELP, parse_decimal
 
 EXIT_USER_ERROR = 2
 
@@ -40,6 +41,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def decimal(text: str) -> float:
+    """argparse type for scores and rates: a plain decimal number (``model.numbers``; ``float()`` read 1_0 as 10)."""
+    value = parse_decimal(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected {DECIMAL_HELP}, got {text!r}")
     return value
 
 

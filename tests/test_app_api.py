@@ -351,12 +351,19 @@ def test_ids_and_counts_are_digits_not_python_int_syntax(client):
                      client.get("/subjects", params={"offset": "0x1"}),
                      client.post("/verify", files=image, data={"subject_id": "1_1"}),
                      client.post("/identify", files=image, data={"k": "1_0"}),
-                     client.post("/identify", files=image, data={"k": "1.0"})):
+                     client.post("/identify", files=image, data={"k": "1.0"}),
+                     # and a threshold: "0_1" was 1.0, "1_0" 10 (refused only as out of range)
+                     client.post("/verify", files=image, data={"subject_id": "11", "threshold": "0_1"}),
+                     client.post("/verify", files=image, data={"subject_id": "11", "threshold": "1_0"}),
+                     client.post("/compare", files={"image1": ("a.png", png(RED)), "image2": ("b.png", png(RED))},
+                                 data={"threshold": "0.0_5"})):
         is_error(response, 422, "bad_parameter")
         assert "digits" in response.json()["detail"], response.text
     assert client.get("/subjects/11").status_code == 200  # still there
     assert client.get("/subjects/011").json()["id"] == 11  # plain digits (a leading zero too) still read
     assert client.post("/identify", files=image, data={"k": "3"}).status_code == 200
+    assert client.post("/verify", files=image, data={"subject_id": "11", "threshold": " 1E-1 "}).json()[
+        "threshold"] == 0.1  # a plain decimal, any case, spaces around, still read
 
 
 def test_a_trailing_slash_is_a_404_not_a_redirect_and_a_repeated_query_parameter_is_refused(client):

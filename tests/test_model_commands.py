@@ -235,7 +235,9 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["compare", "--threshold", "nan", "a.jpg", "b.jpg"], "--threshold is a score in [-2, 2]"),
+        (["compare", "--threshold", "nan", "a.jpg", "b.jpg"], "expected a finite number written with the digits"),
+        (["compare", "--threshold", "1_0", "a.jpg", "b.jpg"], "expected a finite number written with the digits"),
+        (["compare", "--threshold", "2.5", "a.jpg", "b.jpg"], "--threshold is a score in [-2, 2]"),
         (["cost", "--head", "embedding", "--embedding-dim", "-5"], "--embedding-dim must be from 8 to 4096"),
         (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--roc", "{folder}/roc.txt"], "cannot write a figure"),

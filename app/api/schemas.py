@@ -14,6 +14,7 @@ from app.names import MAX_NAME_LENGTH, canonical_prefix
 from app.service import Threshold
 from app.store import MAX_ROW_ID, FaceRow, SubjectRow
 from model.faces import Face
+from model.numbers import DECIMAL_HELP, parse_decimal
 
 
 def _written_in_digits(value: Any) -> Any:
@@ -25,6 +26,16 @@ def _written_in_digits(value: Any) -> Any:
 
 
 Whole = Annotated[int, BeforeValidator(_written_in_digits)]
+
+
+def _written_as_decimal(value: Any) -> Any:
+    """Pydantic reads "0_1" as 1.0: a threshold sent as text is a plain decimal number (``model.numbers``)."""
+    if isinstance(value, str) and parse_decimal(value) is None:
+        raise PydanticCustomError("float_parsing", f"Input should be {DECIMAL_HELP}")
+    return value
+
+
+PlainDecimal = Annotated[float, BeforeValidator(_written_as_decimal)]
 MAX_METADATA_BYTES = 16 * 1024
 # a bound on the name as sent; the limit that counts (MAX_NAME_LENGTH) is app.names' on the stored form: an NFD
 # name or one padded with spaces is longer as sent (a 150-letter name in NFD was refused at 300 code points)
@@ -96,7 +107,7 @@ class SubjectOut(BaseModel):
 
 
 class ThresholdParams(BaseModel):
-    threshold: float | None = Field(
+    threshold: PlainDecimal | None = Field(
         None, ge=-2.0, le=2.0, allow_inf_nan=False,
         description="explicit score threshold (see similarity); overrides far"
     )
