@@ -96,30 +96,55 @@ class Scan:
     skipped: list[str]  # what is not read, and why: a photo format not taken, a folder inside a subject's...
 
 
+def _broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
+
+
+def _why_not_read(path: Path, in_subject_folder: bool) -> str:
+    """The line ``scan`` lists for an entry it does not read (beside the subject folders, or in one)."""
+    if _broken_link(path):
+        return f"{shown(path)}: a broken link (its target is missing): not read"
+    if path.is_dir():
+        return f"{shown(path)}/: a folder inside a subject folder (not read)"
+    if not path.is_file():
+        return f"{shown(path)}: not a regular file (a pipe, socket or device): not read"
+    if in_subject_folder:
+        return f"{shown(path)}: not a photo format this reads ({path.suffix or 'no suffix'})"
+    return f"{shown(path)}: not in a subject folder"
+
+
 def scan(root: Path) -> Scan:
     """Every image under ``root/<subject>/``, sorted; the folder name is the subject name. A folder holding no
     such image is an error: a mistyped path or layout must not end as "0 images, success". What is not read
     (other files, deeper folders, files beside the subject folders, empty subject folders) is listed, not
-    passed over in silence (a HEIC photo, a year's subfolder). Hidden files are left out of both."""
+    passed over in silence (a HEIC photo, a year's subfolder); hidden files and folders are counted there. A
+    photo that is a broken link is an item, so that it is a failure of the batch (a photo library linked from an
+    unmounted disk must not end "every file enrolled")."""
     if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}")
+        raise FileNotFoundError(f"no such folder: {root}" if not root.exists() else f"{root} is a file, not a folder")
     items: list[Item] = []
     skipped: list[str] = []
-    for entry in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
-        if not entry.is_dir():
-            skipped.append(f"{shown(entry)}: not in a subject folder")
-            continue
-        found = 0
-        for path in sorted(p for p in entry.iterdir() if not p.name.startswith(".")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                items.append(Item(path, entry.name))
-                found += 1
-            elif path.is_dir():
-                skipped.append(f"{shown(path)}/: a folder inside a subject folder (not read)")
-            else:
-                skipped.append(f"{shown(path)}: not a photo format this reads ({path.suffix or 'no suffix'})")
-        if not found:
-            skipped.append(f"{shown(entry)}/: no photos")
+    hidden = 0
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            hidden += 1
+        elif not entry.is_dir():
+            skipped.append(_why_not_read(entry, in_subject_folder=False))
+        else:
+            found = 0
+            for path in sorted(entry.iterdir()):
+                if path.name.startswith("."):
+                    hidden += 1
+                elif path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or _broken_link(path)):
+                    items.append(Item(path, entry.name))
+                    found += 1
+                else:
+                    skipped.append(_why_not_read(path, in_subject_folder=True))
+            if not found:
+                skipped.append(f"{shown(entry)}/: no photos")
+    if hidden:
+        skipped.append(f"{hidden} hidden file{'s' if hidden > 1 else ''} or folder{'s' if hidden > 1 else ''} (names "
+                       "starting with '.'): not read")
     if not items:
         raise FileNotFoundError(
             f"no images in {root}: expected one folder per subject, DIR/<subject>/<photo>, with photos ending in "

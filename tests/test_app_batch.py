@@ -41,21 +41,32 @@ def folder(tmp_path):
 
 
 def test_scan_takes_subject_folders_only_and_lists_what_it_does_not_read(folder):
-    """A HEIC photo, a year's subfolder or an empty subject folder were passed over in silence (exit 0)."""
+    """A HEIC photo, a year's subfolder or an empty subject folder were passed over in silence (exit 0); a broken
+    link to a photo was "not a photo format this reads (.jpg)", and the run still ended "every file enrolled"."""
     (folder / "bob" / "2019").mkdir()
     (folder / "bob" / "2019" / "x.jpg").write_bytes(png(BLUE, fmt="JPEG"))
     (folder / "bob" / "d.heic").write_bytes(b"heic")
     (folder / "bob" / "e.JFIF").write_bytes(png(BLUE, width=200, fmt="JPEG"))
     (folder / "carol").mkdir()
-    (folder / "bob" / ".DS_Store").write_bytes(b"hidden: neither read nor listed")
+    (folder / "bob" / ".DS_Store").write_bytes(b"hidden: counted, not read")
+    (folder / ".trash").mkdir()
+    (folder / "bob" / "f.jpg").symlink_to(folder / "unmounted" / "f.jpg")  # a photo on a disk not mounted
+    (folder / "dave").symlink_to(folder / "gone")
+    os.mkfifo(folder / "bob" / "pipe.jpg")  # (opening it would wait for a writer for ever)
     found = scan(folder)
     assert [(i.subject, i.path.name) for i in found.items] == [
-        ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("bob", "e.JFIF"), ("junk", "bad.jpg"),
-        ("pair", "two.png")]
+        ("alice", "a.png"), ("alice", "b.png"), ("bob", "c.jpg"), ("bob", "e.JFIF"), ("bob", "f.jpg"),
+        ("junk", "bad.jpg"), ("pair", "two.png")]
     assert [s.removeprefix(f"{folder}/") for s in found.skipped] == [
         "bob/2019/: a folder inside a subject folder (not read)", "bob/d.heic: not a photo format this reads (.heic)",
-        "carol/: no photos", "junk/notes.txt: not a photo format this reads (.txt)",
-        "stray.png: not in a subject folder"]
+        "bob/pipe.jpg: not a regular file (a pipe, socket or device): not read", "carol/: no photos",
+        "dave: a broken link (its target is missing): not read",
+        "junk/notes.txt: not a photo format this reads (.txt)", "stray.png: not in a subject folder",
+        "2 hidden files or folders (names starting with '.'): not read"]
+    report = run_batch([i for i in found.items if i.path.name == "f.jpg"], lambda *_: True)
+    assert report.failed == 1 and report.failures[0]["error"] == "unreadable_file"  # a failure: exit status 1
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        scan(folder / "stray.png")
     with pytest.raises(FileNotFoundError):
         scan(folder / "missing")
     (folder / "empty" / "nested" / "deeper").mkdir(parents=True)
