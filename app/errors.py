@@ -164,8 +164,13 @@ def describe_validation(exc: RequestValidationError) -> str:
         field = ".".join(loc) or "request"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if tuple(err.get("loc", ())) == ("body",) and err.get("type") in ("model_attributes_type", "dict_type"):
-            # a JSON body sent without its content type arrives as text: "Input should be a valid dictionary"
-            parts.append("body: send a JSON object with Content-Type: application/json")
+            # a JSON body sent without its content type arrives as text: "Input should be a valid dictionary";
+            # with it, another JSON value ([1]) was told the same, though its content type was right
+            got = err.get("input")
+            kind = ("an array" if isinstance(got, list) else "null" if got is None else
+                    "true or false" if isinstance(got, bool) else "a number" if isinstance(got, int | float) else "")
+            parts.append(f"body: send a JSON object, not {kind}" if kind else
+                         "body: send a JSON object with Content-Type: application/json")
             continue
         if msg.startswith("Expected UploadFile"):  # FastAPI's words name a Python class: "received: <class 'str'>"
             msg = f"send a file here, not text (multipart: curl -F {field}=@photo.jpg)"

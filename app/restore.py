@@ -77,7 +77,8 @@ def restore_database(backup: Path, db_path: Path) -> RestoreReport:
     started = time.monotonic()
     backup, db_path = Path(os.path.abspath(backup)), Path(os.path.abspath(db_path))
     if not backup.is_file():
-        raise FileNotFoundError(f"no backup file {backup}")
+        raise FileNotFoundError(f"{backup} is a folder: give the backup file in it" if backup.is_dir() else
+                                f"no backup file {backup}")
     folder = db_path.parent
     if not folder.is_dir():  # a mistyped --data-dir: a gallery nobody would serve (made by root, unreadable to all)
         raise FileNotFoundError(f"no data folder {folder}: check --data-dir / VISAGE_DATA_DIR (to restore onto a "

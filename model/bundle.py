@@ -73,7 +73,7 @@ class Bundle:
             return FALLBACK_THRESHOLD
         key = self.calibrated_far(far)
         if key is None:
-            raise ValueError(f"these weights are calibrated for FAR {sorted(thresholds)}, not {far!r}")
+            raise ValueError(f"these weights are calibrated for FAR {', '.join(sorted(thresholds))}, not {far!r}")
         return thresholds[key]
 
     def weights_digest(self) -> str:

@@ -204,6 +204,11 @@ def test_every_bad_input_is_a_4xx_json_error(tmp_path):
         garbled = client.patch("/subjects/1", content=b'{"name": x}', headers=json_type)
         is_error(garbled, 422, "bad_parameter")
         assert garbled.json()["detail"] == "body: not valid JSON at character 10 (Expecting value)"
+        for body, said in ((b"[1]", "body: send a JSON object, not an array"), (b"7", "not a number"),
+                           (b"null", "not null")):  # (the content type was right: it was told to set it)
+            r = client.patch("/subjects/1", content=body, headers=json_type)
+            is_error(r, 422, "bad_parameter")
+            assert said in r.json()["detail"], r.text
         binary = client.patch("/subjects/1", content=b"\x18\x1d$\xff\xfe", headers=json_type)
         is_error(binary, 400, "bad_request")
         assert "could not be parsed" in binary.json()["detail"]

@@ -121,6 +121,7 @@ def test_only_a_sound_visage_gallery_is_restored(tmp_path, gallery_with_backup, 
     empty.write_bytes(b"")
     cases = [
         (tmp_path / "nowhere.db", "file_not_found", "no backup file"),
+        (tmp_path, "file_not_found", "is a folder: give the backup file in it"),
         (garbage, "store_unreadable", "is not a usable SQLite database"),
         (other, "not_a_gallery", "not a Visage gallery"),
         (empty, "not_a_gallery", "not a Visage gallery"),
