@@ -333,6 +333,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             ("already enrolled", report.existing),
             ("failed", report.failed),
             ("not attempted", report.not_attempted),
+            *([("in flight when stopped (may be stored)", report.in_flight)] if report.in_flight else []),
             ("subjects", len(report.subjects)),
         ]
         caption = (

@@ -47,7 +47,8 @@ class BatchReport:
     files: int = 0
     created: int = 0
     existing: int = 0
-    attempted: int = 0  # files taken up before the run stopped (all of them unless it stopped early)
+    attempted: int = 0  # files done before the run stopped (all of them unless it stopped early)
+    in_flight: int = 0  # the file being enrolled when Ctrl-C came: stored or not, the next run knows
     failures: list[dict[str, str]] = field(default_factory=list)
     subjects: set[str] = field(default_factory=set)
     aborted: str | None = None  # why the run stopped early (service unreachable, bad key, INTERRUPTED)
@@ -64,7 +65,7 @@ class BatchReport:
 
     @property
     def not_attempted(self) -> int:
-        return self.files - self.attempted
+        return self.files - self.attempted - self.in_flight
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +74,7 @@ class BatchReport:
             "existing": self.existing,
             "failed": self.failed,
             "not_attempted": self.not_attempted,
+            "in_flight": self.in_flight,
             "subjects": len(self.subjects),
             "aborted": self.aborted,
             "seconds": round(self.seconds, 2),
@@ -268,7 +270,8 @@ def run_batch(
             report.subjects.add(clean_name(item.subject))  # ("José" in two Unicode spellings is one subject)
         except KeyboardInterrupt:
             report.aborted = INTERRUPTED  # still print the summary and write the failures so far
-            report.attempted -= 1  # (this one may or may not have been stored: the next run knows)
+            report.attempted -= 1  # this one may or may not have been stored (its request may have reached the
+            report.in_flight = 1  # service): neither done nor "not attempted"; the next run knows
             break
         except Abort as exc:
             report.aborted = str(exc)

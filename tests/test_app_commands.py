@@ -232,6 +232,7 @@ def test_an_interrupted_batch_exits_130_and_still_reports_what_was_done(tmp_path
     """Ctrl-C stopped the batch with exit 0 (no failure row says "interrupted"): a script read it as done."""
     (tmp_path / "photos" / "alice").mkdir(parents=True)
     (tmp_path / "photos" / "alice" / "a.jpg").write_bytes(b"never read")
+    (tmp_path / "photos" / "alice" / "b.jpg").write_bytes(b"never read")
     failures = tmp_path / "failures.csv"
 
     def ctrl_c(path, max_bytes):
@@ -242,8 +243,13 @@ def test_an_interrupted_batch_exits_130_and_still_reports_what_was_done(tmp_path
     assert main([*argv, "--json", "--failures", str(failures)]) == 130
     report = json.loads(capsys.readouterr().out)
     assert report["aborted"] == "interrupted" and report["created"] == 0 and failures.is_file()
+    # the image in hand may have been stored (with --url, its request may have reached the service): it was
+    # counted "not attempted", though the gallery held it
+    assert (report["files"], report["in_flight"], report["not_attempted"]) == (2, 1, 1)
     assert main(argv) == 130
-    assert "stopped early: interrupted" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "stopped early: interrupted. 1 of 2 images were not attempted" in err
+    assert "in flight when stopped (may be stored)" in out
 
 
 def test_a_batch_posted_to_a_service_lists_its_failures_where_it_was_run(tmp_path, capsys, monkeypatch):
