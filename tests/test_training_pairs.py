@@ -60,13 +60,15 @@ def test_windows_line_endings_and_blank_lines(tmp_path):
     ("text", "message"),
     [
         ("", "first line"),
-        ("2 2\nAnn_Lee\t1\t2\n", "first line"),
+        ("2 2\nAnn_Lee\t1\t2\n", "separated by a tab, not spaces"),
         ("1\t2\nAnn_Lee\t1\t2\n", "expected 4 pair lines"),
         ("1\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\n", "2 fields"),
         ("1\t1\nAnn_Lee\t1\t2\n\nAnn_Lee\t1\n", "line 4 has 2 fields"),  # numbered as the file is, blanks too
         ("0\t0\n", "first line"),
         ("x\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\tBo\t1\n", "first line"),
         ("1\t1\nAnn_Lee\tone\t2\nAnn_Lee\t1\tBo\t1\n", "line 2: image numbers must be whole numbers"),
+        ("1\t1\nAnn_Lee\t-1\t2\nAnn_Lee\t1\tBo\t1\n", "line 2: image numbers must be whole numbers from 1"),
+        ("1\t1\nAnn_Lee\t1\t0\nAnn_Lee\t1\tBo\t1_0\n", "line 2: image numbers must be whole numbers from 1"),
         ("2\t1\nAnn_Lee\t1\tBo\t1\nAnn_Lee\t1\tBo\t2\nAnn_Lee\t2\tBo\t1\nAnn_Lee\t2\tBo\t2\n",
          "line 2 should be a matched pair"),  # one class only: eval printed AUC NaN and a TAR of 100 %
         ("1\t1\nAnn_Lee\t1\tBo\t1\nAnn_Lee\t1\t2\n", "line 2 should be a matched pair"),  # swapped order

@@ -268,7 +268,8 @@ def _student_scores(args, names: list[str]) -> tuple[dict[str, np.ndarray], int,
     where = {s: i for i, s in enumerate(faces.sources)}
     missing = [n for n in names if n not in where]
     if missing and args.prepared is None:  # the files are there (checked before): they could not be read
-        raise ValueError(f"{len(missing)} pair images in {args.images} could not be read (e.g. {missing[0]}; "
+        raise ValueError(f"{len(missing)} pair image{'s' if len(missing) > 1 else ''} in {args.images} could not be "
+                         f"read (e.g. {missing[0]}; "
                          f"the reasons are in {prepared / 'manifest.csv'})")
     if missing:
         raise ValueError(f"{len(missing)} pair images are missing from {prepared} (e.g. {missing[0]})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ class Pair:
 
 
 def lfw_image(name: str, number: int | str, ext: str = ".jpg") -> str:
+    if not re.fullmatch(r"[0-9]+", str(number)) or int(number) < 1:  # ("-1" named Name_-001.jpg; int() also took "1_0")
+        raise ValueError(f"image numbers are whole numbers from 1, got {number!r}")
     return f"{name}/{name}_{int(number):04d}{ext}"
 
 
@@ -26,6 +29,8 @@ def read_pairs(path: str | Path) -> tuple[int, list[Pair]]:
     lines = read_text(path, "pairs file").splitlines()
     numbered = [(no, ln.split("\t")) for no, ln in enumerate(lines, 1) if ln.strip()]
     header = "the first line must be '<folds>\\t<pairs per fold and class>', two whole numbers above 0"
+    if numbered and len(numbered[0][1]) == 1 and len(numbered[0][1][0].split()) == 2:
+        header += " separated by a tab, not spaces (the LFW format's fields are tab-separated on every line)"
     if not numbered or len(numbered[0][1]) != 2:
         raise ValueError(f"{path}: {header}")
     try:
@@ -49,7 +54,7 @@ def read_pairs(path: str | Path) -> tuple[int, list[Pair]]:
         try:
             pairs.append(_pair(i // (2 * n), parts))
         except ValueError:
-            raise ValueError(f"{path}: line {no}: image numbers must be whole numbers, got {parts}") from None
+            raise ValueError(f"{path}: line {no}: image numbers must be whole numbers from 1, got {parts}") from None
     return n_folds, pairs
 
 
