@@ -43,7 +43,9 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="are two photos the same person?",
                        description="The score of the largest face in each image (the weights' own: cosine minus the "
                        "faces' cohort offsets, model/score_norm.py) against the weights' calibrated threshold "
-                       "(FAR 1e-3 unless --far or --threshold is given).")
+                       "(FAR 1e-3 unless --far or --threshold is given).",
+                       epilog="Exit status: 0 when both photos were compared, whatever the verdict (read it from the "
+                       "output, or 'match' with --json); 2 when a photo cannot be read or has no face.")
     p.add_argument("image1", type=Path)
     p.add_argument("image2", type=Path)
     p.add_argument("--weights", help="weights bundle (default: the shipped bundle)")

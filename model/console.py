@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="visage",
         description="Visage: MobileNet face embeddings, training and a face recognition service.",
-        epilog="Run 'visage COMMAND --help' for the options of one command.",
+        epilog="Run 'visage COMMAND --help' for the options of one command. Exit status, for every command: 0 done; "
+        "1 done in part (some files failed, each listed; the rest done); 2 refused or failed (usage, a missing or "
+        "unreadable file, bad weights, no service, a locked gallery: one line on stderr, and with --json one "
+        '{"error", "detail"} object on stdout); 130 interrupted (Ctrl-C, or SIGTERM for batch commands); 141 '
+        "output closed early.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in command_registrars():
