@@ -247,7 +247,7 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
     if existing and "landmarks" not in manifest.open().readline():
         _write_manifest(manifest, existing)  # written before the landmarks column: upgrade the header in place
     wanted = {rel for _, rel in images if only is None or rel in only}
-    changed = _changed_sources(src, [r for r in existing if r.source in wanted])
+    changed = _changed_sources(src, [r for r in existing if r.source in wanted], progress)
     done = {r.source for r in existing
             if (r.status == "failed" or (dst / r.crop).exists()) and r.source not in changed}
     todo = [it for it in images if it[1] not in done and it[1] in wanted]
@@ -288,12 +288,15 @@ def prepare(src: str | Path, dst: str | Path, workers: int | None = None, pad: f
                           str(manifest), len(changed))
 
 
-def _changed_sources(src: Path, rows: list[ManifestRow]) -> set[str]:
+def _changed_sources(src: Path, rows: list[ManifestRow], progress: bool = False) -> set[str]:
     """Sources whose bytes no longer hash to what their row recorded: reusing those rows gave `visage eval` the old
-    picture's crop (a replaced image scored as before) and kept a repaired image failed for good. Hashing costs
-    about a second per 10,000 photos; the decode and detection it saves are ~100 times that."""
+    picture's crop (a replaced image scored as before) and kept a repaired image failed for good. Hashing is a
+    small part of what a re-run saves: LFW's 10,562 photos (71 MB) took 12 s at the lowest priority beside a
+    training run, where decoding and detecting them takes minutes."""
+    from tqdm import tqdm
+
     changed = set()
-    for row in rows:
+    for row in tqdm(rows, desc="checking done images", unit="img", disable=not progress or not rows):
         path = src / row.source
         if not path.is_file():
             continue  # (not listed any more: not redone, and its row stays)
