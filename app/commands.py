@@ -37,7 +37,8 @@ def register(sub) -> None:
         description="Enroll every image in DIR/<subject>/ as a face of <subject>, into the local "
         "store (safe while the service runs: it sees the new faces without a restart) or, with "
         "--url, through a running service. Idempotent and resumable: images already enrolled are "
-        "skipped before the model runs. Files directly in DIR (not in a subject folder) are ignored.",
+        "skipped before the model runs. What is not read (files directly in DIR, other formats, deeper "
+        "folders, hidden entries) is listed; a photo that is a broken link is a failure.",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument(
