@@ -98,7 +98,8 @@ def register(sub) -> None:
     p.add_argument("--images", type=Path, required=True, help="folder with <Name>/<Name>_NNNN.jpg")
     p.add_argument("--weights", help="student weights bundle (default: the shipped bundle)")
     p.add_argument("--teacher", choices=["dlib"], help="evaluate the dlib teacher instead of the student")
-    p.add_argument("--folds", help="comma-separated 1-based folds to use (default: all)")
+    p.add_argument("--folds", help="comma-separated 1-based folds to use, at least two (each fold's threshold is "
+                   "chosen on the others; default: all)")
     p.add_argument("--no-flip", action="store_true",
                    help="no mirror averaging of the test faces (the bundle's cohort stays mirror-averaged, as served)")
     p.add_argument("--prepared", type=Path,
