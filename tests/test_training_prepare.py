@@ -83,7 +83,20 @@ def test_failed_and_fallback_rows_say_why(prepared):
         for i in (1, 2):
             row = rows[f"{name}/{name}_{i:04d}.jpg"]
             assert row.status == "detected" and row.score >= 0.95 and row.reason == ""
-            assert row.crop == f"crops/{name}/{name}_{i:04d}.png"
+            assert row.crop == f"crops/{name}/{name}_{i:04d}.jpg.png"
+
+
+def test_photos_that_differ_only_in_suffix_get_their_own_crops(tmp_path):
+    """x.jpg and x.png in one folder once wrote one crop file, and a manifest row then named the other's face."""
+    src = tmp_path / "src" / "P"
+    src.mkdir(parents=True)
+    shutil.copy(LFW / "Colin_Powell" / "Colin_Powell_0001.jpg", src / "x.jpg")
+    Image.open(LFW / "Serena_Williams" / "Serena_Williams_0001.jpg").save(src / "x.png")
+    prepare(tmp_path / "src", tmp_path / "dst", workers=1, progress=False)
+    rows = {r.source: r for r in read_manifest(tmp_path / "dst")}
+    crops = {rel: np.asarray(Image.open(tmp_path / "dst" / rows[rel].crop)) for rel in ("P/x.jpg", "P/x.png")}
+    assert rows["P/x.jpg"].crop != rows["P/x.png"].crop
+    assert np.abs(crops["P/x.jpg"].astype(int) - crops["P/x.png"].astype(int)).mean() > 10  # two faces
 
 
 def test_crops_are_aligned_112px_faces(prepared):
@@ -122,15 +135,15 @@ def resumed(prepared, tmp_path_factory):
     shutil.copytree(src, src2)
     shutil.copytree(dst, dst2)
     shutil.copy(LFW / "Serena_Williams" / "Serena_Williams_0003.jpg", src2 / "Serena_Williams")
-    (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").unlink()
+    (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.jpg.png").unlink()
     return src2, dst2, prepare(src2, dst2, workers=1, progress=False)
 
 
 def test_new_images_and_lost_crops_are_picked_up(resumed):
     _, dst, summary = resumed
     assert (summary.total, summary.done_before, summary.detected) == (9, 7, 7)
-    assert (dst / "crops" / "Serena_Williams" / "Serena_Williams_0003.png").is_file()
-    assert (dst / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").is_file()
+    assert (dst / "crops" / "Serena_Williams" / "Serena_Williams_0003.jpg.png").is_file()
+    assert (dst / "crops" / "Colin_Powell" / "Colin_Powell_0001.jpg.png").is_file()
 
 
 def test_resuming_keeps_one_manifest_row_per_image(resumed):
@@ -150,7 +163,7 @@ def test_a_changed_image_is_redone_and_a_repaired_one_retried(prepared, tmp_path
     shutil.copytree(src, src2)
     shutil.copytree(dst, dst2)
     replaced, repaired = "Colin_Powell/Colin_Powell_0001.jpg", "Joseph_Biden/Joseph_Biden_9999.jpg"
-    old_crop = (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.png").read_bytes()
+    old_crop = (dst2 / "crops" / "Colin_Powell" / "Colin_Powell_0001.jpg.png").read_bytes()
     shutil.copy(LFW / "Serena_Williams" / "Serena_Williams_0003.jpg", src2 / replaced)  # another face, same name
     shutil.copy(LFW / "Joseph_Biden" / "Joseph_Biden_0003.jpg", src2 / repaired)
     again = prepare(src2, dst2, workers=1, progress=False)

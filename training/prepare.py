@@ -193,7 +193,7 @@ def _process_chunk(args: tuple[str, str, list[tuple[str, str]], float]) -> list[
             rows.append(asdict(ManifestRow("", ident, rel, sha, "failed", 0.0, exc.detail)))
     aligned = align_or_centre(images, _detector, pad)
     for (crop, status, score, points), (ident, rel, sha) in zip(aligned, metas, strict=True):
-        crop_rel = str(Path(rel).with_suffix(".png"))
+        crop_rel = f"{rel}.png"  # the whole name: x.jpg and x.png beside each other must not share one crop
         out = Path(dst) / "crops" / crop_rel
         out.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(crop).save(out)
