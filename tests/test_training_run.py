@@ -18,7 +18,7 @@ from model.errors import WeightsError
 from training import loop
 from training.config import load_config
 from training.data import Augment
-from training.loop import export_checkpoint, train
+from training.loop import export_checkpoint, load_split, train
 from training.paths import shared_data
 from training.prepare import prepare
 from training.views import ViewAugment
@@ -60,6 +60,20 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_held_out_photo_prepared_twice_is_held_out_in_both_sets(work):
+    """A copy of the prepared folder under a second name put every validation photo into training as well."""
+    root, _, pairs = work
+    copy = root / "work" / "prepared" / "again"
+    if not copy.exists():
+        copy.symlink_to(root / "work" / "prepared" / "lfw")
+    split = load_split(config(pairs, 1, 'prepared={lfw = "prepared/lfw", again = "prepared/again"}'), False)
+    assert not set(split.train.sha256) & set(split.val.sha256) and len(split.val) > 0
+    assert {i.split("/", 1)[1] for i in split.train.identities} == set(TRAIN)
+    # pairs that name a set under another name: the message names the setting (it said "not in the prepared set")
+    with pytest.raises(ValueError, match="pairs_namespace='lfw'.*again=prepared/again"):
+        load_split(config(pairs, 1, 'prepared={again = "prepared/again"}'), False)
+
+
 def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
     root, src, pairs = work
     run = root / "run"
@@ -73,6 +87,10 @@ def test_train_checkpoint_resume_and_ship_a_calibrated_bundle(work):
         train(config(pairs, 2), run, progress=False, max_steps=2)
     with pytest.raises(ValueError, match="resume with the run's own settings"):  # was: a size-mismatch dump
         train(config(pairs, 2, "alpha=0.25"), run, resume=True, progress=False, max_steps=2)
+    with (run / "metrics.jsonl").open("a") as fh:  # a stop after an epoch's metrics line, before its checkpoint
+        fh.write(json.dumps({"epoch": 2, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="holds out the people of val_folds"):  # was: validated on trained people
+        train(config(pairs, 2, "val_folds=[1]"), run, resume=True, progress=False, max_steps=2)
     out = train(config(pairs, 2), run, resume=True, progress=False, max_steps=2)  # continues at epoch 2
     history = metrics(run)
     assert [h["epoch"] for h in history] == [1, 2]

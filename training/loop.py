@@ -85,12 +85,17 @@ def load_split(cfg: TrainConfig, need_teacher: bool) -> Split:
         faces = faces.with_teacher(load_teacher(cfg))
     held = {f"{cfg.pairs_namespace}/{p}" for p in people_in_folds(pairs, folds)}
     in_val = np.array([i in held for i in faces.identities])
+    # the same photo prepared twice (a copy of the folder under another name) is held out wherever it is
+    held_photos = {h for h, v in zip(faces.sha256, in_val, strict=True) if v}
+    in_val |= np.array([h in held_photos for h in faces.sha256])
     val = faces.subset(in_val)
     where = {(i.split("/")[0], s): n for n, (i, s) in enumerate(zip(val.identities, val.sources, strict=True))}
     chosen = [p for p in pairs if p.fold in folds]
     missing = [p for p in chosen for s in (p.left, p.right) if (cfg.pairs_namespace, s) not in where]
     if missing:
-        raise ValueError(f"{len(missing)} validation pair images are not in the prepared set (e.g. {missing[0]})")
+        raise ValueError(f"{len(missing)} validation pair images are not in the prepared set "
+                         f"pairs_namespace={cfg.pairs_namespace!r} names (e.g. {missing[0]}); prepared sets: "
+                         f"{', '.join(f'{ns}={folder}' for ns, folder in cfg.prepared.items())}")
     return Split(
         train=faces.subset(~in_val),
         val=val,
@@ -284,6 +289,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     if was is not None and was.model != cfg.model:
         raise ValueError(f"{ckpt_path} trains {was.model}, but this config asks for {cfg.model}: resume with the "
                          f"run's own settings ({run_dir / 'config.json'})")
+    split = ("pairs", "pairs_namespace", "val_folds")  # who is held out: a change would validate on trained people
+    if was is not None and (changed := [k for k in split if getattr(was, k) != getattr(cfg, k)]):
+        raise ValueError(f"{ckpt_path} holds out the people of {', '.join(f'{k}={getattr(was, k)}' for k in changed)}"
+                         f"; resume it with the same {' and '.join(changed)} (a change would validate and calibrate "
+                         "on people it has trained on)")
     if was is not None and was.optimizer != cfg.optimizer:  # its state is kept
         raise ValueError(f"{ckpt_path} was trained with optimizer={was.optimizer}: resume it with the same optimizer")
     finished = run_dir / "bundle.pt"
@@ -335,6 +345,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         if hint is not None:
             hint.load_state_dict(ckpt["hint"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        if rank == 0:  # a stop between an epoch's metrics line and its checkpoint left that epoch twice
+            lines = "".join(json.dumps(record) + "\n" for record in history)
+            tmp = run_dir / "metrics.jsonl.tmp"
+            tmp.write_text(lines)
+            tmp.replace(run_dir / "metrics.jsonl")
         sampler.rng = np.random.default_rng(cfg.seed + start_epoch)
         ckpt = None  # (its tensors are copied: free them for the run)
     served = ema.module if ema is not None else model  # what validation sees and the bundle holds
