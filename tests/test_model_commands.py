@@ -241,6 +241,7 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
         (["cost", "--head", "embedding", "--embedding-dim", "-5"], "--embedding-dim must be from 8 to 4096"),
         (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--roc", "{folder}/roc.txt"], "cannot write a figure"),
+        (["eval", "--pairs", "{pairs}", "--images", "x", "--roc", "/dev/null/roc.png"], "cannot write --roc"),
         (["soup", "--set", "score_k=4", "{folder}/a.pt", "--out", "{folder}/x.pt"], "weights file not found"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--teacher", "dlib", "--weights", "w.pt"],
          "--weights and --prepared are the student's options"),
@@ -249,7 +250,8 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
 def test_bad_arguments_are_one_line_errors_and_json_says_why(tmp_path, capsys, args, message):
     """Whatever is wrong (a value, a folder where a file belongs), a clear message and exit code 2, and with
     --json one parseable object with a snake_case code: never a traceback, never NaN in the output."""
-    args = [a.replace("{folder}", str(tmp_path)) for a in args]
+    (tmp_path / "pairs.txt").write_text("2\t1\nA\t1\t2\nA\t1\tB\t1\nC\t1\t2\nC\t1\tD\t1\n")  # 2 folds
+    args = [a.replace("{folder}", str(tmp_path)).replace("{pairs}", str(tmp_path / "pairs.txt")) for a in args]
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert main([*args, "--json"]) == 2

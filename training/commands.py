@@ -318,6 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         wanted = parse_folds(args.folds, n_folds)
     else:
         wanted = chosen_folds(range(1, n_folds + 1), n_folds, "the pairs file's header")
+    check_writable(args.roc, "--roc")  # a folder not made, a file in the way: now, not after the embedding
     pairs = [p for p in pairs if p.fold in wanted]
     if not pairs:
         raise ValueError(f"{args.pairs} has no pairs to evaluate")
