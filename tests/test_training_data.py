@@ -68,6 +68,18 @@ def test_load_prepared_reads_every_usable_crop(folder):
     assert np.array_equal(again.crops, faces.crops) and again.identities[0] == "Bob"
 
 
+def test_a_crops_cache_cut_short_is_rebuilt(folder):
+    """A crops.npy cut short (a full disk, kill -9 during its first write) failed every later run with "mmap length
+    is greater than file size", naming no file; it is now read as missing and written again, atomically."""
+    path, _ = folder
+    faces = load_prepared(path)
+    cache = path / "crops.npy"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    again = load_prepared(path)
+    assert np.array_equal(again.crops, faces.crops)
+    assert np.array_equal(np.load(cache), faces.crops) and not list(path.glob("*.tmp"))
+
+
 def test_load_prepared_without_crops(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_prepared(tmp_path)

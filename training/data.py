@@ -86,11 +86,12 @@ def load_prepared(folder: str | Path, namespace: str = "") -> FaceSet:
         raise FileNotFoundError(f"no prepared crops in {folder} (run `visage prepare` first)")
     cache = folder / "crops.npy"
     manifest_mtime = (folder / "manifest.csv").stat().st_mtime
-    if cache.exists() and cache.stat().st_mtime >= manifest_mtime and len(np.load(cache, mmap_mode="r")) == len(rows):
-        crops = np.load(cache)
-    else:
+    crops = None
+    if cache.exists() and cache.stat().st_mtime >= manifest_mtime:
+        crops = _load_npy(cache)
+    if crops is None or len(crops) != len(rows):
         crops = np.stack([np.asarray(Image.open(folder / r.crop).convert("RGB")) for r in rows])
-        np.save(cache, crops)
+        save_npy_atomically(cache, crops)
     prefix = f"{namespace}/" if namespace else ""
     return FaceSet(
         crops,
@@ -119,16 +120,33 @@ def load_sources(paths: list[Path], sha256: list[str], cache: Path) -> np.ndarra
     from model.decode import decode_image
 
     path = sources_cache_path(sha256, cache)
-    if path.exists():
-        return np.load(path, mmap_mode="r")  # batches read only their rows: ~1 GB stays on disk, not in RSS
+    if path.exists() and (kept := _load_npy(path, mmap_mode="r")) is not None:
+        return kept  # memory-mapped: batches read only their rows, ~1 GB stays on disk, not in RSS
     images = [np.asarray(decode_image(p.read_bytes())) for p in paths]
     sizes = {im.shape for im in images}
     if len(sizes) != 1:
         raise ValueError(f"source photos differ in size ({sorted(sizes)[:3]}): consistent views need one size")
     out = np.stack(images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, out)
+    save_npy_atomically(path, out)
     return out
+
+
+def save_npy_atomically(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temp file and a rename: a cache cut short (a full disk, kill -9) is never read."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    tmp.replace(path)
+
+
+def _load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray | None:
+    """A cache file's array, or None when it cannot be read (cut short by an earlier version's plain np.save):
+    the caller rebuilds it instead of failing on "mmap length is greater than file size" for good."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError):
+        return None
 
 
 @dataclass(frozen=True)
