@@ -17,7 +17,7 @@ from model.cost import mobilenet_v1_cost
 from model.mobilenet import build_model
 from model.score_norm import CohortNorm
 from training.config import TrainConfig
-from training.loop import FARS, all_pairs, all_pairs_tar, calibrate, finished_metadata, lr_factor
+from training.loop import FARS, all_pairs, all_pairs_tar, calibrate, few_impostor_warnings, finished_metadata, lr_factor
 
 
 def test_warmup_then_cosine_to_zero():
@@ -51,8 +51,24 @@ def test_calibrate_thresholds_on_impostor_pairs_only():
     for far, thr in thresholds.items():
         assert thr == round(thr, 4) and thr < 0.95
         assert thr == pytest.approx(np.quantile(impostor, 1 - float(far)), abs=1e-4)
+        assert thr >= np.quantile(impostor, 1 - float(far))  # rounded up: never a little more lenient
         assert np.mean(impostor > thr) <= float(far) + 1 / len(impostor)
     assert thresholds["1e-4"] >= thresholds["1e-3"]
+
+
+def test_a_collapsed_network_gets_thresholds_that_refuse_its_impostors_and_a_warning():
+    """Every score within 1e-4 of 0.02 (an untrained network): thresholds rounded to the nearest 4th decimal sat
+    below the impostors and let 82 % of them through; 316 impostor pairs set a "FAR 1e-4" with no word said."""
+    rng = np.random.default_rng(1)
+    scores = (0.01999998 + 3e-7 * rng.random(400)).astype(np.float32)
+    same = np.zeros(400, dtype=bool)
+    same[:84] = True
+    thresholds = calibrate((scores, same))
+    assert all(np.mean(scores[~same] > thr) == 0.0 for thr in thresholds.values())
+    assert few_impostor_warnings(316) == [w for w in few_impostor_warnings(316) if "316 impostor pairs" in w]
+    assert [w.split(" rests")[0] for w in few_impostor_warnings(316)] == [
+        "the threshold at FAR 1e-3", "the threshold at FAR 1e-4"]
+    assert few_impostor_warnings(3_317_942) == []
 
 
 def test_all_pairs_tar_counts_every_genuine_pair_above_each_threshold():

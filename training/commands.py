@@ -235,7 +235,7 @@ def _calibrate_and_save(bundle: Bundle, args: argparse.Namespace, title: str) ->
     save_bundle(bundle, args.out)
     out = {"weights": str(args.out), "model_version": bundle.model_version, "scoring": val["scoring"],
            "thresholds": bundle.thresholds, "accuracy": val["accuracy"], "auc": val["auc"],
-           "all_pairs": val["all_pairs"]}
+           "all_pairs": val["all_pairs"], "warnings": val["warnings"]}
     if args.json:
         print_json(out)
     else:

@@ -169,7 +169,16 @@ def all_pairs(emb: np.ndarray, identities: list[str], scorer: CohortNorm) -> tup
 def calibrate(pairs: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
     """Thresholds at FAR 1e-2, 1e-3 and 1e-4 from every impostor pair among held-out faces (``all_pairs``)."""
     scores, same = pairs
-    return {far: round(threshold_at_far(scores[~same], float(far)), 4) for far in FARS}
+    # rounded up, never below the quantile: on a collapsed network whose scores all lie within 1e-4, rounding to
+    # the nearest let 82 % of impostors through every threshold
+    return {far: math.ceil(threshold_at_far(scores[~same], float(far)) * 1e4) / 1e4 for far in FARS}
+
+
+def few_impostor_warnings(impostors: int) -> list[str]:
+    """What a threshold at FAR f means when fewer than 1/f impostor pairs were there to set it."""
+    return [f"the threshold at FAR {far} rests on {impostors} impostor pairs, fewer than {round(1 / float(far))}: "
+            "it sits at the highest impostor scores seen, not at that FAR; calibrate on more held-out people"
+            for far in FARS if impostors * float(far) < 1]
 
 
 def all_pairs_tar(pairs: tuple[np.ndarray, np.ndarray], thresholds: dict[str, float]) -> dict:
@@ -207,6 +216,9 @@ def calibrate_bundle(bundle: Bundle, cfg: TrainConfig, split: Split) -> dict:
                         "tell faces apart", bundle.scorer.cap, max(thresholds.values()))
     val = protocol(bundle.scorer, emb, split)
     val["all_pairs"] = all_pairs_tar(pairs, thresholds)
+    val["warnings"] = few_impostor_warnings(val["all_pairs"]["impostor_pairs"])
+    for warning in val["warnings"]:
+        log.warning(warning)
     val["scoring"] = bundle.scorer.tag
     bundle.metadata["thresholds"] = thresholds
     bundle.metadata["calibration"] = {
