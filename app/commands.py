@@ -52,6 +52,9 @@ def register(sub) -> None:
         default=os.environ.get("VISAGE_API_KEY"),
         help="API key for --url (default: $VISAGE_API_KEY)",
     )
+    p.add_argument("--new-model", action="store_true",
+                   help="embed with these weights and settings even though the last service on this gallery used "
+                   "another model version (moving the gallery to this model: restart the service with them too)")
     p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv; "
                    "with --url and no data folder named, enroll_failures.csv in the current folder)")
     p.add_argument("--no-progress", action="store_true",
@@ -69,6 +72,9 @@ def register(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is none either when stderr is not a terminal)")
+    p.add_argument("--new-model", action="store_true",
+                   help="embed with these weights and settings even though the last service on this gallery used "
+                   "another model version (moving the gallery to this model: restart the service with them too)")
     _add_common(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_reindex, sigterm_interrupts=True)  # (model.console)
@@ -107,6 +113,23 @@ def register(sub) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
     p.add_argument("--weights", type=Path, help="weights bundle (default: VISAGE_WEIGHTS or the shipped one)")
+
+
+class ModelMismatch(ValueError):
+    """A batch writer whose model differs from the one the gallery's service searches with."""
+
+
+def check_served_model(service: Any, new_model: bool) -> None:
+    """Refuse to write faces the gallery's service would not search: its index holds only faces of its own model
+    version, so a shell without the service's VISAGE_WEIGHTS / VISAGE_FLIP once re-embedded acknowledged faces
+    out of its sight, and reported success."""
+    served = service.gallery.store.served_model_version()
+    if served is not None and served != service.model_version and not new_model:
+        raise ModelMismatch(
+            f"the service on this gallery embeds with model version {served}, and these settings with "
+            f"{service.model_version}: faces written now would be out of that service's search. Give this command "
+            "the service's settings (VISAGE_WEIGHTS, VISAGE_FLIP, --weights), or add --new-model to move the "
+            "gallery to these (then restart the service with them)")
 
 
 def _settings(args: argparse.Namespace, **extra: Any):
@@ -313,6 +336,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
         service = open_service(settings, with_index=False)
         try:
+            check_served_model(service, args.new_model)
             report = run_batch(
                 items, local_enroller(service, args.face), _progress(items, args.no_progress, "enroll"), max_bytes
             )
@@ -369,6 +393,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     service = open_service(settings, with_index=False)
     bar = None
     try:
+        check_served_model(service, args.new_model)
         stale = service.gallery.store.counts(service.model_version)["stale_faces"]
         bar = _progress([], args.no_progress or not stale, "reindex")
         bar.total = stale

@@ -85,6 +85,7 @@ def open_service(settings: Settings, with_index: bool = True, pipeline: FacePipe
         )
         if with_index:
             gallery.open()
+            store.set_served_model_version(pipeline.embedder.model_version)  # what batch writers must match
         service = FaceService(
             pipeline,
             gallery,

@@ -667,6 +667,18 @@ class Store:
             "stale_faces": faces - current,
         }
 
+    def served_model_version(self) -> str | None:
+        """The model version of the last service opened on this gallery (None before any): the version whose faces
+        it searches, which a batch writer in another shell must embed with for its faces to be found."""
+        with self.read() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'served_model_version'").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_served_model_version(self, model_version: str) -> None:
+        with self.write() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('served_model_version', ?)",
+                         (model_version,))
+
     # -- re-embedding ----------------------------------------------------------------------------------------
 
     def stale_faces(self, model_version: str, limit: int | None = None) -> list[FaceRow]:

@@ -341,3 +341,36 @@ def test_serve_raises_the_open_file_limit_towards_the_hard_one(serve_env):
         assert raised == (65536 if hard == resource.RLIM_INFINITY else min(65536, hard))  # (= low if hard is low)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_batch_writers_refuse_a_model_other_than_the_services(monkeypatch, tmp_path, capsys):
+    """`VISAGE_FLIP=false visage enroll` beside a default service re-embedded acknowledged faces under a version that
+    service does not search (its /verify then said 409 no_current_faces), and `reindex` from a shell without the
+    service's settings emptied its index; both reported success."""
+    import shutil
+
+    from conftest import photo
+
+    from app.runtime import open_service
+    from app.settings import Settings
+
+    data = tmp_path / "data"
+    service = open_service(Settings(data_dir=data))  # a service opens the gallery: its version is recorded
+    served = service.model_version
+    service.gallery.close()
+    (tmp_path / "batch" / "obama").mkdir(parents=True)
+    shutil.copy(photo("obama.jpg"), tmp_path / "batch" / "obama")
+    monkeypatch.setenv("VISAGE_FLIP", "false")  # the shell lacks the service's settings
+    for args in (["enroll", str(tmp_path / "batch")], ["reindex"]):
+        assert main([*args, "--data-dir", str(data), "--no-progress", "--json"]) == 2
+        out = json.loads(capsys.readouterr().out)
+        assert out["error"] == "model_mismatch" and served in out["detail"] and "--new-model" in out["detail"]
+    store_service = open_service(Settings(data_dir=data, flip=False), with_index=False)
+    assert store_service.gallery.store.counts(served)["faces"] == 0  # nothing was written
+    store_service.gallery.close()
+    # moving the gallery on purpose, then back with the service's own settings
+    assert main(["enroll", str(tmp_path / "batch"), "--data-dir", str(data), "--no-progress", "--new-model"]) == 0
+    capsys.readouterr()
+    monkeypatch.delenv("VISAGE_FLIP")
+    assert main(["reindex", "--data-dir", str(data), "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["redone"] == 1
