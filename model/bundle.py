@@ -156,6 +156,9 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         # (not torch's message: its advice to re-run with weights_only=False is not for our users)
         raise WeightsError(f"{path} is not a Visage weights bundle (torch.load: {type(exc).__name__}; a "
                            "damaged bundle, or another kind of file)") from exc
+    if isinstance(payload, dict) and payload.get("format") != FORMAT and {"model", "opt", "epoch"} <= set(payload):
+        raise WeightsError(f"{path} is a training checkpoint, not a weights bundle: `visage train --run-dir "
+                           f"{path.parent} --export` makes a bundle of it")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a Visage weights bundle (expected format {FORMAT})")
     try:

@@ -278,3 +278,12 @@ def test_a_malformed_bundle_of_the_right_format_is_a_weights_error(net_and_path,
     path.write_bytes(buf.getvalue())
     with pytest.raises(WeightsError):
         load_bundle(path)
+
+
+def test_a_training_checkpoint_given_as_weights_says_how_to_make_a_bundle(tmp_path):
+    """`export --weights runs/r1/last.pt` said only "not a Visage weights bundle (expected format ...)"."""
+    path = tmp_path / "r1" / "last.pt"
+    path.parent.mkdir()
+    torch.save({"model": {}, "opt": {}, "sched": {}, "epoch": 0, "history": [], "config": {}}, path)
+    with pytest.raises(WeightsError, match=r"is a training checkpoint.*visage train --run-dir .*r1 --export"):
+        load_bundle(path)

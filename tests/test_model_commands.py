@@ -242,6 +242,7 @@ def test_compare_without_a_face_is_a_clean_error(weights, capsys):
         (["eval", "--pairs", "{folder}", "--images", "{folder}"], "Is a directory"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--roc", "{folder}/roc.txt"], "cannot write a figure"),
         (["eval", "--pairs", "{pairs}", "--images", "x", "--roc", "/dev/null/roc.png"], "cannot write --roc"),
+        (["eval", "--pairs", "{pairs}", "--images", "{folder}/nosuch"], "no such folder"),
         (["soup", "--set", "score_k=4", "{folder}/a.pt", "--out", "{folder}/x.pt"], "weights file not found"),
         (["eval", "--pairs", "p.txt", "--images", "x", "--teacher", "dlib", "--weights", "w.pt"],
          "--weights and --prepared are the student's options"),
@@ -267,6 +268,8 @@ def test_bad_training_settings_and_counts_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "threads='abc': Input should be a valid integer" in err and "epochs=-3: Input should be greater" in err
+    assert main([*config, "pairs=nosuch.txt"]) == 2  # named no setting, and not where relative paths are read
+    assert "pairs=nosuch.txt: No such file or directory" in capsys.readouterr().err
     for args in (["prepare", str(tmp_path), str(tmp_path / "out"), "--workers", "0"], [*config, "--max-steps", "0"]):
         assert main(args) == 2
         assert "must be at least 1, got 0" in capsys.readouterr().err

@@ -75,7 +75,7 @@ def test_same_seed_same_batches():
 
 def test_errors():
     labels = labels_with_sizes([3, 3, 3])
-    with pytest.raises(ValueError, match="only 3"):
+    with pytest.raises(ValueError, match="only 3: lower the setting p"):
         PKSampler(labels, p=4, k=2)
     with pytest.raises(ValueError):
         PKSampler(labels, p=1, k=2)

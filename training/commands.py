@@ -323,6 +323,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError(f"{args.pairs} has no pairs to evaluate")
     names = _pair_images(pairs)
+    if args.prepared is None and not args.images.is_dir():
+        raise FileNotFoundError(f"--images {args.images}: no such folder (the folder of the pairs' Name/Name_NNNN.jpg)")
     if args.prepared is None and (absent := [n for n in names if not (args.images / n).is_file()]):
         raise FileNotFoundError(f"{len(absent)} of the {len(names)} pair images are not in {args.images} "
                                 f"(e.g. {absent[0]})")

@@ -77,7 +77,11 @@ def load_teacher(cfg: TrainConfig) -> TeacherCache:
 
 def load_split(cfg: TrainConfig, need_teacher: bool) -> Split:
     """Training faces minus every person in the validation folds; validation pairs over those people."""
-    n_folds, pairs = read_pairs(shared_data() / cfg.pairs)  # first: a wrong fold is refused before the faces load
+    try:  # first: a wrong fold is refused before the faces load
+        n_folds, pairs = read_pairs(shared_data() / cfg.pairs)
+    except OSError as exc:  # (a bare "[Errno 2] ... '/work/shared/data/x.txt'" named no setting)
+        raise type(exc)(f"pairs={cfg.pairs}: {exc.strerror or exc} ({shared_data() / cfg.pairs}; a relative path "
+                        "is read under the shared data folder, VISAGE_SHARED_DATA)") from None
     folds = chosen_folds(cfg.val_folds, n_folds, "val_folds")
     sets = [load_prepared(work_dir() / folder, ns) for ns, folder in cfg.prepared.items()]
     faces = concat(sets)

@@ -24,7 +24,8 @@ class PKSampler:
         for i, label in enumerate(labels):
             by_label[int(label)].append(i)
         if len(by_label) < p:
-            raise ValueError(f"P={p} identities per batch but the data has only {len(by_label)}")
+            raise ValueError(f"P={p} identities per batch but the data has only {len(by_label)}: lower the setting "
+                             f"p (p={len(by_label)} or less)")
         self.groups = [np.asarray(v) for _, v in sorted(by_label.items())]
         self.p, self.k = p, k
         self.rng = np.random.default_rng(seed)
