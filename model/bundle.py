@@ -139,8 +139,9 @@ def save_atomically(payload: Any, path: Path) -> Path:
     return path
 
 
-def load_bundle(path: str | Path | None = None) -> Bundle:
-    """Load a bundle (the shipped default when ``path`` is None) without unpickling arbitrary objects."""
+def load_bundle(path: str | Path | None = None, check_version: bool = True) -> Bundle:
+    """Load a bundle (the shipped default when ``path`` is None) without unpickling arbitrary objects.
+    ``check_version=False`` is for `visage calibrate`, which gives the weights their version afresh."""
     path = Path(path) if path else DEFAULT_WEIGHTS
     if path.is_dir():
         raise WeightsError(f"{path} is a folder; give the weights file's path")
@@ -171,4 +172,21 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         score_norm = CohortNorm.from_payload(payload.get("score_norm"), config.embedding_dim)
     except (KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{path} has a damaged score cohort: {exc!r}") from exc
-    return Bundle(config, state_dict, payload.get("metadata") or {}, source=path, score_norm=score_norm)
+    bundle = Bundle(config, state_dict, payload.get("metadata") or {}, source=path, score_norm=score_norm)
+    if check_version:
+        _check_version_names_weights(bundle, path)
+    return bundle
+
+
+def _check_version_names_weights(bundle: Bundle, path: Path) -> None:
+    """A model version ``<name>-<10 hex digits of the weights' digest>...`` must name these weights: the gallery
+    and the FAISS index trust it, and weights changed under an old version were compared with the stored
+    embeddings of the old ones, silently."""
+    name, version = bundle.metadata.get("name"), bundle.metadata.get("model_version")
+    if not (isinstance(name, str) and isinstance(version, str) and version.startswith(f"{name}-")):
+        return
+    claimed = version[len(name) + 1 : len(name) + 11]
+    if len(claimed) == 10 and all(c in "0123456789abcdef" for c in claimed) and claimed != bundle.weights_digest()[:10]:
+        raise WeightsError(f"{path}: its weights are not the ones its model version {version} names (digest "
+                           f"{bundle.weights_digest()[:10]}): a bundle changed after it was made; give it a version "
+                           "of its own with `visage calibrate`")

@@ -287,3 +287,17 @@ def test_a_training_checkpoint_given_as_weights_says_how_to_make_a_bundle(tmp_pa
     torch.save({"model": {}, "opt": {}, "sched": {}, "epoch": 0, "history": [], "config": {}}, path)
     with pytest.raises(WeightsError, match=r"is a training checkpoint.*visage train --run-dir .*r1 --export"):
         load_bundle(path)
+
+
+def test_weights_changed_under_their_model_version_are_refused(tmp_path):
+    """A bundle whose weights were changed but kept the old version string was served against the index and the
+    stored embeddings of the old weights, silently (a face against its own enrolled photo: 0.454, not 0.469)."""
+    bundle = load_bundle()
+    changed = {k: v.clone() for k, v in bundle.state_dict.items()}
+    first = next(k for k, v in changed.items() if v.is_floating_point())
+    changed[first] += 1e-3
+    path = tmp_path / "changed.pt"
+    save_bundle(Bundle(bundle.config, changed, dict(bundle.metadata), score_norm=bundle.score_norm), path)
+    with pytest.raises(WeightsError, match="are not the ones its model version .* names"):
+        load_bundle(path)
+    assert load_bundle(path, check_version=False).model_version == bundle.model_version  # calibrate renames it

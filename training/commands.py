@@ -193,7 +193,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from model.bundle import load_bundle
 
-    bundle = load_bundle(args.weights)
+    bundle = load_bundle(args.weights, check_version=False)  # (it names the weights afresh)
     return _calibrate_and_save(bundle, args, f"calibrated {args.weights} -> {args.out}")
 
 
