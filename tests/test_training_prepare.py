@@ -432,3 +432,19 @@ def test_an_interrupt_keeps_the_rows_of_the_chunks_that_finish_meanwhile(tmp_pat
     lost, rows = _crops_without_rows(dst)
     assert not lost and 0 < len(rows) < 24
     assert prepare(src, dst, workers=1, progress=False, only=set()).done_before == len(rows)
+
+
+def test_photos_directly_in_src_are_named_as_not_read(tmp_path, capsys):
+    """A photo beside the identity folders has no identity: it was passed over without a word."""
+    import json
+
+    from model.console import main
+
+    src = tmp_path / "src"
+    (src / "Colin_Powell").mkdir(parents=True)
+    shutil.copy(LFW / "Colin_Powell" / "Colin_Powell_0001.jpg", src / "Colin_Powell")
+    shutil.copy(LFW / "Colin_Powell" / "Colin_Powell_0002.jpg", src / "loose.jpg")
+    assert main(["prepare", str(src), str(tmp_path / "dst"), "--workers", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["not_in_identity_folders"] == ["loose.jpg"] and json.loads(out)["total"] == 1
+    assert "not read: 1 photos directly in" in err and "loose.jpg" in err

@@ -121,11 +121,17 @@ def _calibration_options(p: argparse.ArgumentParser, func) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from model.decode import IMAGE_SUFFIXES
     from training.prepare import prepare
 
     s = prepare(args.src, args.dst, workers=args.workers, pad=args.pad, progress=not args.json)
+    # photos directly in SRC have no identity folder: not prepared, but said (they were passed over in silence)
+    loose = sorted(f.name for f in args.src.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:
+        print(f"not read: {len(loose)} photos directly in {args.src} (e.g. {loose[0]}): each identity's photos go in "
+              f"{args.src}/<identity>/", file=sys.stderr)
     if args.json:
-        print_json(dataclasses.asdict(s))
+        print_json({**dataclasses.asdict(s), "not_in_identity_folders": loose})
     else:
         print_table(f"prepared {args.src} -> {args.dst}", ["images", "already done", "detected", "fallback", "failed"],
                     [(s.total, s.done_before, s.detected, s.fallback, s.failed)], caption=f"manifest: {s.manifest}")
