@@ -52,9 +52,7 @@ def register(sub) -> None:
         default=os.environ.get("VISAGE_API_KEY"),
         help="API key for --url (default: $VISAGE_API_KEY)",
     )
-    p.add_argument("--new-model", action="store_true",
-                   help="embed with these weights and settings even though the last service on this gallery used "
-                   "another model version (moving the gallery to this model: restart the service with them too)")
+    _add_new_model(p)
     p.add_argument("--failures", type=Path, help="CSV of failed files (default: <data dir>/enroll_failures.csv; "
                    "with --url and no data folder named, enroll_failures.csv in the current folder)")
     p.add_argument("--no-progress", action="store_true",
@@ -72,9 +70,7 @@ def register(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (there is none either when stderr is not a terminal)")
-    p.add_argument("--new-model", action="store_true",
-                   help="embed with these weights and settings even though the last service on this gallery used "
-                   "another model version (moving the gallery to this model: restart the service with them too)")
+    _add_new_model(p)
     _add_common(p)
     add_json_flag(p)
     p.set_defaults(func=cmd_reindex, sigterm_interrupts=True)  # (model.console)
@@ -113,6 +109,12 @@ def register(sub) -> None:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="data folder (default: VISAGE_DATA_DIR or ./data)")
     p.add_argument("--weights", type=Path, help="weights bundle (default: VISAGE_WEIGHTS or the shipped one)")
+
+
+def _add_new_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--new-model", action="store_true",
+                   help="embed with these weights and settings even though the last service on this gallery used "
+                   "another model version (moving the gallery to this model: restart the service with them too)")
 
 
 class ModelMismatch(ValueError):

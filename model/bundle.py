@@ -185,8 +185,8 @@ def _check_version_names_weights(bundle: Bundle, path: Path) -> None:
     name, version = bundle.metadata.get("name"), bundle.metadata.get("model_version")
     if not (isinstance(name, str) and isinstance(version, str) and version.startswith(f"{name}-")):
         return
-    claimed = version[len(name) + 1 : len(name) + 11]
-    if len(claimed) == 10 and all(c in "0123456789abcdef" for c in claimed) and claimed != bundle.weights_digest()[:10]:
+    claimed, actual = version[len(name) + 1 : len(name) + 11], bundle.weights_digest()[:10]
+    if len(claimed) == 10 and all(c in "0123456789abcdef" for c in claimed) and claimed != actual:
         raise WeightsError(f"{path}: its weights are not the ones its model version {version} names (digest "
-                           f"{bundle.weights_digest()[:10]}): a bundle changed after it was made; give it a version "
-                           "of its own with `visage calibrate`")
+                           f"{actual}): a bundle changed after it was made; give it a version of its own with "
+                           "`visage calibrate`")
