@@ -8,11 +8,17 @@ import os
 # 2 cores, and torch's spinning OpenMP threads slow each other down by 10-100x when oversubscribed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from training.paths import shared_data  # noqa: E402
+
+# A suite started in the background (`nohup bash .ci/run &`) inherits SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: the Ctrl-C tests of prepare would test nothing and fail. Give it the usual one.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 PHOTOS = shared_data() / "photos"
 
